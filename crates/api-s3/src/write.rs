@@ -1,0 +1,322 @@
+//! The write path on this node: a request body streamed into content-addressed blocks.
+//!
+//! One pass over the bytes: as the body arrives it is cut into blocks; each full block
+//! is handed to a blocking task that feeds it to the MD5 (the ETag) and to any checksum
+//! the client asked for, hashes it with BLAKE3 (its address), writes and fsyncs it,
+//! while the next block is being received. At most two blocks per request are in
+//! memory (the one filling and the one being written), whatever the object size.
+//!
+//! The blocks written are pinned until the caller has committed (or given up on) the
+//! metadata that names them; a block nobody ends up naming is collected later.
+
+use futures::StreamExt;
+use md5::{Digest, Md5};
+use s3s::checksum::ChecksumHasher;
+use s3s::dto::StreamingBlob;
+use s3s::{S3Error, S3Result, s3_error};
+
+use cairn_blocks::{BlockStore, PinGuard};
+use cairn_meta::{Checksums, ObjectData};
+use cairn_types::{BlockHash, BlockRef};
+
+use crate::error;
+
+/// What was stored from one body.
+pub struct Ingested {
+    pub size: u64,
+    pub md5: [u8; 16],
+    pub data: ObjectData,
+    /// Checksums computed over the body, for the algorithms that were asked for.
+    pub computed: s3s::dto::Checksum,
+    /// Keeps the blocks from garbage collection until the metadata is committed.
+    pub pins: Vec<PinGuard>,
+}
+
+impl Ingested {
+    pub fn etag(&self) -> String {
+        hex::encode(self.md5)
+    }
+}
+
+struct Hashing {
+    md5: Md5,
+    checksums: ChecksumHasher,
+}
+
+type BlockTask =
+    tokio::task::JoinHandle<Result<(Hashing, BlockRef, PinGuard), cairn_blocks::BlockError>>;
+
+/// Which additional checksums to compute while the body streams.
+#[derive(Default, Clone, Copy, Debug)]
+pub struct Wanted {
+    pub crc32: bool,
+    pub crc32c: bool,
+    pub crc64nvme: bool,
+    pub sha1: bool,
+    pub sha256: bool,
+}
+
+impl Wanted {
+    /// Adds the algorithm named like `CRC32`, `crc32c`, or `x-amz-checksum-sha256`.
+    pub fn add_name(&mut self, name: &str) {
+        let n = name.trim().to_ascii_lowercase();
+        match n.strip_prefix("x-amz-checksum-").unwrap_or(&n) {
+            "crc32" => self.crc32 = true,
+            "crc32c" => self.crc32c = true,
+            "crc64nvme" => self.crc64nvme = true,
+            "sha1" => self.sha1 = true,
+            "sha256" => self.sha256 = true,
+            _ => {}
+        }
+    }
+
+    pub fn add_present(&mut self, c: &s3s::dto::Checksum) {
+        self.crc32 |= c.checksum_crc32.is_some();
+        self.crc32c |= c.checksum_crc32c.is_some();
+        self.crc64nvme |= c.checksum_crc64nvme.is_some();
+        self.sha1 |= c.checksum_sha1.is_some();
+        self.sha256 |= c.checksum_sha256.is_some();
+    }
+
+    fn hasher(self) -> ChecksumHasher {
+        use s3s::crypto::Checksum as _;
+        ChecksumHasher {
+            crc32: self.crc32.then(s3s::crypto::Crc32::new),
+            crc32c: self.crc32c.then(s3s::crypto::Crc32c::new),
+            crc64nvme: self.crc64nvme.then(s3s::crypto::Crc64Nvme::new),
+            sha1: self.sha1.then(s3s::crypto::Sha1::new),
+            sha256: self.sha256.then(s3s::crypto::Sha256::new),
+        }
+    }
+}
+
+pub struct Limits {
+    pub block_size: usize,
+    /// Bodies up to this size are kept inline in the metadata.
+    pub inline_max: usize,
+    /// A body larger than this fails with EntityTooLarge.
+    pub max_size: u64,
+}
+
+fn body_error(e: impl std::fmt::Display) -> S3Error {
+    let msg = e.to_string();
+    tracing::warn!(error = %msg, "request body failed");
+    if msg.contains("signature") || msg.contains("Signature") {
+        s3_error!(
+            SignatureDoesNotMatch,
+            "A chunk signature of the body does not match"
+        )
+    } else {
+        s3_error!(IncompleteBody, "The request body could not be read: {msg}")
+    }
+}
+
+/// Streams `body` into blocks (or inline data). See the module docs.
+pub async fn ingest(
+    store: &BlockStore,
+    body: Option<StreamingBlob>,
+    wanted: Wanted,
+    limits: &Limits,
+) -> S3Result<Ingested> {
+    let bs = limits.block_size;
+    let mut state = Some(Hashing {
+        md5: Md5::new(),
+        checksums: wanted.hasher(),
+    });
+    let mut inflight: Option<BlockTask> = None;
+    let mut blocks: Vec<BlockRef> = Vec::new();
+    let mut pins: Vec<PinGuard> = Vec::new();
+    let mut buf: Vec<u8> = Vec::new();
+    let mut size: u64 = 0;
+
+    // Waits for the block being written, then starts writing `block`.
+    async fn hand_off(
+        store: &BlockStore,
+        state: &mut Option<Hashing>,
+        inflight: &mut Option<BlockTask>,
+        blocks: &mut Vec<BlockRef>,
+        pins: &mut Vec<PinGuard>,
+        block: Option<Vec<u8>>,
+    ) -> S3Result<()> {
+        if let Some(task) = inflight.take() {
+            let (st, br, pin) = task.await.map_err(error::join)?.map_err(error::block)?;
+            *state = Some(st);
+            blocks.push(br);
+            pins.push(pin);
+        }
+        let Some(block) = block else { return Ok(()) };
+        let Some(mut st) = state.take() else {
+            return Err(s3_error!(InternalError, "write path state lost"));
+        };
+        let store = store.clone();
+        *inflight = Some(tokio::task::spawn_blocking(move || {
+            st.md5.update(&block);
+            st.checksums.update(&block);
+            let hash = BlockHash::of(&block);
+            let mut pin = store.pin();
+            pin.add(hash);
+            store.put(&hash, &block)?;
+            let br = BlockRef {
+                hash,
+                len: block.len() as u32,
+            };
+            Ok((st, br, pin))
+        }));
+        Ok(())
+    }
+
+    if let Some(mut body) = body {
+        while let Some(chunk) = body.next().await {
+            let chunk = chunk.map_err(body_error)?;
+            size += chunk.len() as u64;
+            if size > limits.max_size {
+                return Err(s3_error!(
+                    EntityTooLarge,
+                    "Your proposed upload exceeds the maximum allowed size ({} bytes)",
+                    limits.max_size
+                ));
+            }
+            let mut rest = &chunk[..];
+            while !rest.is_empty() {
+                if buf.capacity() == 0 {
+                    buf.reserve_exact(bs.min(rest.len().max(limits.inline_max + 1)));
+                }
+                let take = (bs - buf.len()).min(rest.len());
+                if buf.len() + take > buf.capacity() {
+                    buf.reserve_exact(bs - buf.len());
+                }
+                buf.extend_from_slice(&rest[..take]);
+                rest = &rest[take..];
+                if buf.len() == bs {
+                    let block = std::mem::take(&mut buf);
+                    hand_off(
+                        store,
+                        &mut state,
+                        &mut inflight,
+                        &mut blocks,
+                        &mut pins,
+                        Some(block),
+                    )
+                    .await?;
+                }
+            }
+        }
+    }
+
+    if blocks.is_empty() && inflight.is_none() && buf.len() <= limits.inline_max {
+        let Some(mut st) = state.take() else {
+            return Err(s3_error!(InternalError, "write path state lost"));
+        };
+        st.md5.update(&buf);
+        st.checksums.update(&buf);
+        return Ok(Ingested {
+            size,
+            md5: st.md5.finalize().into(),
+            data: ObjectData::Inline(buf),
+            computed: st.checksums.finalize(),
+            pins,
+        });
+    }
+    let last = (!buf.is_empty()).then_some(buf);
+    let had_last = last.is_some();
+    hand_off(
+        store,
+        &mut state,
+        &mut inflight,
+        &mut blocks,
+        &mut pins,
+        last,
+    )
+    .await?;
+    if had_last {
+        hand_off(
+            store,
+            &mut state,
+            &mut inflight,
+            &mut blocks,
+            &mut pins,
+            None,
+        )
+        .await?;
+    }
+    let Some(st) = state.take() else {
+        return Err(s3_error!(InternalError, "write path state lost"));
+    };
+    Ok(Ingested {
+        size,
+        md5: st.md5.finalize().into(),
+        data: ObjectData::Blocks(blocks),
+        computed: st.checksums.finalize(),
+        pins,
+    })
+}
+
+/// Compares checksums the client sent (headers or trailers) with those computed.
+pub fn verify(sent: &s3s::dto::Checksum, computed: &s3s::dto::Checksum) -> S3Result<()> {
+    let pairs = [
+        ("CRC32", &sent.checksum_crc32, &computed.checksum_crc32),
+        ("CRC32C", &sent.checksum_crc32c, &computed.checksum_crc32c),
+        (
+            "CRC64NVME",
+            &sent.checksum_crc64nvme,
+            &computed.checksum_crc64nvme,
+        ),
+        ("SHA1", &sent.checksum_sha1, &computed.checksum_sha1),
+        ("SHA256", &sent.checksum_sha256, &computed.checksum_sha256),
+    ];
+    for (name, s, c) in pairs {
+        if let (Some(s), Some(c)) = (s, c)
+            && s != c
+        {
+            return Err(s3_error!(
+                BadDigest,
+                "The {name} you specified did not match the calculated checksum."
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Checks a Content-MD5 header against the MD5 computed over the body.
+pub fn verify_md5(content_md5: Option<&str>, md5: &[u8; 16]) -> S3Result<()> {
+    let Some(sent) = content_md5 else {
+        return Ok(());
+    };
+    use base64::Engine as _;
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(sent.trim())
+        .ok()
+        .filter(|d| d.len() == 16)
+        .ok_or_else(|| s3_error!(InvalidDigest, "The Content-MD5 you specified is not valid."))?;
+    if decoded != md5 {
+        return Err(s3_error!(
+            BadDigest,
+            "The Content-MD5 you specified did not match what we received."
+        ));
+    }
+    Ok(())
+}
+
+/// The checksums that were both asked for and computed, for storage.
+pub fn stored_checksums(c: &s3s::dto::Checksum) -> Checksums {
+    Checksums {
+        crc32: c.checksum_crc32.clone(),
+        crc32c: c.checksum_crc32c.clone(),
+        crc64nvme: c.checksum_crc64nvme.clone(),
+        sha1: c.checksum_sha1.clone(),
+        sha256: c.checksum_sha256.clone(),
+    }
+}
+
+/// Checksums a client sent as trailing headers of an aws-chunked body.
+pub fn from_trailers(h: &http::HeaderMap) -> s3s::dto::Checksum {
+    let get = |n: &str| h.get(n).and_then(|v| v.to_str().ok()).map(str::to_string);
+    s3s::dto::Checksum {
+        checksum_crc32: get("x-amz-checksum-crc32"),
+        checksum_crc32c: get("x-amz-checksum-crc32c"),
+        checksum_crc64nvme: get("x-amz-checksum-crc64nvme"),
+        checksum_sha1: get("x-amz-checksum-sha1"),
+        checksum_sha256: get("x-amz-checksum-sha256"),
+        ..Default::default()
+    }
+}

@@ -1,0 +1,421 @@
+//! The local block store: content-addressed, checksummed, fsynced block files.
+//!
+//! A block is stored once under its BLAKE3 address in
+//! `<root>/blocks/<first two hex digits>/<64 hex digits>`. A write goes to a temp file
+//! in `<root>/tmp`, is fsynced, renamed into place, and the fan-out directory is
+//! fsynced: once [`BlockStore::put`] returns, the block survives a power cut. Every read
+//! re-hashes the bytes and refuses a block whose hash does not match its name, so no
+//! byte of a corrupt block is ever handed out.
+//!
+//! Everything here is blocking file I/O: async callers run it on `spawn_blocking`.
+//!
+//! Garbage collection coordinates with writers through pins: a writer pins the
+//! blocks of an object before it writes (or finds) them and keeps the pin until the
+//! object's manifest is committed; [`BlockStore::delete_unless`] never removes a pinned
+//! block (see `DESIGN.md`, "never while a manifest that names them may still commit").
+
+use std::collections::HashMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use cairn_types::BlockHash;
+
+/// File header: magic, format version, reserved, payload length.
+const MAGIC: &[u8; 4] = b"CRNB";
+/// Version of the block file format written by this binary.
+pub const BLOCK_FORMAT_VERSION: u8 = 1;
+const HEADER_LEN: usize = 16;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BlockError {
+    #[error("block {0} not found")]
+    NotFound(BlockHash),
+    #[error("block {hash} at {path} is corrupt: {reason}")]
+    Corrupt {
+        hash: BlockHash,
+        path: PathBuf,
+        reason: String,
+    },
+    #[error("no space left on device while writing {path}")]
+    NoSpace { path: PathBuf },
+    #[error("{op} {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl BlockError {
+    fn io(op: &'static str, path: &Path, source: io::Error) -> Self {
+        if is_no_space(&source) {
+            return BlockError::NoSpace {
+                path: path.to_path_buf(),
+            };
+        }
+        BlockError::Io {
+            op,
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+}
+
+fn is_no_space(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded
+    ) || e.raw_os_error() == Some(28)
+}
+
+pub type Result<T> = std::result::Result<T, BlockError>;
+
+/// Counts of in-flight writers per block; see the module docs.
+type Pins = HashMap<BlockHash, usize>;
+
+#[derive(Clone)]
+pub struct BlockStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    root: PathBuf,
+    blocks: PathBuf,
+    tmp: PathBuf,
+    pins: Mutex<Pins>,
+}
+
+/// Keeps its blocks safe from garbage collection until dropped.
+pub struct PinGuard {
+    store: BlockStore,
+    hashes: Vec<BlockHash>,
+}
+
+impl PinGuard {
+    /// Adds one more block to this guard (pinned at once).
+    pub fn add(&mut self, hash: BlockHash) {
+        let mut pins = self.store.lock_pins();
+        *pins.entry(hash).or_insert(0) += 1;
+        self.hashes.push(hash);
+    }
+}
+
+impl Drop for PinGuard {
+    fn drop(&mut self) {
+        let mut pins = self.store.lock_pins();
+        for h in &self.hashes {
+            if let Some(n) = pins.get_mut(h) {
+                *n -= 1;
+                if *n == 0 {
+                    pins.remove(h);
+                }
+            }
+        }
+    }
+}
+
+impl BlockStore {
+    /// Opens (creating if needed) the store under `root`, and removes temp files left
+    /// by a previous run: they belong to writes that were never acknowledged.
+    pub fn open(root: &Path) -> Result<Self> {
+        let blocks = root.join("blocks");
+        let tmp = root.join("tmp");
+        for d in [root, &blocks, &tmp] {
+            fs::create_dir_all(d).map_err(|e| BlockError::io("create dir", d, e))?;
+        }
+        for i in 0..=255u8 {
+            let d = blocks.join(format!("{i:02x}"));
+            fs::create_dir_all(&d).map_err(|e| BlockError::io("create dir", &d, e))?;
+        }
+        sync_dir(&blocks)?;
+        sync_dir(root)?;
+        let store = BlockStore {
+            inner: Arc::new(Inner {
+                root: root.to_path_buf(),
+                blocks,
+                tmp,
+                pins: Mutex::new(HashMap::new()),
+            }),
+        };
+        let removed = store.clean_tmp()?;
+        if removed > 0 {
+            tracing::info!(removed, "removed leftover temp files from an earlier run");
+        }
+        Ok(store)
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.inner.root
+    }
+
+    fn lock_pins(&self) -> std::sync::MutexGuard<'_, Pins> {
+        // A panic while holding this lock cannot leave the map inconsistent (each
+        // critical section is a single insert/remove), so a poisoned lock is usable.
+        self.inner.pins.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// An empty pin guard; blocks are added with [`PinGuard::add`].
+    pub fn pin(&self) -> PinGuard {
+        PinGuard {
+            store: self.clone(),
+            hashes: Vec::new(),
+        }
+    }
+
+    pub fn path_of(&self, hash: &BlockHash) -> PathBuf {
+        let hex = hash.to_hex();
+        self.inner.blocks.join(&hex[..2]).join(hex)
+    }
+
+    /// Removes every file in the temp directory. Returns how many were removed.
+    pub fn clean_tmp(&self) -> Result<usize> {
+        let tmp = &self.inner.tmp;
+        let mut n = 0;
+        let rd = fs::read_dir(tmp).map_err(|e| BlockError::io("read dir", tmp, e))?;
+        for entry in rd {
+            let entry = entry.map_err(|e| BlockError::io("read dir", tmp, e))?;
+            let p = entry.path();
+            fs::remove_file(&p).map_err(|e| BlockError::io("remove", &p, e))?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// Whether a block file with this address is present (its content is not checked).
+    pub fn contains(&self, hash: &BlockHash) -> bool {
+        self.path_of(hash).exists()
+    }
+
+    /// Stores `data` under `hash` (which the caller computed as `BlockHash::of(data)`
+    /// in its single pass over the bytes) and returns once it is durable. A block that
+    /// is already present is not written again.
+    ///
+    /// The caller must hold a pin on `hash` (see the module docs).
+    pub fn put(&self, hash: &BlockHash, data: &[u8]) -> Result<()> {
+        debug_assert_eq!(&BlockHash::of(data), hash);
+        let dest = self.path_of(hash);
+        if dest.exists() {
+            return Ok(());
+        }
+        let tmp = self
+            .inner
+            .tmp
+            .join(format!("{}.{:016x}", hash.to_hex(), rand::random::<u64>()));
+        let res = write_block_file(&tmp, data)
+            .and_then(|()| fs::rename(&tmp, &dest).map_err(|e| BlockError::io("rename", &dest, e)));
+        if let Err(e) = res {
+            let _ = fs::remove_file(&tmp);
+            return Err(e);
+        }
+        let dir = dest.parent().unwrap_or(&self.inner.blocks);
+        sync_dir(dir)
+    }
+
+    /// Reads a whole block and verifies it against its address.
+    pub fn get(&self, hash: &BlockHash) -> Result<Vec<u8>> {
+        let path = self.path_of(hash);
+        let mut f = match File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(BlockError::NotFound(*hash));
+            }
+            Err(e) => return Err(BlockError::io("open", &path, e)),
+        };
+        let mut header = [0u8; HEADER_LEN];
+        let corrupt = |reason: String| BlockError::Corrupt {
+            hash: *hash,
+            path: path.clone(),
+            reason,
+        };
+        if let Err(e) = f.read_exact(&mut header) {
+            if e.kind() == io::ErrorKind::UnexpectedEof {
+                return Err(corrupt("file shorter than its header".into()));
+            }
+            return Err(BlockError::io("read", &path, e));
+        }
+        if &header[..4] != MAGIC {
+            return Err(corrupt("bad magic".into()));
+        }
+        if header[4] > BLOCK_FORMAT_VERSION {
+            return Err(corrupt(format!(
+                "block format version {} is newer than this binary knows ({BLOCK_FORMAT_VERSION})",
+                header[4]
+            )));
+        }
+        let len = u64::from_le_bytes(header[8..16].try_into().unwrap_or([0; 8]));
+        // Read at most len+1 bytes so that a file longer than its header says is caught
+        // without reading an unbounded amount.
+        let mut data = Vec::with_capacity(len.min(64 << 20) as usize);
+        (&mut f)
+            .take(len.saturating_add(1))
+            .read_to_end(&mut data)
+            .map_err(|e| BlockError::io("read", &path, e))?;
+        if data.len() as u64 != len {
+            return Err(corrupt(format!(
+                "length {} differs from header {len}",
+                data.len()
+            )));
+        }
+        if BlockHash::of(&data) != *hash {
+            return Err(corrupt("BLAKE3 mismatch".into()));
+        }
+        Ok(data)
+    }
+
+    /// Deletes the block unless it is pinned or `still_needed` says it is referenced.
+    /// Both are checked under the pin lock, so a writer that pins the block afterwards
+    /// finds it missing and writes it again. Returns whether the file was removed.
+    pub fn delete_unless(
+        &self,
+        hash: &BlockHash,
+        still_needed: impl FnOnce() -> bool,
+    ) -> Result<bool> {
+        let pins = self.lock_pins();
+        if pins.contains_key(hash) || still_needed() {
+            return Ok(false);
+        }
+        let path = self.path_of(hash);
+        let removed = match fs::remove_file(&path) {
+            Ok(()) => true,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => false,
+            Err(e) => return Err(BlockError::io("remove", &path, e)),
+        };
+        drop(pins);
+        Ok(removed)
+    }
+
+    /// Every block address present on disk (for scrub and orphan sweeps).
+    pub fn list(&self) -> Result<Vec<BlockHash>> {
+        let mut out = Vec::new();
+        for i in 0..=255u8 {
+            let d = self.inner.blocks.join(format!("{i:02x}"));
+            let rd = match fs::read_dir(&d) {
+                Ok(rd) => rd,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(BlockError::io("read dir", &d, e)),
+            };
+            for entry in rd {
+                let entry = entry.map_err(|e| BlockError::io("read dir", &d, e))?;
+                if let Some(h) = entry.file_name().to_str().and_then(BlockHash::from_hex) {
+                    out.push(h);
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn write_block_file(path: &Path, data: &[u8]) -> Result<()> {
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .map_err(|e| BlockError::io("create", path, e))?;
+    let mut header = [0u8; HEADER_LEN];
+    header[..4].copy_from_slice(MAGIC);
+    header[4] = BLOCK_FORMAT_VERSION;
+    header[8..16].copy_from_slice(&(data.len() as u64).to_le_bytes());
+    f.write_all(&header)
+        .and_then(|()| f.write_all(data))
+        .map_err(|e| BlockError::io("write", path, e))?;
+    f.sync_all().map_err(|e| BlockError::io("fsync", path, e))
+}
+
+/// fsyncs a directory so that a rename or create inside it is durable.
+pub fn sync_dir(dir: &Path) -> Result<()> {
+    let f = File::open(dir).map_err(|e| BlockError::io("open dir", dir, e))?;
+    f.sync_all()
+        .map_err(|e| BlockError::io("fsync dir", dir, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store() -> (tempfile::TempDir, BlockStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let s = BlockStore::open(dir.path()).unwrap();
+        (dir, s)
+    }
+
+    #[test]
+    fn put_get_round_trip_and_dedup() {
+        let (_d, s) = store();
+        let data = vec![7u8; 100_000];
+        let h = BlockHash::of(&data);
+        s.put(&h, &data).unwrap();
+        s.put(&h, &data).unwrap();
+        assert_eq!(s.get(&h).unwrap(), data);
+        assert_eq!(s.list().unwrap(), vec![h]);
+    }
+
+    #[test]
+    fn flipped_byte_is_refused() {
+        let (_d, s) = store();
+        let data: Vec<u8> = (0..5000u32).map(|i| i as u8).collect();
+        let h = BlockHash::of(&data);
+        s.put(&h, &data).unwrap();
+        let p = s.path_of(&h);
+        let mut raw = fs::read(&p).unwrap();
+        raw[HEADER_LEN + 1234] ^= 0x01;
+        fs::write(&p, raw).unwrap();
+        assert!(matches!(s.get(&h), Err(BlockError::Corrupt { .. })));
+    }
+
+    #[test]
+    fn truncated_and_extended_files_are_refused() {
+        let (_d, s) = store();
+        let data = vec![1u8; 1000];
+        let h = BlockHash::of(&data);
+        s.put(&h, &data).unwrap();
+        let p = s.path_of(&h);
+        let raw = fs::read(&p).unwrap();
+        fs::write(&p, &raw[..raw.len() - 1]).unwrap();
+        assert!(matches!(s.get(&h), Err(BlockError::Corrupt { .. })));
+        let mut longer = raw.clone();
+        longer.push(0);
+        fs::write(&p, &longer).unwrap();
+        assert!(matches!(s.get(&h), Err(BlockError::Corrupt { .. })));
+        fs::write(&p, &raw[..3]).unwrap();
+        assert!(matches!(s.get(&h), Err(BlockError::Corrupt { .. })));
+    }
+
+    #[test]
+    fn missing_block_is_not_found() {
+        let (_d, s) = store();
+        assert!(matches!(
+            s.get(&BlockHash::of(b"x")),
+            Err(BlockError::NotFound(_))
+        ));
+    }
+
+    #[test]
+    fn leftover_temp_files_are_removed_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let _s = BlockStore::open(dir.path()).unwrap();
+        }
+        fs::write(dir.path().join("tmp").join("abc.123"), b"partial").unwrap();
+        let _s = BlockStore::open(dir.path()).unwrap();
+        assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn pinned_blocks_are_not_deleted() {
+        let (_d, s) = store();
+        let data = b"pinned".to_vec();
+        let h = BlockHash::of(&data);
+        let mut pin = s.pin();
+        pin.add(h);
+        s.put(&h, &data).unwrap();
+        assert!(!s.delete_unless(&h, || false).unwrap());
+        assert!(s.contains(&h));
+        drop(pin);
+        assert!(!s.delete_unless(&h, || true).unwrap());
+        assert!(s.delete_unless(&h, || false).unwrap());
+        assert!(!s.contains(&h));
+    }
+}

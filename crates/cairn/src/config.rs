@@ -1,0 +1,209 @@
+//! The node's configuration: defaults, then a TOML file (`--config`), then environment
+//! variables and flags. Validated once at start, with errors that name the bad key.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use serde::Deserialize;
+
+/// Everything `cairn serve` can be told, as the TOML file spells it.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub data_dir: Option<PathBuf>,
+    pub s3_address: Option<String>,
+    pub admin_address: Option<String>,
+    pub region: Option<String>,
+    pub base_domain: Option<String>,
+    pub block_size: Option<String>,
+    pub inline_max: Option<String>,
+    pub gc_grace: Option<String>,
+    pub gc_interval: Option<String>,
+    pub multipart_expiry: Option<String>,
+    pub shutdown_grace: Option<String>,
+    pub log_format: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub data_dir: PathBuf,
+    pub s3_address: SocketAddr,
+    pub admin_address: SocketAddr,
+    pub region: String,
+    pub base_domain: Option<String>,
+    pub block_size: usize,
+    pub inline_max: usize,
+    pub gc_grace: Duration,
+    pub gc_interval: Duration,
+    pub multipart_expiry: Duration,
+    pub shutdown_grace: Duration,
+    pub log_json: bool,
+}
+
+/// Parses `30s`, `5m`, `2h`, `7d`, `250ms` or a plain number of seconds.
+pub fn parse_duration(s: &str) -> Result<Duration> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num
+        .parse()
+        .with_context(|| format!("'{s}' is not a duration like 30s, 5m, 2h, 7d"))?;
+    let d = match unit.trim() {
+        "" | "s" => Duration::from_secs(n),
+        "ms" => Duration::from_millis(n),
+        "m" => Duration::from_secs(n * 60),
+        "h" => Duration::from_secs(n * 3600),
+        "d" => Duration::from_secs(n * 86400),
+        u => bail!("unknown unit '{u}' in '{s}' (use ms, s, m, h or d)"),
+    };
+    Ok(d)
+}
+
+/// Parses `4MiB`, `512KiB`, `1048576`, `1M` (powers of two).
+pub fn parse_size(s: &str) -> Result<usize> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: usize = num
+        .parse()
+        .with_context(|| format!("'{s}' is not a size like 4MiB"))?;
+    let mult = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        u => bail!("unknown unit '{u}' in '{s}' (use KiB, MiB or GiB)"),
+    };
+    n.checked_mul(mult)
+        .with_context(|| format!("'{s}' is too large"))
+}
+
+/// Values given on the command line (or by environment), which win over the file.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub data_dir: Option<PathBuf>,
+    pub s3_address: Option<String>,
+    pub admin_address: Option<String>,
+    pub region: Option<String>,
+    pub base_domain: Option<String>,
+    pub gc_grace: Option<String>,
+    pub gc_interval: Option<String>,
+    pub log_format: Option<String>,
+}
+
+impl Config {
+    pub fn load(file: Option<&Path>, o: Overrides) -> Result<Config> {
+        let fc: FileConfig = match file {
+            Some(p) => {
+                let text = std::fs::read_to_string(p)
+                    .with_context(|| format!("reading config file {}", p.display()))?;
+                toml::from_str(&text).with_context(|| format!("config file {}", p.display()))?
+            }
+            None => FileConfig::default(),
+        };
+        let pick = |flag: Option<String>, file: Option<String>| flag.or(file);
+        let addr = |key: &str, v: String| -> Result<SocketAddr> {
+            v.parse()
+                .with_context(|| format!("{key}: '{v}' is not an address like 127.0.0.1:9000"))
+        };
+        let dur = |key: &str, v: Option<String>, default: Duration| -> Result<Duration> {
+            match v {
+                Some(v) => parse_duration(&v).with_context(|| format!("{key}")),
+                None => Ok(default),
+            }
+        };
+        let size = |key: &str, v: Option<String>, default: usize| -> Result<usize> {
+            match v {
+                Some(v) => parse_size(&v).with_context(|| format!("{key}")),
+                None => Ok(default),
+            }
+        };
+        let s3d = cairn_api_s3::S3Settings::default();
+        let opsd = cairn_ops::OpsSettings::default();
+        let cfg = Config {
+            data_dir: o
+                .data_dir
+                .or(fc.data_dir)
+                .unwrap_or_else(|| PathBuf::from("cairn-data")),
+            s3_address: addr(
+                "s3_address",
+                pick(o.s3_address, fc.s3_address).unwrap_or_else(|| "127.0.0.1:9000".into()),
+            )?,
+            admin_address: addr(
+                "admin_address",
+                pick(o.admin_address, fc.admin_address).unwrap_or_else(|| "127.0.0.1:9001".into()),
+            )?,
+            region: pick(o.region, fc.region).unwrap_or(s3d.region),
+            base_domain: pick(o.base_domain, fc.base_domain),
+            block_size: size("block_size", fc.block_size, s3d.block_size)?,
+            inline_max: size("inline_max", fc.inline_max, s3d.inline_max)?,
+            gc_grace: dur("gc_grace", pick(o.gc_grace, fc.gc_grace), opsd.gc_grace)?,
+            gc_interval: dur(
+                "gc_interval",
+                pick(o.gc_interval, fc.gc_interval),
+                opsd.gc_interval,
+            )?,
+            multipart_expiry: dur(
+                "multipart_expiry",
+                fc.multipart_expiry,
+                opsd.multipart_expiry,
+            )?,
+            shutdown_grace: dur("shutdown_grace", fc.shutdown_grace, Duration::from_secs(30))?,
+            log_json: match pick(o.log_format, fc.log_format).as_deref() {
+                None | Some("text") => false,
+                Some("json") => true,
+                Some(other) => bail!("log_format: '{other}' is not one of text, json"),
+            },
+        };
+        if !(64 << 10..=64 << 20).contains(&cfg.block_size) {
+            bail!("block_size: must be between 64KiB and 64MiB");
+        }
+        if cfg.inline_max > 64 << 10 || cfg.inline_max >= cfg.block_size {
+            bail!("inline_max: must be at most 64KiB and below block_size");
+        }
+        if cfg.region.is_empty() {
+            bail!("region: must not be empty");
+        }
+        Ok(cfg)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_and_sizes() {
+        assert_eq!(
+            parse_duration("7d").unwrap(),
+            Duration::from_secs(7 * 86400)
+        );
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("12").unwrap(), Duration::from_secs(12));
+        assert!(parse_duration("5y").is_err());
+        assert!(parse_duration("x").is_err());
+        assert_eq!(parse_size("4MiB").unwrap(), 4 << 20);
+        assert!(parse_size("4TB").is_err());
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let dir = std::env::temp_dir().join(format!("cairn-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("c.toml");
+        std::fs::write(&p, "data_dri = \"x\"\n").unwrap();
+        let err = format!(
+            "{:#}",
+            Config::load(Some(&p), Overrides::default()).unwrap_err()
+        );
+        assert!(err.contains("data_dri"), "{err}");
+        std::fs::write(&p, "s3_address = \"nope\"\n").unwrap();
+        let err = format!(
+            "{:#}",
+            Config::load(Some(&p), Overrides::default()).unwrap_err()
+        );
+        assert!(err.contains("s3_address"), "{err}");
+    }
+}

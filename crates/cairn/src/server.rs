@@ -1,0 +1,424 @@
+//! Process wiring of `cairn serve`: open the data directory, start the admin endpoint,
+//! then (once the node can serve) the S3 endpoint; stop gracefully on SIGTERM/Ctrl-C.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use bytes::Bytes;
+use http::{HeaderValue, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tracing::Instrument;
+
+use cairn_api_admin::{Admin, Health};
+use cairn_api_s3::{Cairn, S3Settings};
+use cairn_blocks::BlockStore;
+use cairn_meta::{Command, KeyRecord, MetaStore};
+use cairn_types::now_millis;
+
+use crate::config::Config;
+use crate::datadir;
+
+/// Largest request header section accepted, as S3 does (8 KiB of it user metadata
+/// and signature, with room to spare); beyond it the client gets an S3 error.
+const MAX_HEADER_BYTES: usize = 16 << 10;
+
+pub async fn serve(cfg: Config) -> Result<()> {
+    let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .set_buckets(&[
+            0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+        ])
+        .context("metrics buckets")?
+        .install_recorder()
+        .context("installing the metrics recorder")?;
+    let health = Health::new("starting: opening the data directory");
+    let admin = Admin {
+        health: health.clone(),
+        metrics,
+    };
+    let (stop_tx, stop_rx) = watch::channel(false);
+
+    // The admin port comes up first so that /health can say why S3 is not there yet.
+    let admin_listener = TcpListener::bind(cfg.admin_address)
+        .await
+        .with_context(|| format!("binding the admin address {}", cfg.admin_address))?;
+    let admin_addr = admin_listener.local_addr()?;
+    let admin_task = {
+        let admin = admin.clone();
+        let svc = move |req: Request<Incoming>| {
+            let admin = admin.clone();
+            async move { admin.handle(req).await }
+        };
+        tokio::spawn(accept_loop(
+            admin_listener,
+            svc,
+            stop_rx.clone(),
+            cfg.shutdown_grace,
+        ))
+    };
+
+    let dir = cfg.data_dir.clone();
+    let (meta, blocks) = tokio::task::spawn_blocking(move || -> Result<(MetaStore, BlockStore)> {
+        datadir::prepare(&dir)?;
+        let blocks = BlockStore::open(&dir).context("opening the block store")?;
+        let meta = MetaStore::open(&dir.join("meta.redb")).context("opening the metadata store")?;
+        Ok((meta, blocks))
+    })
+    .await??;
+    let key = ensure_root_key(&cfg, &meta).await?;
+
+    let cairn = Cairn {
+        meta: meta.clone(),
+        blocks: blocks.clone(),
+        settings: Arc::new(S3Settings {
+            region: cfg.region.clone(),
+            block_size: cfg.block_size,
+            inline_max: cfg.inline_max,
+            base_domain: cfg.base_domain.clone(),
+        }),
+    };
+    let s3 = cairn_api_s3::service(cairn)
+        .map_err(|e| anyhow::anyhow!("building the S3 service: {e:?}"))?;
+    let ops_task = tokio::spawn(cairn_ops::run(
+        meta.clone(),
+        blocks.clone(),
+        cairn_ops::OpsSettings {
+            gc_grace: cfg.gc_grace,
+            gc_interval: cfg.gc_interval,
+            multipart_expiry: cfg.multipart_expiry,
+            ..Default::default()
+        },
+        stop_rx.clone(),
+    ));
+
+    let s3_listener = TcpListener::bind(cfg.s3_address)
+        .await
+        .with_context(|| format!("binding the S3 address {}", cfg.s3_address))?;
+    let s3_addr = s3_listener.local_addr()?;
+    health.set_ready();
+    print_banner(s3_addr, admin_addr, &cfg, &key);
+    tracing::info!(s3 = %s3_addr, admin = %admin_addr, data_dir = %cfg.data_dir.display(), "cairn is serving");
+
+    let s3_task = {
+        let svc = move |req: Request<Incoming>| {
+            let s3 = s3.clone();
+            async move { Ok::<_, Infallible>(handle_s3(&s3, req).await) }
+        };
+        tokio::spawn(accept_loop(
+            s3_listener,
+            svc,
+            stop_rx.clone(),
+            cfg.shutdown_grace,
+        ))
+    };
+
+    shutdown_signal().await;
+    tracing::info!("shutting down: no new connections; finishing requests in flight");
+    health.set_unavailable("shutting down");
+    let _ = stop_tx.send(true);
+    let _ = s3_task.await;
+    let _ = admin_task.await;
+    let _ = ops_task.await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// What the banner prints for the key: the secret only when it was just generated.
+struct ShownKey {
+    access_key: String,
+    new_secret: Option<String>,
+}
+
+fn print_banner(s3: SocketAddr, admin: SocketAddr, cfg: &Config, key: &ShownKey) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "cairn {} serving", env!("CARGO_PKG_VERSION"));
+    let _ = writeln!(out, "S3 endpoint:    http://{s3}");
+    let _ = writeln!(out, "admin endpoint: http://{admin}");
+    let _ = writeln!(out, "region:         {}", cfg.region);
+    let _ = writeln!(out, "data directory: {}", cfg.data_dir.display());
+    let _ = writeln!(out, "access key id:  {}", key.access_key);
+    if let Some(secret) = &key.new_secret {
+        let _ = writeln!(out, "secret key:     {secret}");
+        let _ = writeln!(
+            out,
+            "(generated now and shown once; also stored in {} with mode 0600)",
+            cfg.data_dir.join("credentials").display()
+        );
+    }
+    let _ = out.flush();
+}
+
+/// Makes sure the root key exists: the pair from CAIRN_ACCESS_KEY / CAIRN_SECRET_KEY if
+/// set, else the one stored in `<data-dir>/credentials`, else a newly generated one.
+async fn ensure_root_key(cfg: &Config, meta: &MetaStore) -> Result<ShownKey> {
+    let env_ak = std::env::var("CAIRN_ACCESS_KEY")
+        .ok()
+        .filter(|s| !s.is_empty());
+    let env_sk = std::env::var("CAIRN_SECRET_KEY")
+        .ok()
+        .filter(|s| !s.is_empty());
+    let (pair, new_secret) = match (env_ak, env_sk) {
+        (Some(access_key), Some(secret_key)) => (
+            datadir::KeyPair {
+                access_key,
+                secret_key,
+            },
+            false,
+        ),
+        (Some(_), None) | (None, Some(_)) => {
+            anyhow::bail!("set both CAIRN_ACCESS_KEY and CAIRN_SECRET_KEY, or neither")
+        }
+        (None, None) => {
+            let dir = cfg.data_dir.clone();
+            match tokio::task::spawn_blocking(move || datadir::read_credentials(&dir)).await?? {
+                Some(p) => (p, false),
+                None => {
+                    let p = datadir::generate_key_pair();
+                    let dir = cfg.data_dir.clone();
+                    let (ak, sk) = (p.access_key.clone(), p.secret_key.clone());
+                    tokio::task::spawn_blocking(move || {
+                        datadir::write_credentials(
+                            &dir,
+                            &datadir::KeyPair {
+                                access_key: ak,
+                                secret_key: sk,
+                            },
+                        )
+                    })
+                    .await??;
+                    (p, true)
+                }
+            }
+        }
+    };
+    if pair.access_key.len() < 3 || pair.secret_key.len() < 8 {
+        anyhow::bail!(
+            "the access key must have at least 3 characters and the secret key at least 8"
+        );
+    }
+    let existing = meta.key(&pair.access_key).await?;
+    if existing
+        .as_ref()
+        .is_none_or(|k| k.secret != pair.secret_key || !k.root)
+    {
+        meta.apply(Command::PutKey {
+            access_key: pair.access_key.clone(),
+            record: KeyRecord {
+                secret: pair.secret_key.clone(),
+                root: true,
+                created: existing.map(|k| k.created).unwrap_or_else(now_millis),
+            },
+        })
+        .await?;
+    }
+    Ok(ShownKey {
+        new_secret: new_secret.then(|| pair.secret_key.clone()),
+        access_key: pair.access_key,
+    })
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(
+            tokio::signal::unix::SignalKind::terminate(),
+        ) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGTERM; only Ctrl-C stops cairn");
+                let _ = ctrl_c.await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+/// Accepts connections until `stop`, then lets open ones finish for up to `grace`.
+async fn accept_loop<S, F, RB>(
+    listener: TcpListener,
+    svc: S,
+    mut stop: watch::Receiver<bool>,
+    grace: std::time::Duration,
+) where
+    S: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Result<Response<RB>, Infallible>> + Send + 'static,
+    RB: http_body::Body<Data = Bytes> + Send + 'static,
+    RB::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (stream, peer) = match accepted {
+                    Ok(x) => x,
+                    Err(e) => {
+                        // Out of file descriptors and the like: pause instead of spinning.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                // Small responses must not wait for Nagle's algorithm.
+                let _ = stream.set_nodelay(true);
+                let mut builder = hyper::server::conn::http1::Builder::new();
+                builder.max_headers(256).keep_alive(true);
+                let conn = builder.serve_connection(TokioIo::new(stream), service_fn(svc.clone()));
+                let fut = graceful.watch(conn);
+                tokio::spawn(async move {
+                    if let Err(e) = fut.await {
+                        tracing::debug!(%peer, error = %e, "connection ended with an error");
+                    }
+                });
+            }
+            _ = stop.changed() => break,
+        }
+    }
+    drop(listener);
+    tokio::select! {
+        _ = graceful.shutdown() => {}
+        _ = tokio::time::sleep(grace) => {
+            tracing::warn!(?grace, "requests still running after the shutdown grace period; closing them");
+        }
+    }
+}
+
+fn request_id() -> String {
+    format!("{:016X}", rand::random::<u64>())
+}
+
+fn xml_escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+fn xml_error(status: StatusCode, code: &str, message: &str, id: &str) -> Response<s3s::Body> {
+    let body = format!(
+        "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>{code}</Code><Message>{}</Message><RequestId>{id}</RequestId></Error>",
+        xml_escape(message)
+    );
+    let mut r = Response::new(s3s::Body::from(body));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/xml"),
+    );
+    r
+}
+
+/// One S3 request: a request id in a tracing span and in the response (header and error
+/// body), a log line, and metrics.
+async fn handle_s3(s3: &s3s::service::S3Service, req: Request<Incoming>) -> Response<s3s::Body> {
+    let id = request_id();
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let span = tracing::info_span!("s3", request_id = %id, %method, %path);
+    let start = Instant::now();
+    let header_bytes: usize = req
+        .headers()
+        .iter()
+        .map(|(k, v)| k.as_str().len() + v.len() + 4)
+        .sum();
+    let mut resp = if header_bytes > MAX_HEADER_BYTES {
+        xml_error(
+            StatusCode::BAD_REQUEST,
+            "RequestHeaderSectionTooLarge",
+            &format!(
+                "Your request header section exceeds the maximum allowed size ({MAX_HEADER_BYTES} bytes)."
+            ),
+            &id,
+        )
+    } else {
+        match s3
+            .call(req.map(s3s::Body::from))
+            .instrument(span.clone())
+            .await
+        {
+            Ok(r) => r,
+            Err(e) => {
+                span.in_scope(|| tracing::error!(error = ?e, "request failed inside the S3 layer"));
+                xml_error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "InternalError",
+                    "We encountered an internal error. Please try again.",
+                    &id,
+                )
+            }
+        }
+    };
+    let status = resp.status();
+    if status.is_client_error() || status.is_server_error() {
+        add_request_id_to_error(&mut resp, &id);
+    }
+    if status == StatusCode::NOT_MODIFIED {
+        *resp.body_mut() = s3s::Body::empty();
+        resp.headers_mut().remove(http::header::CONTENT_TYPE);
+        resp.headers_mut().remove(http::header::CONTENT_LENGTH);
+    }
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        resp.headers_mut().insert("x-amz-request-id", v);
+    }
+    let elapsed = start.elapsed();
+    span.in_scope(|| {
+        if status.is_server_error() {
+            tracing::warn!(
+                status = status.as_u16(),
+                ms = elapsed.as_secs_f64() * 1000.0,
+                "request"
+            );
+        } else {
+            tracing::info!(
+                status = status.as_u16(),
+                ms = elapsed.as_secs_f64() * 1000.0,
+                "request"
+            );
+        }
+    });
+    let m = method.as_str().to_string();
+    metrics::counter!("cairn_s3_requests_total", "method" => m.clone(), "status" => status.as_u16().to_string())
+        .increment(1);
+    metrics::histogram!("cairn_s3_request_duration_seconds", "method" => m)
+        .record(elapsed.as_secs_f64());
+    resp
+}
+
+/// Puts `<RequestId>` into an S3 XML error body that lacks it.
+fn add_request_id_to_error(resp: &mut Response<s3s::Body>, id: &str) {
+    let Some(bytes) = resp.body().bytes() else {
+        return;
+    };
+    if bytes.len() > 64 << 10 {
+        return;
+    }
+    let Ok(text) = std::str::from_utf8(&bytes) else {
+        return;
+    };
+    if text.contains("<RequestId>") || !text.contains("</Error>") {
+        return;
+    }
+    let patched = text.replacen(
+        "</Error>",
+        &format!("<RequestId>{id}</RequestId></Error>"),
+        1,
+    );
+    let len = patched.len();
+    *resp.body_mut() = s3s::Body::from(patched);
+    if let Ok(v) = HeaderValue::from_str(&len.to_string()) {
+        resp.headers_mut().insert(http::header::CONTENT_LENGTH, v);
+    }
+}

@@ -1,0 +1,155 @@
+//! cairn's metadata: buckets, objects, multipart uploads and access keys.
+//!
+//! Reads go straight to a redb read transaction. Every change is a [`Command`],
+//! applied by one writer thread that takes all commands waiting at that moment,
+//! applies them in order in one redb write transaction and commits it with one fsync
+//! (group commit); each caller is answered only once its command is durable.
+//!
+//! Commands are deterministic functions of the stored state and their own fields
+//! (times are carried in the command, never read while applying), so the same
+//! commands can later be the entries of a replicated log.
+
+mod apply;
+mod keys;
+mod records;
+mod store;
+
+pub use records::{
+    BucketRecord, Checksums, KeyRecord, ObjectData, ObjectRecord, PartRecord, RECORD_VERSION,
+    StoredHeaders, UploadRecord,
+};
+pub use store::{ListEntry, ListPage, ListQuery, MetaStore, UploadEntry};
+
+use cairn_types::{BlockHash, UnixMillis};
+
+/// A change to the metadata. See the crate docs.
+#[derive(Clone, Debug)]
+pub enum Command {
+    CreateBucket {
+        bucket: String,
+        now: UnixMillis,
+    },
+    DeleteBucket {
+        bucket: String,
+        now: UnixMillis,
+    },
+    PutObject {
+        bucket: String,
+        key: String,
+        record: ObjectRecord,
+        cond: WriteCondition,
+    },
+    /// Removing an absent key is not an error (as in S3).
+    DeleteObject {
+        bucket: String,
+        key: String,
+        now: UnixMillis,
+    },
+    CreateUpload {
+        bucket: String,
+        key: String,
+        upload_id: String,
+        record: UploadRecord,
+    },
+    PutPart {
+        bucket: String,
+        key: String,
+        upload_id: String,
+        part_number: u32,
+        record: PartRecord,
+    },
+    /// Turns the named parts (number and the ETag the client listed) into the object.
+    /// `record.data` is ignored: the object's blocks are the parts' blocks in order.
+    CompleteUpload {
+        bucket: String,
+        key: String,
+        upload_id: String,
+        parts: Vec<(u32, String)>,
+        record: ObjectRecord,
+        cond: WriteCondition,
+    },
+    AbortUpload {
+        bucket: String,
+        key: String,
+        upload_id: String,
+        now: UnixMillis,
+    },
+    PutKey {
+        access_key: String,
+        record: KeyRecord,
+    },
+    /// Forgets garbage-collection candidates (block, time queued) that were handled.
+    GcForget {
+        entries: Vec<(BlockHash, UnixMillis)>,
+    },
+}
+
+/// A condition checked atomically with an object write.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub enum WriteCondition {
+    #[default]
+    None,
+    /// `If-None-Match: *`: only if no object has this key.
+    IfAbsent,
+    /// `If-Match: <etag>`: only if the current object has this ETag.
+    IfMatch(String),
+}
+
+/// What an applied command returns.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Done,
+    /// The object record as stored (for `CompleteUpload`).
+    Object(ObjectRecord),
+}
+
+#[derive(Debug, thiserror::Error, Clone)]
+pub enum MetaError {
+    #[error("the bucket does not exist")]
+    NoSuchBucket,
+    #[error("the bucket already exists and is yours")]
+    BucketAlreadyOwnedByYou,
+    #[error("the bucket is not empty")]
+    BucketNotEmpty,
+    #[error("the key does not exist")]
+    NoSuchKey,
+    #[error("the multipart upload does not exist")]
+    NoSuchUpload,
+    #[error("a precondition failed")]
+    PreconditionFailed,
+    #[error("part {0} was not found or its ETag does not match")]
+    InvalidPart(u32),
+    #[error("bad metadata record: {0}")]
+    Encoding(String),
+    #[error("metadata store: {0}")]
+    Storage(String),
+    #[error("no space left on device for metadata: {0}")]
+    NoSpace(String),
+    #[error("the metadata store is shut down")]
+    Closed,
+}
+
+pub type Result<T> = std::result::Result<T, MetaError>;
+
+macro_rules! storage_err {
+    ($($t:ty),*) => {$(
+        impl From<$t> for MetaError {
+            fn from(e: $t) -> Self {
+                let s = e.to_string();
+                if s.contains("No space left") || s.contains("os error 28") {
+                    MetaError::NoSpace(s)
+                } else {
+                    MetaError::Storage(s)
+                }
+            }
+        }
+    )*};
+}
+storage_err!(
+    redb::Error,
+    redb::DatabaseError,
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError
+);

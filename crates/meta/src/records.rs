@@ -1,0 +1,131 @@
+//! The records stored in the metadata tables, and their versioned encoding.
+//!
+//! Every value is one format-version byte followed by the postcard encoding of the
+//! record. A binary refuses a record whose version byte is newer than it knows.
+
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
+
+use cairn_types::{BlockRef, UnixMillis};
+
+use crate::MetaError;
+
+/// Format version of every record written by this binary.
+pub const RECORD_VERSION: u8 = 1;
+
+pub(crate) fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>, MetaError> {
+    let mut out = vec![RECORD_VERSION];
+    postcard::to_io(v, &mut out).map_err(|e| MetaError::Encoding(e.to_string()))?;
+    Ok(out)
+}
+
+pub(crate) fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, MetaError> {
+    match bytes.split_first() {
+        Some((&v, rest)) if v <= RECORD_VERSION => {
+            postcard::from_bytes(rest).map_err(|e| MetaError::Encoding(e.to_string()))
+        }
+        Some((&v, _)) => Err(MetaError::Encoding(format!(
+            "record format version {v} is newer than this binary knows ({RECORD_VERSION})"
+        ))),
+        None => Err(MetaError::Encoding("empty record".into())),
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BucketRecord {
+    pub created: UnixMillis,
+}
+
+/// Standard HTTP headers S3 stores with an object and returns on GET/HEAD.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredHeaders {
+    pub content_type: Option<String>,
+    pub cache_control: Option<String>,
+    pub content_disposition: Option<String>,
+    pub content_encoding: Option<String>,
+    pub content_language: Option<String>,
+    /// The `Expires` header, as the client sent it (HTTP date).
+    pub expires: Option<String>,
+    /// `x-amz-meta-*` pairs, names without the prefix, in the order received.
+    pub user: Vec<(String, String)>,
+}
+
+/// Additional checksums a client sent with the object (base64, as on the wire).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Checksums {
+    pub crc32: Option<String>,
+    pub crc32c: Option<String>,
+    pub crc64nvme: Option<String>,
+    pub sha1: Option<String>,
+    pub sha256: Option<String>,
+}
+
+/// Where an object's bytes are.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ObjectData {
+    /// Small objects live in the metadata record itself.
+    Inline(Vec<u8>),
+    /// Larger ones are a list of content-addressed blocks, in order.
+    Blocks(Vec<BlockRef>),
+}
+
+impl ObjectData {
+    pub fn blocks(&self) -> &[BlockRef] {
+        match self {
+            ObjectData::Inline(_) => &[],
+            ObjectData::Blocks(b) => b,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ObjectRecord {
+    pub size: u64,
+    /// The ETag without quotes: hex MD5, or `md5-of-md5s-N` for multipart objects.
+    pub etag: String,
+    pub last_modified: UnixMillis,
+    pub headers: StoredHeaders,
+    pub checksums: Checksums,
+    /// Number of parts for an object made by multipart upload.
+    pub parts_count: Option<u32>,
+    pub data: ObjectData,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UploadRecord {
+    pub initiated: UnixMillis,
+    pub headers: StoredHeaders,
+    /// The checksum algorithm named at creation, if any (e.g. "CRC32").
+    pub checksum_algorithm: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartRecord {
+    pub size: u64,
+    /// Hex MD5 of the part, without quotes.
+    pub etag: String,
+    pub last_modified: UnixMillis,
+    pub checksums: Checksums,
+    pub data: ObjectData,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyRecord {
+    pub secret: String,
+    pub root: bool,
+    pub created: UnixMillis,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn newer_version_is_refused() {
+        let mut b = encode(&BucketRecord { created: 5 }).unwrap();
+        assert_eq!(decode::<BucketRecord>(&b).unwrap().created, 5);
+        b[0] = RECORD_VERSION + 1;
+        let err = decode::<BucketRecord>(&b).unwrap_err().to_string();
+        assert!(err.contains("newer"), "{err}");
+        assert!(decode::<BucketRecord>(&[]).is_err());
+    }
+}

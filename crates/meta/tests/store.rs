@@ -1,0 +1,341 @@
+use cairn_meta::*;
+use cairn_types::{BlockHash, BlockRef};
+
+fn obj(etag: &str, blocks: &[&[u8]]) -> ObjectRecord {
+    ObjectRecord {
+        size: 1,
+        etag: etag.into(),
+        last_modified: 1000,
+        headers: StoredHeaders::default(),
+        checksums: Checksums::default(),
+        parts_count: None,
+        data: if blocks.is_empty() {
+            ObjectData::Inline(b"x".to_vec())
+        } else {
+            ObjectData::Blocks(
+                blocks
+                    .iter()
+                    .map(|b| BlockRef {
+                        hash: BlockHash::of(b),
+                        len: b.len() as u32,
+                    })
+                    .collect(),
+            )
+        },
+    }
+}
+
+async fn store() -> (tempfile::TempDir, MetaStore) {
+    let d = tempfile::tempdir().unwrap();
+    let s = MetaStore::open(&d.path().join("meta.redb")).unwrap();
+    s.apply(Command::CreateBucket {
+        bucket: "b".into(),
+        now: 1,
+    })
+    .await
+    .unwrap();
+    (d, s)
+}
+
+async fn put(s: &MetaStore, key: &str, rec: ObjectRecord, cond: WriteCondition) -> Result<Outcome> {
+    s.apply(Command::PutObject {
+        bucket: "b".into(),
+        key: key.into(),
+        record: rec,
+        cond,
+    })
+    .await
+}
+
+#[tokio::test]
+async fn buckets_and_errors() {
+    let (_d, s) = store().await;
+    let e = s
+        .apply(Command::CreateBucket {
+            bucket: "b".into(),
+            now: 2,
+        })
+        .await;
+    assert!(matches!(e, Err(MetaError::BucketAlreadyOwnedByYou)));
+    put(&s, "k", obj("e1", &[]), WriteCondition::None)
+        .await
+        .unwrap();
+    let e = s
+        .apply(Command::DeleteBucket {
+            bucket: "b".into(),
+            now: 3,
+        })
+        .await;
+    assert!(matches!(e, Err(MetaError::BucketNotEmpty)));
+    s.apply(Command::DeleteObject {
+        bucket: "b".into(),
+        key: "k".into(),
+        now: 3,
+    })
+    .await
+    .unwrap();
+    s.apply(Command::DeleteBucket {
+        bucket: "b".into(),
+        now: 3,
+    })
+    .await
+    .unwrap();
+    assert!(matches!(
+        s.object("b", "k").await,
+        Err(MetaError::NoSuchBucket)
+    ));
+    let e = put(&s, "k", obj("e1", &[]), WriteCondition::None).await;
+    assert!(matches!(e, Err(MetaError::NoSuchBucket)));
+}
+
+#[tokio::test]
+async fn conditional_puts() {
+    let (_d, s) = store().await;
+    put(&s, "k", obj("e1", &[]), WriteCondition::IfAbsent)
+        .await
+        .unwrap();
+    let e = put(&s, "k", obj("e2", &[]), WriteCondition::IfAbsent).await;
+    assert!(matches!(e, Err(MetaError::PreconditionFailed)));
+    let e = put(
+        &s,
+        "k",
+        obj("e2", &[]),
+        WriteCondition::IfMatch("zz".into()),
+    )
+    .await;
+    assert!(matches!(e, Err(MetaError::PreconditionFailed)));
+    put(
+        &s,
+        "k",
+        obj("e2", &[]),
+        WriteCondition::IfMatch("e1".into()),
+    )
+    .await
+    .unwrap();
+    assert_eq!(s.object("b", "k").await.unwrap().unwrap().etag, "e2");
+    let e = put(
+        &s,
+        "nope",
+        obj("e2", &[]),
+        WriteCondition::IfMatch("e1".into()),
+    )
+    .await;
+    assert!(matches!(e, Err(MetaError::NoSuchKey)));
+}
+
+#[tokio::test]
+async fn concurrent_if_absent_has_one_winner() {
+    let (_d, s) = store().await;
+    let mut tasks = Vec::new();
+    for i in 0..32 {
+        let s = s.clone();
+        tasks.push(tokio::spawn(async move {
+            put(
+                &s,
+                "race",
+                obj(&format!("e{i}"), &[]),
+                WriteCondition::IfAbsent,
+            )
+            .await
+            .is_ok()
+        }));
+    }
+    let mut wins = 0;
+    for t in tasks {
+        wins += t.await.unwrap() as usize;
+    }
+    assert_eq!(wins, 1);
+}
+
+#[tokio::test]
+async fn listing_with_prefix_delimiter_and_pages() {
+    let (_d, s) = store().await;
+    for k in ["a/1", "a/2", "b", "c/x/1", "c/y", "d"] {
+        put(&s, k, obj("e", &[]), WriteCondition::None)
+            .await
+            .unwrap();
+    }
+    let names = |p: &ListPage| {
+        p.entries
+            .iter()
+            .map(|e| e.name().to_string())
+            .collect::<Vec<_>>()
+    };
+    let q = ListQuery {
+        delimiter: Some("/".into()),
+        max: 1000,
+        ..Default::default()
+    };
+    let p = s.list("b", q.clone()).await.unwrap();
+    assert_eq!(names(&p), ["a/", "b", "c/", "d"]);
+    assert!(!p.truncated);
+    // Paging through rolled-up prefixes, two at a time.
+    let mut all = Vec::new();
+    let mut after = None;
+    loop {
+        let p = s
+            .list(
+                "b",
+                ListQuery {
+                    start_after: after.clone(),
+                    max: 2,
+                    ..q.clone()
+                },
+            )
+            .await
+            .unwrap();
+        all.extend(names(&p));
+        if !p.truncated {
+            break;
+        }
+        after = Some(p.entries.last().unwrap().name().to_string());
+    }
+    assert_eq!(all, ["a/", "b", "c/", "d"]);
+    let p = s
+        .list(
+            "b",
+            ListQuery {
+                prefix: "c/".into(),
+                ..q.clone()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(names(&p), ["c/x/", "c/y"]);
+    let p = s
+        .list(
+            "b",
+            ListQuery {
+                prefix: "a".into(),
+                max: 1000,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(names(&p), ["a/1", "a/2"]);
+    let p = s
+        .list(
+            "b",
+            ListQuery {
+                start_after: Some("b".into()),
+                max: 1000,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(names(&p), ["c/x/1", "c/y", "d"]);
+}
+
+#[tokio::test]
+async fn multipart_complete_and_refcounts() {
+    let (_d, s) = store().await;
+    s.apply(Command::CreateUpload {
+        bucket: "b".into(),
+        key: "big".into(),
+        upload_id: "u1".into(),
+        record: UploadRecord {
+            initiated: 5,
+            headers: Default::default(),
+            checksum_algorithm: None,
+        },
+    })
+    .await
+    .unwrap();
+    for (n, data) in [(1u32, b"one".as_slice()), (2, b"two"), (3, b"three")] {
+        let rec = obj(&format!("p{n}"), &[data]);
+        s.apply(Command::PutPart {
+            bucket: "b".into(),
+            key: "big".into(),
+            upload_id: "u1".into(),
+            part_number: n,
+            record: PartRecord {
+                size: 3,
+                etag: rec.etag.clone(),
+                last_modified: 6,
+                checksums: Default::default(),
+                data: rec.data,
+            },
+        })
+        .await
+        .unwrap();
+    }
+    let bad = s
+        .apply(Command::CompleteUpload {
+            bucket: "b".into(),
+            key: "big".into(),
+            upload_id: "u1".into(),
+            parts: vec![(1, "p1".into()), (2, "wrong".into())],
+            record: obj("m-2", &[]),
+            cond: WriteCondition::None,
+        })
+        .await;
+    assert!(matches!(bad, Err(MetaError::InvalidPart(2))));
+    s.apply(Command::CompleteUpload {
+        bucket: "b".into(),
+        key: "big".into(),
+        upload_id: "u1".into(),
+        parts: vec![(1, "p1".into()), (3, "p3".into())],
+        record: obj("m-2", &[]),
+        cond: WriteCondition::None,
+    })
+    .await
+    .unwrap();
+    let o = s.object("b", "big").await.unwrap().unwrap();
+    assert_eq!(o.data.blocks().len(), 2);
+    assert_eq!(s.refcount_blocking(&BlockHash::of(b"one")).unwrap(), 1);
+    assert_eq!(s.refcount_blocking(&BlockHash::of(b"two")).unwrap(), 0);
+    let gc = s.gc_candidates(i64::MAX, 100).await.unwrap();
+    assert_eq!(gc.len(), 1);
+    assert_eq!(gc[0].0, BlockHash::of(b"two"));
+    assert!(matches!(
+        s.upload("b", "big", "u1").await,
+        Err(MetaError::NoSuchUpload)
+    ));
+    s.apply(Command::DeleteObject {
+        bucket: "b".into(),
+        key: "big".into(),
+        now: 9,
+    })
+    .await
+    .unwrap();
+    assert_eq!(s.gc_candidates(i64::MAX, 100).await.unwrap().len(), 3);
+    s.apply(Command::GcForget {
+        entries: s.gc_candidates(i64::MAX, 100).await.unwrap(),
+    })
+    .await
+    .unwrap();
+    assert!(s.gc_candidates(i64::MAX, 100).await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn data_survives_reopen() {
+    let d = tempfile::tempdir().unwrap();
+    let path = d.path().join("meta.redb");
+    {
+        let s = MetaStore::open(&path).unwrap();
+        s.apply(Command::CreateBucket {
+            bucket: "b".into(),
+            now: 1,
+        })
+        .await
+        .unwrap();
+        put(&s, "k", obj("e1", &[]), WriteCondition::None)
+            .await
+            .unwrap();
+    }
+    // The writer thread holds the database until its channel closes.
+    let mut tries = 0;
+    let s = loop {
+        match MetaStore::open(&path) {
+            Ok(s) => break s,
+            Err(_) if tries < 100 => {
+                tries += 1;
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            Err(e) => panic!("{e}"),
+        }
+    };
+    assert_eq!(s.object("b", "k").await.unwrap().unwrap().etag, "e1");
+}
