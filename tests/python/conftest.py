@@ -44,7 +44,7 @@ class Server:
             m = re.match(r"admin endpoint:\s+(\S+)", line)
             if m:
                 self.admin = m.group(1)
-            if line.startswith("access key id:"):
+            if line.strip() == "ready":
                 break
         assert self.endpoint and self.admin
 

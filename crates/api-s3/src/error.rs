@@ -53,6 +53,10 @@ pub fn meta(e: MetaError) -> S3Error {
             storage_full("the metadata")
         }
         MetaError::Closed => s3_error!(ServiceUnavailable, "The server is shutting down"),
+        MetaError::Unavailable => s3_error!(
+            ServiceUnavailable,
+            "The metadata store is recovering from an I/O error; retry shortly"
+        ),
         e @ (MetaError::Encoding(_) | MetaError::Storage(_)) => {
             tracing::error!(error = %e, "metadata error");
             s3_error!(InternalError, "Internal error in the metadata store")

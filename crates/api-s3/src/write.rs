@@ -101,13 +101,25 @@ pub struct Limits {
 fn body_error(e: impl std::fmt::Display) -> S3Error {
     let msg = e.to_string();
     tracing::warn!(error = %msg, "request body failed");
-    if msg.contains("signature") || msg.contains("Signature") {
+    if msg.contains("Sha256Mismatch") {
+        let mut e = S3Error::with_message(
+            s3s::S3ErrorCode::Custom("XAmzContentSHA256Mismatch".into()),
+            "The provided 'x-amz-content-sha256' header does not match what was computed.",
+        );
+        e.set_status_code(http::StatusCode::BAD_REQUEST);
+        e
+    } else if msg.contains("SignatureMismatch") {
         s3_error!(
             SignatureDoesNotMatch,
             "A chunk signature of the body does not match"
         )
+    } else if msg.contains("FormatError") {
+        s3_error!(InvalidRequest, "The aws-chunked body is malformed")
     } else {
-        s3_error!(IncompleteBody, "The request body could not be read: {msg}")
+        s3_error!(
+            IncompleteBody,
+            "The request body could not be read completely"
+        )
     }
 }
 

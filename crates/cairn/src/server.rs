@@ -138,7 +138,7 @@ struct ShownKey {
 fn print_banner(s3: SocketAddr, admin: SocketAddr, cfg: &Config, key: &ShownKey) {
     use std::io::Write;
     let mut out = std::io::stdout().lock();
-    let _ = writeln!(out, "cairn {} serving", env!("CARGO_PKG_VERSION"));
+    let _ = writeln!(out, "cairn {}", env!("CARGO_PKG_VERSION"));
     let _ = writeln!(out, "S3 endpoint:    http://{s3}");
     let _ = writeln!(out, "admin endpoint: http://{admin}");
     let _ = writeln!(out, "region:         {}", cfg.region);
@@ -152,6 +152,7 @@ fn print_banner(s3: SocketAddr, admin: SocketAddr, cfg: &Config, key: &ShownKey)
             cfg.data_dir.join("credentials").display()
         );
     }
+    let _ = writeln!(out, "ready");
     let _ = out.flush();
 }
 

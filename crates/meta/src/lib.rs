@@ -127,6 +127,8 @@ pub enum MetaError {
     NoSpace(String),
     #[error("the metadata store is shut down")]
     Closed,
+    #[error("the metadata store is recovering from an I/O error")]
+    Unavailable,
 }
 
 pub type Result<T> = std::result::Result<T, MetaError>;

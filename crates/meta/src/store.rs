@@ -1,8 +1,8 @@
 //! The store: tables, the group-commit writer thread, and reads.
 
 use std::ops::Bound;
-use std::path::Path;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use tokio::sync::{mpsc, oneshot};
@@ -35,8 +35,44 @@ struct Job {
 
 #[derive(Clone)]
 pub struct MetaStore {
-    db: Arc<Database>,
+    shared: Arc<Shared>,
     tx: mpsc::Sender<Job>,
+}
+
+/// The open database, replaced by a fresh handle after an I/O error: redb refuses
+/// every call after one (`PreviousIo`) until the database is opened again, and a full
+/// disk must not need a restart.
+struct Shared {
+    path: PathBuf,
+    db: RwLock<Option<Arc<Database>>>,
+}
+
+impl Shared {
+    fn get(&self) -> Result<Arc<Database>> {
+        self.db
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .ok_or(MetaError::Unavailable)
+    }
+
+    /// Drops the current handle (once no reader holds it) and opens the file again.
+    fn reopen(&self) -> Result<()> {
+        let old = self.db.write().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(old) = old {
+            let start = std::time::Instant::now();
+            while Arc::strong_count(&old) > 1
+                && start.elapsed() < std::time::Duration::from_secs(30)
+            {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            drop(old);
+        }
+        let db = Database::open(&self.path)?;
+        *self.db.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(db));
+        tracing::info!(path = %self.path.display(), "metadata database reopened");
+        Ok(())
+    }
 }
 
 /// A listing request over one bucket's keys.
@@ -97,14 +133,17 @@ impl MetaStore {
             txn.open_table(KEYS)?;
             txn.commit()?;
         }
-        let db = Arc::new(db);
+        let shared = Arc::new(Shared {
+            path: path.to_path_buf(),
+            db: RwLock::new(Some(Arc::new(db))),
+        });
         let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
-        let wdb = db.clone();
+        let wshared = shared.clone();
         std::thread::Builder::new()
             .name("meta-writer".into())
-            .spawn(move || writer(wdb, rx))
+            .spawn(move || writer(wshared, rx))
             .map_err(|e| MetaError::Storage(format!("spawn writer thread: {e}")))?;
-        Ok(MetaStore { db, tx })
+        Ok(MetaStore { shared, tx })
     }
 
     /// Applies one command; returns once it is durable (or failed).
@@ -122,7 +161,7 @@ impl MetaStore {
         &self,
         f: impl FnOnce(&Database) -> Result<T> + Send + 'static,
     ) -> Result<T> {
-        let db = self.db.clone();
+        let db = self.shared.get()?;
         tokio::task::spawn_blocking(move || f(&db))
             .await
             .map_err(|e| MetaError::Storage(format!("read task failed: {e}")))?
@@ -358,7 +397,7 @@ impl MetaStore {
     /// How many objects and parts name this block. Blocking (used under the block
     /// store's pin lock by garbage collection).
     pub fn refcount_blocking(&self, hash: &BlockHash) -> Result<u64> {
-        let txn = self.db.begin_read()?;
+        let txn = self.shared.get()?.begin_read()?;
         let t = txn.open_table(BLOCK_REFS)?;
         Ok(t.get(hash.0.as_slice())?.map(|v| v.value()).unwrap_or(0))
     }
@@ -426,7 +465,7 @@ fn list_in(t: &redb::ReadOnlyTable<&[u8], &[u8]>, bucket: &str, q: &ListQuery) -
 }
 
 /// The writer thread: group commit. See the crate docs.
-fn writer(db: Arc<Database>, mut rx: mpsc::Receiver<Job>) {
+fn writer(shared: Arc<Shared>, mut rx: mpsc::Receiver<Job>) {
     while let Some(first) = rx.blocking_recv() {
         let mut jobs = vec![first];
         while jobs.len() < MAX_GROUP {
@@ -436,16 +475,26 @@ fn writer(db: Arc<Database>, mut rx: mpsc::Receiver<Job>) {
             }
         }
         let n = jobs.len();
-        match apply_group(&db, &mut jobs) {
+        let res = match shared.get() {
+            Ok(db) => apply_group(&db, &mut jobs),
+            Err(_) => shared
+                .reopen()
+                .and_then(|()| shared.get())
+                .and_then(|db| apply_group(&db, &mut jobs)),
+        };
+        match res {
             Ok(results) => {
                 for (job, res) in jobs.into_iter().zip(results) {
                     let _ = job.reply.send(res);
                 }
             }
             Err(e) => {
-                tracing::error!(error = %e, commands = n, "metadata commit failed");
+                tracing::error!(error = %e, commands = n, "metadata commit failed; nothing of it was applied");
                 for job in jobs {
                     let _ = job.reply.send(Err(e.clone()));
+                }
+                if let Err(e) = shared.reopen() {
+                    tracing::error!(error = %e, "reopening the metadata database failed; will retry");
                 }
             }
         }

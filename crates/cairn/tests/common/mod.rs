@@ -1,0 +1,202 @@
+//! Starts real `cairn serve` processes on ephemeral loopback ports for end-to-end tests.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use aws_sdk_s3::config::{BehaviorVersion, Credentials, Region};
+
+pub const ACCESS_KEY: &str = "CRNTESTE2EACCESS0001";
+pub const SECRET_KEY: &str = "e2e-secret-key-0123456789abcdefghijklmn";
+
+pub struct Server {
+    pub child: Child,
+    pub dir: PathBuf,
+    pub endpoint: String,
+    pub admin: String,
+    pub stdout_lines: Vec<String>,
+    log: PathBuf,
+}
+
+pub fn binary() -> &'static str {
+    env!("CARGO_BIN_EXE_cairn")
+}
+
+impl Server {
+    /// Starts a server on a new data directory.
+    pub fn start() -> Server {
+        let dir = tempfile::Builder::new()
+            .prefix("cairn-e2e-")
+            .tempdir()
+            .unwrap()
+            .keep();
+        Server::start_in(&dir.join("data"), &[])
+    }
+
+    /// Starts a server on `data_dir` with extra flags; waits until it serves.
+    pub fn start_in(data_dir: &Path, extra: &[&str]) -> Server {
+        Self::try_start_in(data_dir, extra, &[]).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    pub fn try_start_in(
+        data_dir: &Path,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<Server, String> {
+        let parent = data_dir.parent().unwrap().to_path_buf();
+        std::fs::create_dir_all(&parent).unwrap();
+        let log = parent.join("server.log");
+        let logf = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap();
+        let mut cmd = Command::new(binary());
+        cmd.arg("serve")
+            .arg("--data-dir")
+            .arg(data_dir)
+            .args([
+                "--s3-address",
+                "127.0.0.1:0",
+                "--admin-address",
+                "127.0.0.1:0",
+            ])
+            .args(extra)
+            .env("CAIRN_ACCESS_KEY", ACCESS_KEY)
+            .env("CAIRN_SECRET_KEY", SECRET_KEY)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(logf);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let mut reader = BufReader::new(stdout);
+        let mut endpoint = None;
+        let mut admin = None;
+        let mut lines = Vec::new();
+        loop {
+            let mut line = String::new();
+            if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                let _ = child.wait();
+                return Err(format!(
+                    "cairn exited before serving: {}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                ));
+            }
+            let t = line.trim().to_string();
+            if let Some(v) = t.strip_prefix("S3 endpoint:") {
+                endpoint = Some(v.trim().to_string());
+            }
+            if let Some(v) = t.strip_prefix("admin endpoint:") {
+                admin = Some(v.trim().to_string());
+            }
+            let done = t == "ready";
+            lines.push(t);
+            if done {
+                break;
+            }
+        }
+        // Keep draining stdout so the server never blocks on a full pipe.
+        std::thread::spawn(move || {
+            let mut sink = String::new();
+            while reader.read_line(&mut sink).unwrap_or(0) > 0 {
+                sink.clear();
+            }
+        });
+        Ok(Server {
+            child,
+            dir: data_dir.to_path_buf(),
+            endpoint: endpoint.unwrap(),
+            admin: admin.unwrap(),
+            stdout_lines: lines,
+            log,
+        })
+    }
+
+    pub fn client(&self) -> aws_sdk_s3::Client {
+        client_for(&self.endpoint, ACCESS_KEY, SECRET_KEY)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn sigterm(&self) {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
+    }
+
+    /// Waits for the process to exit; returns its status code.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let start = Instant::now();
+        while start.elapsed() < timeout {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                return st.code();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn client_for(endpoint: &str, ak: &str, sk: &str) -> aws_sdk_s3::Client {
+    let conf = aws_sdk_s3::Config::builder()
+        .behavior_version(BehaviorVersion::latest())
+        .endpoint_url(endpoint)
+        .region(Region::new("us-east-1"))
+        .credentials_provider(Credentials::new(ak, sk, None, None, "test"))
+        .force_path_style(true)
+        .retry_config(aws_sdk_s3::config::retry::RetryConfig::disabled())
+        .build();
+    aws_sdk_s3::Client::from_conf(conf)
+}
+
+/// The S3 error code and HTTP status of a failed SDK call.
+pub fn err_of<E>(
+    e: &aws_sdk_s3::error::SdkError<E, aws_sdk_s3::config::http::HttpResponse>,
+) -> (String, u16)
+where
+    E: aws_sdk_s3::error::ProvideErrorMetadata,
+{
+    use aws_sdk_s3::error::ProvideErrorMetadata;
+    let status = e.raw_response().map(|r| r.status().as_u16()).unwrap_or(0);
+    (e.code().unwrap_or("").to_string(), status)
+}
+
+/// Deterministic pseudo-random bytes.
+pub fn bytes(n: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+pub fn md5_hex(data: &[u8]) -> String {
+    use md5::Digest;
+    let mut h = md5::Md5::new();
+    h.update(data);
+    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}

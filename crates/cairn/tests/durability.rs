@@ -1,0 +1,558 @@
+//! Crashes, corruption, garbage collection, shutdown and full disks, with real
+//! processes and real files.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use aws_sdk_s3::primitives::ByteStream;
+use common::*;
+
+fn count_block_files(data_dir: &std::path::Path) -> usize {
+    let mut n = 0;
+    for sub in std::fs::read_dir(data_dir.join("blocks")).unwrap() {
+        n += std::fs::read_dir(sub.unwrap().path()).unwrap().count();
+    }
+    n
+}
+
+/// Concurrent PUTs and overwrites, kill -9 mid-flight, restart: every acknowledged
+/// object reads back byte-identical; no unacknowledged object is half-visible.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill9_loses_no_acknowledged_write() {
+    let root = tempfile::tempdir().unwrap().keep();
+    let data_dir = root.join("data");
+    let mut srv = Server::start_in(&data_dir, &[]);
+    let s3 = srv.client();
+    s3.create_bucket().bucket("crash").send().await.unwrap();
+
+    // Per key: (last acknowledged version, version in flight).
+    type State = HashMap<String, (Option<u64>, Option<u64>)>;
+    let state: Arc<Mutex<State>> = Arc::new(Mutex::new(HashMap::new()));
+    let size_of = |key_idx: usize, version: u64| -> usize {
+        match (key_idx + version as usize) % 3 {
+            0 => 1000,                // inline
+            1 => 300_000,             // one block
+            _ => (4 << 20) + 777_000, // two blocks
+        }
+    };
+    let mut tasks = Vec::new();
+    for w in 0..6usize {
+        let s3 = s3.clone();
+        let state = state.clone();
+        tasks.push(tokio::spawn(async move {
+            for version in 0..1000u64 {
+                let key_idx = w * 2 + (version as usize % 2);
+                let key = format!("k{key_idx}");
+                let data = bytes(size_of(key_idx, version), (key_idx as u64) << 32 | version);
+                state.lock().unwrap().entry(key.clone()).or_default().1 = Some(version);
+                let res = s3
+                    .put_object()
+                    .bucket("crash")
+                    .key(&key)
+                    .body(ByteStream::from(data))
+                    .send()
+                    .await;
+                if res.is_err() {
+                    return;
+                }
+                let mut st = state.lock().unwrap();
+                let e = st.get_mut(&key).unwrap();
+                e.0 = Some(version);
+                e.1 = None;
+            }
+        }));
+    }
+    // Let writes flow for a while, then kill -9 in the middle of them.
+    let acked = |st: &State| st.values().filter(|v| v.0.is_some()).count();
+    for _ in 0..400 {
+        tokio::time::sleep(Duration::from_millis(25)).await;
+        if acked(&state.lock().unwrap()) >= 12 {
+            break;
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    srv.kill9();
+    for t in tasks {
+        let _ = t.await;
+    }
+    let snapshot = state.lock().unwrap().clone();
+    assert!(
+        acked(&snapshot) >= 6,
+        "too few writes were acknowledged before the kill: {snapshot:?}"
+    );
+
+    let srv = Server::start_in(&data_dir, &[]);
+    let s3 = srv.client();
+    let mut checked = 0;
+    for (key, (last, inflight)) in &snapshot {
+        let key_idx: usize = key[1..].parse().unwrap();
+        let got = match s3.get_object().bucket("crash").key(key).send().await {
+            Ok(o) => Some(o.body.collect().await.unwrap().into_bytes().to_vec()),
+            Err(e) => {
+                assert_eq!(err_of(&e).0, "NoSuchKey", "{key}");
+                None
+            }
+        };
+        let matches = |v: u64| {
+            got.as_deref() == Some(&bytes(size_of(key_idx, v), (key_idx as u64) << 32 | v)[..])
+        };
+        let ok = match (last, inflight) {
+            (Some(l), Some(i)) => matches(*l) || matches(*i),
+            (Some(l), None) => matches(*l),
+            (None, Some(i)) => got.is_none() || matches(*i),
+            (None, None) => got.is_none(),
+        };
+        assert!(
+            ok,
+            "{key}: acknowledged {last:?}, in flight {inflight:?}, got {:?} bytes",
+            got.map(|g| g.len())
+        );
+        checked += 1;
+    }
+    assert_eq!(checked, 12);
+    // A restart removes temp files of writes that were cut off.
+    assert_eq!(std::fs::read_dir(data_dir.join("tmp")).unwrap().count(), 0);
+}
+
+/// A flipped byte in the second block: the GET never returns a wrong byte.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flipped_byte_in_second_block_is_never_served() {
+    let srv = Server::start();
+    let s3 = srv.client();
+    s3.create_bucket().bucket("rot").send().await.unwrap();
+    let data = bytes((8 << 20) + 1000, 42);
+    s3.put_object()
+        .bucket("rot")
+        .key("v")
+        .body(ByteStream::from(data.clone()))
+        .send()
+        .await
+        .unwrap();
+    // The second block: the one holding bytes [4 MiB, 8 MiB).
+    let second = blake3_hex(&data[4 << 20..8 << 20]);
+    let path = srv.dir.join("blocks").join(&second[..2]).join(&second);
+    let mut raw = std::fs::read(&path).unwrap();
+    let at = raw.len() / 2;
+    raw[at] ^= 0x40;
+    std::fs::write(&path, raw).unwrap();
+
+    // Whole-object GET: the response starts with the good first block, then the
+    // connection is cut. Every byte received must be right.
+    let resp = s3.get_object().bucket("rot").key("v").send().await.unwrap();
+    let mut stream = resp.body;
+    let mut received = Vec::new();
+    let mut failed = false;
+    loop {
+        match stream.next().await {
+            Some(Ok(chunk)) => received.extend_from_slice(&chunk),
+            Some(Err(_)) => {
+                failed = true;
+                break;
+            }
+            None => break,
+        }
+    }
+    assert!(failed, "the body must end in an error, not look complete");
+    assert!(received.len() < data.len());
+    assert_eq!(received, data[..received.len()], "a wrong byte was served");
+
+    // A ranged GET that starts in the bad block fails before the response starts.
+    let e = s3
+        .get_object()
+        .bucket("rot")
+        .key("v")
+        .range("bytes=5000000-5000100")
+        .send()
+        .await
+        .unwrap_err();
+    assert_eq!(err_of(&e), ("InternalError".into(), 500));
+    // The good parts still serve.
+    let got = s3
+        .get_object()
+        .bucket("rot")
+        .key("v")
+        .range("bytes=0-99")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        got.body.collect().await.unwrap().into_bytes().to_vec(),
+        data[..100]
+    );
+    assert!(
+        srv.log().contains("BLAKE3 mismatch"),
+        "the corruption is logged"
+    );
+}
+
+fn blake3_hex(data: &[u8]) -> String {
+    blake3::hash(data).to_hex().to_string()
+}
+
+/// Overwritten and deleted data is removed from disk once the grace period passed;
+/// data still named is kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreferenced_blocks_are_collected_after_grace() {
+    let root = tempfile::tempdir().unwrap().keep();
+    let data_dir = root.join("data");
+    let srv = Server::start_in(&data_dir, &["--gc-grace", "1s", "--gc-interval", "200ms"]);
+    let s3 = srv.client();
+    s3.create_bucket().bucket("gcb").send().await.unwrap();
+    let keep = bytes(5 << 20, 1);
+    s3.put_object()
+        .bucket("gcb")
+        .key("keep")
+        .body(ByteStream::from(keep.clone()))
+        .send()
+        .await
+        .unwrap();
+    s3.put_object()
+        .bucket("gcb")
+        .key("old")
+        .body(ByteStream::from(bytes(5 << 20, 2)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(count_block_files(&data_dir), 4);
+    s3.put_object()
+        .bucket("gcb")
+        .key("old")
+        .body(ByteStream::from(bytes(100_000, 3)))
+        .send()
+        .await
+        .unwrap();
+    s3.delete_object()
+        .bucket("gcb")
+        .key("keep-not")
+        .send()
+        .await
+        .unwrap();
+    // An orphan block file (as a crash between block write and commit leaves).
+    let orphan = blake3_hex(b"orphan");
+    let orphan_path = data_dir.join("blocks").join(&orphan[..2]).join(&orphan);
+    std::fs::write(&orphan_path, b"whatever").unwrap();
+    let mut n = 0;
+    for _ in 0..100 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        n = count_block_files(&data_dir);
+        if n == 4 {
+            break;
+        }
+    }
+    // Two blocks of 'keep', one of the new 'old', and the orphan (removed by the sweep,
+    // which runs at start and then every few hours).
+    assert_eq!(n, 4);
+    assert!(orphan_path.exists());
+    let got = s3
+        .get_object()
+        .bucket("gcb")
+        .key("keep")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        got.body.collect().await.unwrap().into_bytes().to_vec(),
+        keep
+    );
+    drop(srv);
+    // The sweep at start removes the never-named block once it is older than the grace.
+    std::thread::sleep(Duration::from_millis(1100));
+    let _srv = Server::start_in(&data_dir, &["--gc-grace", "1s", "--gc-interval", "200ms"]);
+    for _ in 0..100 {
+        if !orphan_path.exists() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(!orphan_path.exists(), "orphan block was not swept");
+    assert_eq!(count_block_files(&data_dir), 3);
+}
+
+/// SIGTERM during an upload: the upload finishes, then the server exits cleanly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_an_upload_finish() {
+    let root = tempfile::tempdir().unwrap().keep();
+    let data_dir = root.join("data");
+    let mut srv = Server::start_in(&data_dir, &[]);
+    let s3 = srv.client();
+    s3.create_bucket().bucket("term").send().await.unwrap();
+    let data = bytes(6 << 20, 5);
+    // A body that trickles in over about a second.
+    let chunks: Vec<Result<bytes::Bytes, std::io::Error>> = data
+        .chunks(256 << 10)
+        .map(|c| Ok(bytes::Bytes::copy_from_slice(c)))
+        .collect();
+    let slow = futures::stream::iter(chunks).then(|c| async move {
+        tokio::time::sleep(Duration::from_millis(40)).await;
+        c
+    });
+    let body =
+        http_body_util::StreamBody::new(Box::pin(slow.map(|r| r.map(http_body::Frame::data))));
+    let sized = aws_smithy_types::body::SdkBody::from_body_1_x(SizedBody {
+        inner: body,
+        len: data.len() as u64,
+    });
+    let s3c = s3.clone();
+    let upload = tokio::spawn(async move {
+        s3c.put_object()
+            .bucket("term")
+            .key("slow")
+            .content_length(6 << 20)
+            .body(ByteStream::new(sized))
+            .send()
+            .await
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    srv.sigterm();
+    let res = upload.await.unwrap();
+    assert!(res.is_ok(), "upload in flight at SIGTERM failed: {res:?}");
+    assert_eq!(srv.wait_exit(Duration::from_secs(30)), Some(0));
+    let srv = Server::start_in(&data_dir, &[]);
+    let got = srv
+        .client()
+        .get_object()
+        .bucket("term")
+        .key("slow")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        got.body.collect().await.unwrap().into_bytes().to_vec(),
+        data
+    );
+}
+
+use futures::StreamExt;
+
+/// A body of known length for the SDK (which needs one to sign).
+struct SizedBody<B> {
+    inner: B,
+    len: u64,
+}
+
+impl<B: http_body::Body + Unpin> http_body::Body for SizedBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        std::pin::Pin::new(&mut self.inner).poll_frame(cx)
+    }
+    fn size_hint(&self) -> http_body::SizeHint {
+        http_body::SizeHint::with_exact(self.len)
+    }
+}
+
+/// A data directory of a newer format is refused with a clear message, untouched.
+#[test]
+fn newer_data_dir_is_refused() {
+    let root = tempfile::tempdir().unwrap();
+    let data_dir = root.path().join("data");
+    std::fs::create_dir_all(&data_dir).unwrap();
+    std::fs::write(data_dir.join("FORMAT"), "cairn-data 99\n").unwrap();
+    let err = match Server::try_start_in(&data_dir, &[], &[]) {
+        Ok(_) => panic!("a newer data directory was accepted"),
+        Err(e) => e,
+    };
+    assert!(err.contains("newer than this cairn knows"), "{err}");
+    assert_eq!(
+        std::fs::read_to_string(data_dir.join("FORMAT")).unwrap(),
+        "cairn-data 99\n"
+    );
+    assert_eq!(std::fs::read_dir(&data_dir).unwrap().count(), 1);
+}
+
+/// The admin endpoint answers health and metrics, and nothing else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_health_and_metrics() {
+    let srv = Server::start();
+    let s3 = srv.client();
+    s3.list_buckets().send().await.unwrap();
+    let (status, body) = http_get(&srv.admin, "/health").await;
+    assert_eq!((status, body.trim()), (200, "ok"));
+    let (status, body) = http_get(&srv.admin, "/metrics").await;
+    assert_eq!(status, 200);
+    assert!(body.contains("cairn_s3_requests_total"), "{body}");
+    let (status, _) = http_get(&srv.admin, "/anything-else").await;
+    assert_eq!(status, 404);
+}
+
+/// Generated credentials: printed once with the secret, stored 0600, reused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn generated_credentials_work_and_persist() {
+    use std::os::unix::fs::PermissionsExt;
+    let root = tempfile::tempdir().unwrap().keep();
+    let data_dir = root.join("data");
+    let env = [("CAIRN_ACCESS_KEY", ""), ("CAIRN_SECRET_KEY", "")];
+    let srv = Server::try_start_in(&data_dir, &[], &env).unwrap();
+    let line = |srv: &Server, p: &str| {
+        srv.stdout_lines
+            .iter()
+            .find_map(|l| l.strip_prefix(p).map(|v| v.trim().to_string()))
+    };
+    let ak = line(&srv, "access key id:").unwrap();
+    let sk = line(&srv, "secret key:").expect("the secret is printed at first start");
+    let mode = std::fs::metadata(data_dir.join("credentials"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    client_for(&srv.endpoint, &ak, &sk)
+        .create_bucket()
+        .bucket("gen")
+        .send()
+        .await
+        .unwrap();
+    drop(srv);
+    let srv = Server::try_start_in(&data_dir, &[], &env).unwrap();
+    assert_eq!(line(&srv, "access key id:").unwrap(), ak);
+    assert!(
+        line(&srv, "secret key:").is_none(),
+        "the secret is printed only once"
+    );
+    client_for(&srv.endpoint, &ak, &sk)
+        .head_bucket()
+        .bucket("gen")
+        .send()
+        .await
+        .unwrap();
+}
+
+async fn http_get(base: &str, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = base.trim_start_matches("http://");
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await.unwrap();
+    let text = String::from_utf8_lossy(&buf).to_string();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = text.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
+    (status, body)
+}
+
+/// Unmounts a tmpfs when dropped.
+struct Mount(std::path::PathBuf);
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// A full disk fails writes with a clear error, loses nothing stored, and writes work
+/// again once space is freed, without a restart. Runs on a size-limited tmpfs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_disk_fails_clearly_and_recovers() {
+    let root = tempfile::tempdir().unwrap().keep();
+    let mnt = root.join("small-disk");
+    std::fs::create_dir_all(&mnt).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=40m", "tmpfs"])
+        .arg(&mnt)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !mounted {
+        eprintln!(
+            "SKIPPED full_disk_fails_clearly_and_recovers: cannot mount a tmpfs here (needs root)"
+        );
+        return;
+    }
+    let guard = Mount(mnt.clone());
+    let data_dir = mnt.join("data");
+    let mut srv = Server::start_in(&data_dir, &[]);
+    let s3 = srv.client();
+    s3.create_bucket().bucket("full").send().await.unwrap();
+    // Ballast that the "operator" deletes later to free space.
+    std::fs::write(mnt.join("ballast"), vec![0u8; 12 << 20]).unwrap();
+    let mut stored = Vec::new();
+    let mut full_error = None;
+    for i in 0..40u64 {
+        let data = bytes(3 << 20, i);
+        match s3
+            .put_object()
+            .bucket("full")
+            .key(format!("o{i}"))
+            .body(ByteStream::from(data.clone()))
+            .send()
+            .await
+        {
+            Ok(_) => stored.push((i, data)),
+            Err(e) => {
+                full_error = Some(err_of(&e));
+                break;
+            }
+        }
+    }
+    assert_eq!(
+        full_error,
+        Some(("XCairnStorageFull".into(), 507)),
+        "after {} objects",
+        stored.len()
+    );
+    assert!(!stored.is_empty());
+    assert!(srv.log().contains("disk full"), "the cause is logged");
+    // Nothing stored was lost, and reads still work on the full disk.
+    for (i, data) in &stored {
+        let got = s3
+            .get_object()
+            .bucket("full")
+            .key(format!("o{i}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            &got.body.collect().await.unwrap().into_bytes().to_vec(),
+            data
+        );
+    }
+    // Free space; writes succeed again without a restart.
+    std::fs::remove_file(mnt.join("ballast")).unwrap();
+    let data = bytes(3 << 20, 999);
+    let mut ok = false;
+    for _ in 0..50 {
+        if s3
+            .put_object()
+            .bucket("full")
+            .key("after")
+            .body(ByteStream::from(data.clone()))
+            .send()
+            .await
+            .is_ok()
+        {
+            ok = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(ok, "writes did not resume after space was freed");
+    let got = s3
+        .get_object()
+        .bucket("full")
+        .key("after")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        got.body.collect().await.unwrap().into_bytes().to_vec(),
+        data
+    );
+    srv.kill9();
+    drop(guard);
+}
