@@ -100,13 +100,12 @@ struct KeyAuth {
 #[async_trait::async_trait]
 impl S3Auth for KeyAuth {
     async fn get_secret_key(&self, access_key: &str) -> S3Result<SecretKey> {
-        match self.meta.key(access_key).await {
-            Ok(Some(k)) => Ok(SecretKey::from(k.secret)),
-            Ok(None) => Err(s3_error!(
+        match self.meta.key(access_key) {
+            Some(k) => Ok(SecretKey::from(k.secret)),
+            None => Err(s3_error!(
                 InvalidAccessKeyId,
                 "The AWS Access Key Id you provided does not exist in our records."
             )),
-            Err(e) => Err(error::meta(e)),
         }
     }
 }

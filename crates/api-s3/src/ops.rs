@@ -271,8 +271,8 @@ impl Cairn {
         }
     }
 
-    async fn require_bucket(&self, bucket: &str) -> S3Result<()> {
-        match self.meta.bucket(bucket).await.map_err(error::meta)? {
+    fn require_bucket(&self, bucket: &str) -> S3Result<()> {
+        match self.meta.bucket(bucket) {
             Some(_) => Ok(()),
             None => Err(error::meta(MetaError::NoSuchBucket)),
         }
@@ -354,7 +354,7 @@ impl S3 for Cairn {
         &self,
         _req: S3Request<ListBucketsInput>,
     ) -> S3Result<S3Response<ListBucketsOutput>> {
-        let buckets = self.meta.buckets().await.map_err(error::meta)?;
+        let buckets = self.meta.buckets();
         let buckets = buckets
             .into_iter()
             .map(|(name, rec)| Bucket {
@@ -421,7 +421,7 @@ impl S3 for Cairn {
         &self,
         req: S3Request<HeadBucketInput>,
     ) -> S3Result<S3Response<HeadBucketOutput>> {
-        self.require_bucket(&req.input.bucket).await?;
+        self.require_bucket(&req.input.bucket)?;
         Ok(S3Response::new(HeadBucketOutput {
             bucket_region: Some(self.settings.region.clone()),
             ..Default::default()
@@ -432,7 +432,7 @@ impl S3 for Cairn {
         &self,
         req: S3Request<GetBucketLocationInput>,
     ) -> S3Result<S3Response<GetBucketLocationOutput>> {
-        self.require_bucket(&req.input.bucket).await?;
+        self.require_bucket(&req.input.bucket)?;
         // S3 answers an empty constraint for us-east-1.
         let location_constraint = (self.settings.region != "us-east-1")
             .then(|| BucketLocationConstraint::from(self.settings.region.clone()));
@@ -445,7 +445,7 @@ impl S3 for Cairn {
         &self,
         req: S3Request<GetBucketVersioningInput>,
     ) -> S3Result<S3Response<GetBucketVersioningOutput>> {
-        self.require_bucket(&req.input.bucket).await?;
+        self.require_bucket(&req.input.bucket)?;
         // Versioning was never enabled: S3 answers with no status.
         Ok(S3Response::new(GetBucketVersioningOutput::default()))
     }
@@ -486,7 +486,7 @@ impl S3 for Cairn {
             input.metadata,
         )?;
         // Fail fast on a missing bucket, before the body is stored.
-        self.require_bucket(&input.bucket).await?;
+        self.require_bucket(&input.bucket)?;
         let wanted = wanted_checksums(&headers, input.checksum_algorithm.as_ref(), &sent);
         let ing = write::ingest(
             &self.blocks,
@@ -704,7 +704,7 @@ impl S3 for Cairn {
                 limits::MAX_DELETE_KEYS
             ));
         }
-        self.require_bucket(&input.bucket).await?;
+        self.require_bucket(&input.bucket)?;
         let quiet = input.delete.quiet.unwrap_or(false);
         let now = now_millis();
         // All deletes are sent at once: the metadata writer commits them together.
@@ -792,7 +792,7 @@ impl S3 for Cairn {
         } else {
             src.headers.clone()
         };
-        self.require_bucket(&input.bucket).await?;
+        self.require_bucket(&input.bucket)?;
         // Blocks are content-addressed: the copy names the same blocks, once pinned and
         // found present.
         let pin = self.pin_existing(&src)?;

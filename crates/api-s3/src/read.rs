@@ -10,8 +10,8 @@ use std::ops::Range;
 
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt, stream};
+use s3s::S3Result;
 use s3s::dto::StreamingBlob;
-use s3s::{S3Result, s3_error};
 
 use cairn_blocks::{BlockError, BlockStore};
 use cairn_meta::{ObjectData, ObjectRecord};
@@ -80,22 +80,24 @@ pub async fn body(
             )))
         }
         ObjectData::Blocks(blocks) => {
-            let mut parts = plan(blocks, &range).into_iter();
-            let Some((first, first_range)) = parts.next() else {
-                return Ok(StreamingBlob::wrap::<_, std::io::Error>(stream::empty()));
-            };
-            let head = read_block(store.clone(), first).await.map_err(|e| {
-                tracing::error!(error = %e, "GET refused before sending: a block failed its check");
-                error::block(e)
-            })?;
-            let head = head.slice(first_range);
             let store = store.clone();
-            let rest = stream::iter(parts)
+            // Up to READ_AHEAD blocks are read and verified at once, the first of
+            // them together with the next.
+            let mut reads = stream::iter(plan(blocks, &range))
                 .map(move |(b, r)| {
                     let store = store.clone();
                     async move { read_block(store, b).await.map(|d| d.slice(r)) }
                 })
-                .buffered(2)
+                .buffered(READ_AHEAD);
+            let head = match reads.next().await {
+                None => return Ok(StreamingBlob::wrap::<_, std::io::Error>(stream::empty())),
+                Some(Ok(head)) => head,
+                Some(Err(e)) => {
+                    tracing::error!(error = %e, "GET refused before sending: a block failed its check");
+                    return Err(error::block(e));
+                }
+            };
+            let rest = reads
                 .inspect_err(|e| {
                     tracing::error!(error = %e, "GET aborted mid-body: a block failed its check");
                 })
@@ -106,16 +108,8 @@ pub async fn body(
     }
 }
 
-/// Reads a whole object into one buffer (for copies of small objects).
-pub async fn whole(store: &BlockStore, rec: &ObjectRecord) -> S3Result<Vec<u8>> {
-    let mut out = Vec::with_capacity(rec.size as usize);
-    let mut s = body(store, rec, 0..rec.size).await?;
-    while let Some(chunk) = s.next().await {
-        let chunk = chunk.map_err(|e| s3_error!(InternalError, "read failed: {e}"))?;
-        out.extend_from_slice(&chunk);
-    }
-    Ok(out)
-}
+/// Blocks of one GET read ahead of the one being sent.
+const READ_AHEAD: usize = 2;
 
 #[cfg(test)]
 mod tests {

@@ -1,10 +1,11 @@
 //! The write path on this node: a request body streamed into content-addressed blocks.
 //!
 //! One pass over the bytes: as the body arrives it is cut into blocks; each full block
-//! is handed to a blocking task that feeds it to the MD5 (the ETag) and to any checksum
-//! the client asked for, hashes it with BLAKE3 (its address), writes and fsyncs it,
-//! while the next block is being received. At most two blocks per request are in
-//! memory (the one filling and the one being written), whatever the object size.
+//! goes to a blocking task that feeds it to the MD5 (the ETag) and to any checksum the
+//! client asked for, then to another that hashes it with BLAKE3 (its address), writes
+//! and fsyncs it. Receiving, the MD5 and the writes overlap: at most four blocks per
+//! request are in memory (one filling, one in MD5, two being written), whatever the
+//! object size.
 //!
 //! The blocks written are pinned until the caller has committed (or given up on) the
 //! metadata that names them; a block nobody ends up naming is collected later.
@@ -43,8 +44,88 @@ struct Hashing {
     checksums: ChecksumHasher,
 }
 
-type BlockTask =
-    tokio::task::JoinHandle<Result<(Hashing, BlockRef, PinGuard), cairn_blocks::BlockError>>;
+type HashTask = tokio::task::JoinHandle<(Hashing, Vec<u8>)>;
+type WriteTask = tokio::task::JoinHandle<Result<(BlockRef, PinGuard), cairn_blocks::BlockError>>;
+
+/// Block writes (fsyncs) of one request that may be in flight at once.
+const WRITES_IN_FLIGHT: usize = 2;
+
+/// Two stages on blocking threads: the object's MD5 (and requested checksums), which
+/// must see the blocks in order, and per block its BLAKE3, write and fsync (up to
+/// [`WRITES_IN_FLIGHT`] at once). Receiving, the MD5 of one block and the writes of the
+/// ones before overlap.
+struct Pipeline {
+    store: BlockStore,
+    state: Option<Hashing>,
+    hashing: Option<HashTask>,
+    writing: std::collections::VecDeque<WriteTask>,
+    blocks: Vec<BlockRef>,
+    pins: Vec<PinGuard>,
+}
+
+fn lost() -> S3Error {
+    s3_error!(InternalError, "write path state lost")
+}
+
+impl Pipeline {
+    async fn push(&mut self, block: Vec<u8>) -> S3Result<()> {
+        self.advance().await?;
+        let mut st = self.state.take().ok_or_else(lost)?;
+        self.hashing = Some(tokio::task::spawn_blocking(move || {
+            st.md5.update(&block);
+            st.checksums.update(&block);
+            (st, block)
+        }));
+        Ok(())
+    }
+
+    /// Moves the hashed block (if any) on to be written, once the previous write is done.
+    async fn advance(&mut self) -> S3Result<()> {
+        let Some(task) = self.hashing.take() else {
+            return Ok(());
+        };
+        let (st, block) = task.await.map_err(error::join)?;
+        self.state = Some(st);
+        if self.writing.len() >= WRITES_IN_FLIGHT {
+            self.finish_write().await?;
+        }
+        let store = self.store.clone();
+        self.writing.push_back(tokio::task::spawn_blocking(move || {
+            // BLAKE3 is independent of the MD5 chain: it runs here, beside the next
+            // block's MD5.
+            let hash = BlockHash::of(&block);
+            let mut pin = store.pin();
+            pin.add(hash);
+            store.put(&hash, &block)?;
+            Ok((
+                BlockRef {
+                    hash,
+                    len: block.len() as u32,
+                },
+                pin,
+            ))
+        }));
+        Ok(())
+    }
+
+    async fn finish_write(&mut self) -> S3Result<()> {
+        if let Some(task) = self.writing.pop_front() {
+            let (br, pin) = task.await.map_err(error::join)?.map_err(error::block)?;
+            self.blocks.push(br);
+            self.pins.push(pin);
+        }
+        Ok(())
+    }
+
+    async fn finish(mut self) -> S3Result<(Hashing, Vec<BlockRef>, Vec<PinGuard>)> {
+        self.advance().await?;
+        while !self.writing.is_empty() {
+            self.finish_write().await?;
+        }
+        let st = self.state.take().ok_or_else(lost)?;
+        Ok((st, self.blocks, self.pins))
+    }
+}
 
 /// Which additional checksums to compute while the body streams.
 #[derive(Default, Clone, Copy, Debug)]
@@ -131,52 +212,20 @@ pub async fn ingest(
     limits: &Limits,
 ) -> S3Result<Ingested> {
     let bs = limits.block_size;
-    let mut state = Some(Hashing {
-        md5: Md5::new(),
-        checksums: wanted.hasher(),
-    });
-    let mut inflight: Option<BlockTask> = None;
-    let mut blocks: Vec<BlockRef> = Vec::new();
-    let mut pins: Vec<PinGuard> = Vec::new();
+    let mut pipe = Pipeline {
+        store: store.clone(),
+        state: Some(Hashing {
+            md5: Md5::new(),
+            checksums: wanted.hasher(),
+        }),
+        hashing: None,
+        writing: std::collections::VecDeque::new(),
+        blocks: Vec::new(),
+        pins: Vec::new(),
+    };
     let mut buf: Vec<u8> = Vec::new();
     let mut size: u64 = 0;
-
-    // Waits for the block being written, then starts writing `block`.
-    async fn hand_off(
-        store: &BlockStore,
-        state: &mut Option<Hashing>,
-        inflight: &mut Option<BlockTask>,
-        blocks: &mut Vec<BlockRef>,
-        pins: &mut Vec<PinGuard>,
-        block: Option<Vec<u8>>,
-    ) -> S3Result<()> {
-        if let Some(task) = inflight.take() {
-            let (st, br, pin) = task.await.map_err(error::join)?.map_err(error::block)?;
-            *state = Some(st);
-            blocks.push(br);
-            pins.push(pin);
-        }
-        let Some(block) = block else { return Ok(()) };
-        let Some(mut st) = state.take() else {
-            return Err(s3_error!(InternalError, "write path state lost"));
-        };
-        let store = store.clone();
-        *inflight = Some(tokio::task::spawn_blocking(move || {
-            st.md5.update(&block);
-            st.checksums.update(&block);
-            let hash = BlockHash::of(&block);
-            let mut pin = store.pin();
-            pin.add(hash);
-            store.put(&hash, &block)?;
-            let br = BlockRef {
-                hash,
-                len: block.len() as u32,
-            };
-            Ok((st, br, pin))
-        }));
-        Ok(())
-    }
-
+    let mut pushed = false;
     if let Some(mut body) = body {
         while let Some(chunk) = body.next().await {
             let chunk = chunk.map_err(body_error)?;
@@ -190,35 +239,28 @@ pub async fn ingest(
             }
             let mut rest = &chunk[..];
             while !rest.is_empty() {
-                if buf.capacity() == 0 {
-                    buf.reserve_exact(bs.min(rest.len().max(limits.inline_max + 1)));
-                }
                 let take = (bs - buf.len()).min(rest.len());
                 if buf.len() + take > buf.capacity() {
-                    buf.reserve_exact(bs - buf.len());
+                    // Small bodies get small buffers; a body that outgrows the inline
+                    // size gets a whole block at once.
+                    let want = if buf.len() + take <= limits.inline_max {
+                        take
+                    } else {
+                        bs - buf.len()
+                    };
+                    buf.reserve_exact(want);
                 }
                 buf.extend_from_slice(&rest[..take]);
                 rest = &rest[take..];
                 if buf.len() == bs {
-                    let block = std::mem::take(&mut buf);
-                    hand_off(
-                        store,
-                        &mut state,
-                        &mut inflight,
-                        &mut blocks,
-                        &mut pins,
-                        Some(block),
-                    )
-                    .await?;
+                    pipe.push(std::mem::take(&mut buf)).await?;
+                    pushed = true;
                 }
             }
         }
     }
-
-    if blocks.is_empty() && inflight.is_none() && buf.len() <= limits.inline_max {
-        let Some(mut st) = state.take() else {
-            return Err(s3_error!(InternalError, "write path state lost"));
-        };
+    if !pushed && buf.len() <= limits.inline_max {
+        let mut st = pipe.state.take().ok_or_else(lost)?;
         st.md5.update(&buf);
         st.checksums.update(&buf);
         return Ok(Ingested {
@@ -226,34 +268,13 @@ pub async fn ingest(
             md5: st.md5.finalize().into(),
             data: ObjectData::Inline(buf),
             computed: st.checksums.finalize(),
-            pins,
+            pins: Vec::new(),
         });
     }
-    let last = (!buf.is_empty()).then_some(buf);
-    let had_last = last.is_some();
-    hand_off(
-        store,
-        &mut state,
-        &mut inflight,
-        &mut blocks,
-        &mut pins,
-        last,
-    )
-    .await?;
-    if had_last {
-        hand_off(
-            store,
-            &mut state,
-            &mut inflight,
-            &mut blocks,
-            &mut pins,
-            None,
-        )
-        .await?;
+    if !buf.is_empty() {
+        pipe.push(buf).await?;
     }
-    let Some(st) = state.take() else {
-        return Err(s3_error!(InternalError, "write path state lost"));
-    };
+    let (st, blocks, pins) = pipe.finish().await?;
     Ok(Ingested {
         size,
         md5: st.md5.finalize().into(),

@@ -1,8 +1,10 @@
 //! The `cairn` binary: command line, configuration, process wiring.
 
+mod bench;
 mod config;
 mod datadir;
 mod server;
+mod sigv4;
 
 use std::path::PathBuf;
 
@@ -23,6 +25,61 @@ struct Cli {
 enum Cmd {
     /// Run a cairn node (S3 endpoint plus admin endpoint with /health and /metrics).
     Serve(ServeArgs),
+    /// Load-test any S3 endpoint (PUT, GET or mixed), or with --limits measure this
+    /// machine's own bounds (hashing, fsynced disk writes) to compare with.
+    Bench(BenchArgs),
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    /// Measure the machine's bounds instead, writing test files in DIR
+    #[arg(long, value_name = "DIR")]
+    limits: Option<PathBuf>,
+    /// S3 endpoint to load (http only)
+    #[arg(long, default_value = "http://127.0.0.1:9000")]
+    endpoint: String,
+    #[arg(long, env = "CAIRN_ACCESS_KEY", default_value = "")]
+    access_key: String,
+    #[arg(
+        long,
+        env = "CAIRN_SECRET_KEY",
+        default_value = "",
+        hide_env_values = true
+    )]
+    secret_key: String,
+    /// Region to sign requests for
+    #[arg(long, default_value = "us-east-1")]
+    region: String,
+    /// Bucket to use (created if missing)
+    #[arg(long, default_value = "cairn-bench")]
+    bucket: String,
+    /// Operation mix
+    #[arg(long, value_enum, default_value = "put")]
+    op: bench::Op,
+    /// Object size, e.g. 4KiB, 16MiB, 2GiB
+    #[arg(long, default_value = "4KiB")]
+    size: String,
+    /// Requests in flight (one connection each)
+    #[arg(long, default_value_t = 1)]
+    concurrency: usize,
+    /// How long to run, e.g. 10s [default: 10s unless --ops is given]
+    #[arg(long)]
+    duration: Option<String>,
+    /// Stop after this many operations
+    #[arg(long)]
+    ops: Option<u64>,
+    /// Number of distinct keys (objects written first for get and mixed)
+    #[arg(long, default_value_t = 64)]
+    keys: usize,
+    /// Share of GETs in --op mixed
+    #[arg(long, default_value_t = 0.7)]
+    get_ratio: f64,
+    /// Process id of the server, to report its CPU time per operation and peak RSS
+    #[arg(long)]
+    pid: Option<u32>,
+    /// Print the report as JSON
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -58,25 +115,31 @@ struct ServeArgs {
     log_format: Option<String>,
 }
 
-fn init_logging(json: bool) {
+/// Logs go to stderr through a background writer thread, so that a request never
+/// waits on the write of its log line. The guard flushes what is queued at exit.
+fn init_logging(json: bool) -> tracing_appender::non_blocking::WorkerGuard {
+    use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    use std::io::IsTerminal;
+    let ansi = std::io::stderr().is_terminal();
+    let (writer, guard) = tracing_appender::non_blocking(std::io::stderr());
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr);
+        .with_ansi(ansi)
+        .with_writer(writer);
     if json {
         b.json().init();
     } else {
         b.init();
     }
+    guard
 }
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.cmd {
         Cmd::Serve(a) => run_serve(a),
+        Cmd::Bench(a) => run_bench(a),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -101,10 +164,49 @@ fn run_serve(a: ServeArgs) -> anyhow::Result<()> {
             log_format: a.log_format,
         },
     )?;
-    init_logging(cfg.log_json);
+    let _log_guard = init_logging(cfg.log_json);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("cairn")
         .build()?;
     rt.block_on(server::serve(cfg))
+}
+
+fn run_bench(a: BenchArgs) -> anyhow::Result<()> {
+    if let Some(dir) = &a.limits {
+        return bench::limits(dir, a.json);
+    }
+    if a.access_key.is_empty() || a.secret_key.is_empty() {
+        anyhow::bail!(
+            "give --access-key and --secret-key (or CAIRN_ACCESS_KEY / CAIRN_SECRET_KEY)"
+        );
+    }
+    let duration = match (&a.duration, a.ops) {
+        (Some(d), _) => Some(config::parse_duration(d)?),
+        (None, None) => Some(std::time::Duration::from_secs(10)),
+        (None, Some(_)) => None,
+    };
+    let size = config::parse_size(&a.size)? as u64;
+    if a.concurrency == 0 {
+        anyhow::bail!("--concurrency must be at least 1");
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(bench::run(bench::Options {
+        endpoint: a.endpoint,
+        access_key: a.access_key,
+        secret_key: a.secret_key,
+        region: a.region,
+        bucket: a.bucket,
+        op: a.op,
+        size,
+        concurrency: a.concurrency,
+        duration,
+        ops: a.ops,
+        keys: a.keys,
+        get_ratio: a.get_ratio,
+        pid: a.pid,
+        json: a.json,
+    }))
 }

@@ -204,7 +204,7 @@ async fn ensure_root_key(cfg: &Config, meta: &MetaStore) -> Result<ShownKey> {
             "the access key must have at least 3 characters and the secret key at least 8"
         );
     }
-    let existing = meta.key(&pair.access_key).await?;
+    let existing = meta.key(&pair.access_key);
     if existing
         .as_ref()
         .is_none_or(|k| k.secret != pair.secret_key || !k.root)

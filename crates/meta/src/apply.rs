@@ -14,30 +14,30 @@ use crate::records::{
 use crate::store::{BLOCK_REFS, BUCKETS, GC_QUEUE, KEYS, OBJECTS, PARTS, UPLOADS};
 use crate::{Command, MetaError, Outcome, Result, WriteCondition, keys};
 
-pub(crate) fn apply(txn: &WriteTransaction, cmd: Command) -> Result<Outcome> {
+pub(crate) fn apply(txn: &WriteTransaction, cmd: &Command) -> Result<Outcome> {
     match cmd {
-        Command::CreateBucket { bucket, now } => create_bucket(txn, &bucket, now),
-        Command::DeleteBucket { bucket, now } => delete_bucket(txn, &bucket, now),
+        Command::CreateBucket { bucket, now } => create_bucket(txn, bucket, *now),
+        Command::DeleteBucket { bucket, now } => delete_bucket(txn, bucket, *now),
         Command::PutObject {
             bucket,
             key,
             record,
             cond,
-        } => put_object(txn, &bucket, &key, record, &cond).map(|_| Outcome::Done),
-        Command::DeleteObject { bucket, key, now } => delete_object(txn, &bucket, &key, now),
+        } => put_object(txn, bucket, key, record, cond).map(|_| Outcome::Done),
+        Command::DeleteObject { bucket, key, now } => delete_object(txn, bucket, key, *now),
         Command::CreateUpload {
             bucket,
             key,
             upload_id,
             record,
-        } => create_upload(txn, &bucket, &key, &upload_id, &record),
+        } => create_upload(txn, bucket, key, upload_id, record),
         Command::PutPart {
             bucket,
             key,
             upload_id,
             part_number,
             record,
-        } => put_part(txn, &bucket, &key, &upload_id, part_number, &record),
+        } => put_part(txn, bucket, key, upload_id, *part_number, record),
         Command::CompleteUpload {
             bucket,
             key,
@@ -45,15 +45,15 @@ pub(crate) fn apply(txn: &WriteTransaction, cmd: Command) -> Result<Outcome> {
             parts,
             record,
             cond,
-        } => complete_upload(txn, &bucket, &key, &upload_id, &parts, record, &cond),
+        } => complete_upload(txn, bucket, key, upload_id, parts, record.clone(), cond),
         Command::AbortUpload {
             bucket,
             key,
             upload_id,
             now,
-        } => abort_upload(txn, &bucket, &key, &upload_id, now),
-        Command::PutKey { access_key, record } => put_key(txn, &access_key, &record),
-        Command::GcForget { entries } => gc_forget(txn, &entries),
+        } => abort_upload(txn, bucket, key, upload_id, *now),
+        Command::PutKey { access_key, record } => put_key(txn, access_key, record),
+        Command::GcForget { entries } => gc_forget(txn, entries),
     }
 }
 
@@ -133,7 +133,7 @@ fn put_object(
     txn: &WriteTransaction,
     bucket: &str,
     key: &str,
-    record: ObjectRecord,
+    record: &ObjectRecord,
     cond: &WriteCondition,
 ) -> Result<()> {
     require_bucket(txn, bucket)?;
@@ -258,7 +258,7 @@ fn complete_upload(
     record.data = ObjectData::Blocks(blocks);
     // The object takes its references before the parts drop theirs, so shared blocks
     // never pass through zero.
-    put_object(txn, bucket, key, record.clone(), cond)?;
+    put_object(txn, bucket, key, &record, cond)?;
     remove_upload(txn, bucket, key, upload_id, parts, record.last_modified)?;
     Ok(Outcome::Object(record))
 }

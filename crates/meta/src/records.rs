@@ -62,8 +62,9 @@ pub struct Checksums {
 /// Where an object's bytes are.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ObjectData {
-    /// Small objects live in the metadata record itself.
-    Inline(Vec<u8>),
+    /// Small objects live in the metadata record itself (encoded as one byte string,
+    /// not element by element).
+    Inline(#[serde(with = "serde_bytes")] Vec<u8>),
     /// Larger ones are a list of content-addressed blocks, in order.
     Blocks(Vec<BlockRef>),
 }

@@ -39,12 +39,21 @@ pub struct MetaStore {
     tx: mpsc::Sender<Job>,
 }
 
+/// Access keys, read on every request: kept in memory, loaded at open and updated by
+/// the writer after each commit that changes them.
+type KeyCache = RwLock<std::collections::HashMap<String, KeyRecord>>;
+
+/// Buckets, checked on every request: kept in memory like the keys.
+type BucketCache = RwLock<std::collections::BTreeMap<String, BucketRecord>>;
+
 /// The open database, replaced by a fresh handle after an I/O error: redb refuses
 /// every call after one (`PreviousIo`) until the database is opened again, and a full
 /// disk must not need a restart.
 struct Shared {
     path: PathBuf,
     db: RwLock<Option<Arc<Database>>>,
+    keys: KeyCache,
+    buckets: BucketCache,
 }
 
 impl Shared {
@@ -54,6 +63,25 @@ impl Shared {
             .unwrap_or_else(|p| p.into_inner())
             .clone()
             .ok_or(MetaError::Unavailable)
+    }
+
+    /// Keeps the in-memory caches in step with a committed command.
+    fn note_committed(&self, cmd: &Command) {
+        match cmd {
+            Command::PutKey { access_key, record } => {
+                let mut k = self.keys.write().unwrap_or_else(|p| p.into_inner());
+                k.insert(access_key.clone(), record.clone());
+            }
+            Command::CreateBucket { bucket, now } => {
+                let mut b = self.buckets.write().unwrap_or_else(|p| p.into_inner());
+                b.insert(bucket.clone(), BucketRecord { created: *now });
+            }
+            Command::DeleteBucket { bucket, .. } => {
+                let mut b = self.buckets.write().unwrap_or_else(|p| p.into_inner());
+                b.remove(bucket);
+            }
+            _ => {}
+        }
     }
 
     /// Drops the current handle (once no reader holds it) and opens the file again.
@@ -133,9 +161,24 @@ impl MetaStore {
             txn.open_table(KEYS)?;
             txn.commit()?;
         }
+        let mut keys = std::collections::HashMap::new();
+        let mut buckets = std::collections::BTreeMap::new();
+        {
+            let txn = db.begin_read()?;
+            for item in txn.open_table(KEYS)?.iter()? {
+                let (k, v) = item?;
+                keys.insert(k.value().to_string(), decode(v.value())?);
+            }
+            for item in txn.open_table(BUCKETS)?.iter()? {
+                let (k, v) = item?;
+                buckets.insert(k.value().to_string(), decode(v.value())?);
+            }
+        }
         let shared = Arc::new(Shared {
             path: path.to_path_buf(),
             db: RwLock::new(Some(Arc::new(db))),
+            keys: RwLock::new(keys),
+            buckets: RwLock::new(buckets),
         });
         let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
         let wshared = shared.clone();
@@ -167,41 +210,41 @@ impl MetaStore {
             .map_err(|e| MetaError::Storage(format!("read task failed: {e}")))?
     }
 
-    pub async fn bucket(&self, bucket: &str) -> Result<Option<BucketRecord>> {
-        let bucket = bucket.to_string();
-        self.read(move |db| {
-            let txn = db.begin_read()?;
-            let t = txn.open_table(BUCKETS)?;
-            let v = t.get(bucket.as_str())?;
-            v.map(|v| decode(v.value())).transpose()
-        })
-        .await
+    /// The bucket's record (from memory; no I/O).
+    pub fn bucket(&self, bucket: &str) -> Option<BucketRecord> {
+        self.shared
+            .buckets
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(bucket)
+            .cloned()
     }
 
-    pub async fn buckets(&self) -> Result<Vec<(String, BucketRecord)>> {
-        self.read(|db| {
-            let txn = db.begin_read()?;
-            let t = txn.open_table(BUCKETS)?;
-            let mut out = Vec::new();
-            for item in t.iter()? {
-                let (k, v) = item?;
-                out.push((k.value().to_string(), decode(v.value())?));
-            }
-            Ok(out)
-        })
-        .await
+    /// All buckets, sorted by name (from memory; no I/O).
+    pub fn buckets(&self) -> Vec<(String, BucketRecord)> {
+        let b = self
+            .shared
+            .buckets
+            .read()
+            .unwrap_or_else(|p| p.into_inner());
+        b.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+    }
+
+    fn require_bucket(&self, bucket: &str) -> Result<()> {
+        match self.bucket(bucket) {
+            Some(_) => Ok(()),
+            None => Err(MetaError::NoSuchBucket),
+        }
     }
 
     /// The object under `key`; `NoSuchBucket` if the bucket does not exist.
     pub async fn object(&self, bucket: &str, key: &str) -> Result<Option<ObjectRecord>> {
-        let (bucket, key) = (bucket.to_string(), key.to_string());
+        self.require_bucket(bucket)?;
+        let okey = keys::object(bucket, key);
         self.read(move |db| {
             let txn = db.begin_read()?;
-            if txn.open_table(BUCKETS)?.get(bucket.as_str())?.is_none() {
-                return Err(MetaError::NoSuchBucket);
-            }
             let t = txn.open_table(OBJECTS)?;
-            let v = t.get(keys::object(&bucket, &key).as_slice())?;
+            let v = t.get(okey.as_slice())?;
             v.map(|v| decode(v.value())).transpose()
         })
         .await
@@ -356,15 +399,14 @@ impl MetaStore {
         .await
     }
 
-    pub async fn key(&self, access_key: &str) -> Result<Option<KeyRecord>> {
-        let access_key = access_key.to_string();
-        self.read(move |db| {
-            let txn = db.begin_read()?;
-            let t = txn.open_table(KEYS)?;
-            let v = t.get(access_key.as_str())?;
-            v.map(|v| decode(v.value())).transpose()
-        })
-        .await
+    /// The key record of an access key (from memory; no I/O).
+    pub fn key(&self, access_key: &str) -> Option<KeyRecord> {
+        self.shared
+            .keys
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(access_key)
+            .cloned()
     }
 
     /// Blocks that lost their last reference before `before`, with the time they were
@@ -485,6 +527,9 @@ fn writer(shared: Arc<Shared>, mut rx: mpsc::Receiver<Job>) {
         match res {
             Ok(results) => {
                 for (job, res) in jobs.into_iter().zip(results) {
+                    if res.is_ok() {
+                        shared.note_committed(&job.cmd);
+                    }
                     let _ = job.reply.send(res);
                 }
             }
@@ -505,7 +550,7 @@ fn apply_group(db: &Database, jobs: &mut [Job]) -> Result<Vec<Result<Outcome>>> 
     let txn = db.begin_write()?;
     let mut results = Vec::with_capacity(jobs.len());
     for job in jobs.iter() {
-        let res = crate::apply::apply(&txn, job.cmd.clone());
+        let res = crate::apply::apply(&txn, &job.cmd);
         if let Err(e @ (MetaError::Storage(_) | MetaError::NoSpace(_))) = &res {
             // A storage error may have left the transaction half-changed: drop it all.
             return Err(e.clone());
