@@ -49,6 +49,9 @@ pub struct S3Settings {
     pub inline_max: usize,
     /// Base domain for virtual-hosted-style requests (`bucket.<domain>`), if any.
     pub base_domain: Option<String>,
+    /// Memory for block buffers of all requests together (uploads filling, hashing
+    /// and writing blocks; downloads reading ahead). Requests wait for room beyond it.
+    pub block_memory: usize,
 }
 
 impl Default for S3Settings {
@@ -62,6 +65,9 @@ impl Default for S3Settings {
             // Small objects (a few KiB) are read from metadata without touching a file.
             inline_max: 8 << 10,
             base_domain: None,
+            // 128 MiB: 32 blocks of 4 MiB, enough for several large uploads and
+            // downloads to stream at disk speed while the process stays small.
+            block_memory: 128 << 20,
         }
     }
 }
@@ -72,6 +78,31 @@ pub struct Cairn {
     pub meta: MetaStore,
     pub blocks: BlockStore,
     pub settings: Arc<S3Settings>,
+    /// Block buffers in use, one permit per block (see [`S3Settings::block_memory`]).
+    pub budget: Arc<tokio::sync::Semaphore>,
+}
+
+impl Cairn {
+    pub fn new(meta: MetaStore, blocks: BlockStore, settings: S3Settings) -> Self {
+        let permits = (settings.block_memory / settings.block_size.max(1)).max(2);
+        Cairn {
+            meta,
+            blocks,
+            settings: Arc::new(settings),
+            budget: Arc::new(tokio::sync::Semaphore::new(permits)),
+        }
+    }
+}
+
+/// Waits for room for one more block buffer.
+pub(crate) async fn block_permit(
+    budget: &Arc<tokio::sync::Semaphore>,
+) -> s3s::S3Result<tokio::sync::OwnedSemaphorePermit> {
+    budget
+        .clone()
+        .acquire_owned()
+        .await
+        .map_err(|_| s3_error!(ServiceUnavailable, "The server is shutting down"))
 }
 
 /// Builds the hyper service for S3 requests.

@@ -7,6 +7,9 @@
 //! bytes. The next block is read while the current one is sent (two in memory at most).
 
 use std::ops::Range;
+use std::sync::Arc;
+
+use tokio::sync::Semaphore;
 
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt, stream};
@@ -40,7 +43,29 @@ pub fn plan(blocks: &[BlockRef], range: &Range<u64>) -> Vec<(BlockRef, Range<usi
     out
 }
 
-async fn read_block(store: BlockStore, b: BlockRef) -> Result<Bytes, BlockError> {
+/// A verified block and its share of the memory budget, released when the last slice
+/// of it has been sent.
+struct Owned {
+    data: Vec<u8>,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl AsRef<[u8]> for Owned {
+    fn as_ref(&self) -> &[u8] {
+        &self.data
+    }
+}
+
+async fn read_block(
+    store: BlockStore,
+    budget: Arc<Semaphore>,
+    b: BlockRef,
+) -> Result<Bytes, BlockError> {
+    let permit = budget.acquire_owned().await.map_err(|_| BlockError::Io {
+        op: "wait for memory",
+        path: Default::default(),
+        source: std::io::Error::other("shutting down"),
+    })?;
     let data = tokio::task::spawn_blocking(move || store.get(&b.hash))
         .await
         .map_err(|e| BlockError::Io {
@@ -59,7 +84,10 @@ async fn read_block(store: BlockStore, b: BlockRef) -> Result<Bytes, BlockError>
             ),
         });
     }
-    Ok(Bytes::from(data))
+    Ok(Bytes::from_owner(Owned {
+        data,
+        _permit: permit,
+    }))
 }
 
 fn store_path_hint() -> std::path::PathBuf {
@@ -69,6 +97,7 @@ fn store_path_hint() -> std::path::PathBuf {
 /// A stream of the object's bytes in `range`. Reads the first block before returning.
 pub async fn body(
     store: &BlockStore,
+    budget: &Arc<Semaphore>,
     rec: &ObjectRecord,
     range: Range<u64>,
 ) -> S3Result<StreamingBlob> {
@@ -81,12 +110,13 @@ pub async fn body(
         }
         ObjectData::Blocks(blocks) => {
             let store = store.clone();
+            let budget = budget.clone();
             // Up to READ_AHEAD blocks are read and verified at once, the first of
             // them together with the next.
             let mut reads = stream::iter(plan(blocks, &range))
                 .map(move |(b, r)| {
-                    let store = store.clone();
-                    async move { read_block(store, b).await.map(|d| d.slice(r)) }
+                    let (store, budget) = (store.clone(), budget.clone());
+                    async move { read_block(store, budget, b).await.map(|d| d.slice(r)) }
                 })
                 .buffered(READ_AHEAD);
             let head = match reads.next().await {

@@ -5,7 +5,7 @@
 //! client asked for, then to another that hashes it with BLAKE3 (its address), writes
 //! and fsyncs it. Receiving, the MD5 and the writes overlap: at most four blocks per
 //! request are in memory (one filling, one in MD5, two being written), whatever the
-//! object size.
+//! object size, and all requests together stay within the block memory budget.
 //!
 //! The blocks written are pinned until the caller has committed (or given up on) the
 //! metadata that names them; a block nobody ends up naming is collected later.
@@ -44,7 +44,10 @@ struct Hashing {
     checksums: ChecksumHasher,
 }
 
-type HashTask = tokio::task::JoinHandle<(Hashing, Vec<u8>)>;
+/// A block buffer and its share of the memory budget, released together.
+type Block = (Vec<u8>, tokio::sync::OwnedSemaphorePermit);
+
+type HashTask = tokio::task::JoinHandle<(Hashing, Block)>;
 type WriteTask = tokio::task::JoinHandle<Result<(BlockRef, PinGuard), cairn_blocks::BlockError>>;
 
 /// Block writes (fsyncs) of one request that may be in flight at once.
@@ -68,12 +71,12 @@ fn lost() -> S3Error {
 }
 
 impl Pipeline {
-    async fn push(&mut self, block: Vec<u8>) -> S3Result<()> {
+    async fn push(&mut self, block: Block) -> S3Result<()> {
         self.advance().await?;
         let mut st = self.state.take().ok_or_else(lost)?;
         self.hashing = Some(tokio::task::spawn_blocking(move || {
-            st.md5.update(&block);
-            st.checksums.update(&block);
+            st.md5.update(&block.0);
+            st.checksums.update(&block.0);
             (st, block)
         }));
         Ok(())
@@ -84,13 +87,15 @@ impl Pipeline {
         let Some(task) = self.hashing.take() else {
             return Ok(());
         };
-        let (st, block) = task.await.map_err(error::join)?;
+        let (st, (block, permit)) = task.await.map_err(error::join)?;
         self.state = Some(st);
         if self.writing.len() >= WRITES_IN_FLIGHT {
             self.finish_write().await?;
         }
         let store = self.store.clone();
         self.writing.push_back(tokio::task::spawn_blocking(move || {
+            // The budget share is returned when the block buffer is freed, at the end.
+            let _permit = permit;
             // BLAKE3 is independent of the MD5 chain: it runs here, beside the next
             // block's MD5.
             let hash = BlockHash::of(&block);
@@ -207,6 +212,7 @@ fn body_error(e: impl std::fmt::Display) -> S3Error {
 /// Streams `body` into blocks (or inline data). See the module docs.
 pub async fn ingest(
     store: &BlockStore,
+    budget: &std::sync::Arc<tokio::sync::Semaphore>,
     body: Option<StreamingBlob>,
     wanted: Wanted,
     limits: &Limits,
@@ -224,6 +230,7 @@ pub async fn ingest(
         pins: Vec::new(),
     };
     let mut buf: Vec<u8> = Vec::new();
+    let mut permit = None;
     let mut size: u64 = 0;
     let mut pushed = false;
     if let Some(mut body) = body {
@@ -242,10 +249,13 @@ pub async fn ingest(
                 let take = (bs - buf.len()).min(rest.len());
                 if buf.len() + take > buf.capacity() {
                     // Small bodies get small buffers; a body that outgrows the inline
-                    // size gets a whole block at once.
+                    // size gets a whole block at once, within the memory budget.
                     let want = if buf.len() + take <= limits.inline_max {
                         take
                     } else {
+                        if permit.is_none() {
+                            permit = Some(crate::block_permit(budget).await?);
+                        }
                         bs - buf.len()
                     };
                     buf.reserve_exact(want);
@@ -253,7 +263,11 @@ pub async fn ingest(
                 buf.extend_from_slice(&rest[..take]);
                 rest = &rest[take..];
                 if buf.len() == bs {
-                    pipe.push(std::mem::take(&mut buf)).await?;
+                    let p = match permit.take() {
+                        Some(p) => p,
+                        None => crate::block_permit(budget).await?,
+                    };
+                    pipe.push((std::mem::take(&mut buf), p)).await?;
                     pushed = true;
                 }
             }
@@ -272,7 +286,11 @@ pub async fn ingest(
         });
     }
     if !buf.is_empty() {
-        pipe.push(buf).await?;
+        let p = match permit.take() {
+            Some(p) => p,
+            None => crate::block_permit(budget).await?,
+        };
+        pipe.push((buf, p)).await?;
     }
     let (st, blocks, pins) = pipe.finish().await?;
     Ok(Ingested {

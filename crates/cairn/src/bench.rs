@@ -63,6 +63,7 @@ struct Report {
     seconds: f64,
     ops: u64,
     errors: u64,
+    first_error: Option<String>,
     ops_per_sec: f64,
     mib_per_sec: f64,
     put: Option<Latency>,
@@ -93,7 +94,10 @@ impl Conn {
             });
             self.sender = Some(sender);
         }
-        self.sender.as_mut().context("no connection")
+        let sender = self.sender.as_mut().context("no connection")?;
+        // The previous response is read; wait until the connection takes the next.
+        sender.ready().await?;
+        Ok(sender)
     }
 }
 
@@ -310,6 +314,7 @@ pub async fn run(o: Options) -> Result<()> {
                 hdrhistogram::Histogram::<u64>::new(3).unwrap_or_else(|_| unreachable!());
             let mut get_h = put_h.clone();
             let (mut bytes, mut errors) = (0u64, 0u64);
+            let mut first_error: Option<String> = None;
             let mut i = w;
             loop {
                 if stop.load(Ordering::Relaxed) || deadline.is_some_and(|d| Instant::now() >= d) {
@@ -342,24 +347,32 @@ pub async fn run(o: Options) -> Result<()> {
                         let _ = h.record(us.max(1));
                         bytes += if is_get { n } else { sh.size };
                     }
-                    _ => {
+                    other => {
                         errors += 1;
                         conn.sender = None;
+                        if first_error.is_none() {
+                            first_error = Some(match other {
+                                Ok((st, _)) => format!("HTTP {st}"),
+                                Err(e) => format!("{e:#}"),
+                            });
+                        }
                     }
                 }
             }
-            (put_h, get_h, bytes, errors)
+            (put_h, get_h, bytes, errors, first_error)
         }));
     }
     let mut put_h = hdrhistogram::Histogram::<u64>::new(3)?;
     let mut get_h = put_h.clone();
     let (mut bytes, mut errors) = (0u64, 0u64);
+    let mut first_error = None;
     for t in tasks {
-        let (p, g, b, e) = t.await?;
+        let (p, g, b, e, fe) = t.await?;
         put_h.add(p)?;
         get_h.add(g)?;
         bytes += b;
         errors += e;
+        first_error = first_error.or(fe);
     }
     stop.store(true, Ordering::Relaxed);
     let secs = start.elapsed().as_secs_f64();
@@ -377,6 +390,7 @@ pub async fn run(o: Options) -> Result<()> {
         seconds: secs,
         ops,
         errors,
+        first_error,
         ops_per_sec: ops as f64 / secs,
         mib_per_sec: bytes as f64 / secs / (1 << 20) as f64,
         put: summarize(&put_h),
@@ -405,6 +419,9 @@ pub async fn run(o: Options) -> Result<()> {
                     l.p50_ms, l.p90_ms, l.p99_ms, l.max_ms, l.count
                 );
             }
+        }
+        if let Some(e) = &r.first_error {
+            println!("  first error: {e}");
         }
         if let Some(c) = r.server_cpu_us_per_op {
             println!("  server CPU per op: {c:.1} us");

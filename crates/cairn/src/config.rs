@@ -19,6 +19,7 @@ pub struct FileConfig {
     pub base_domain: Option<String>,
     pub block_size: Option<String>,
     pub inline_max: Option<String>,
+    pub block_memory: Option<String>,
     pub gc_grace: Option<String>,
     pub gc_interval: Option<String>,
     pub multipart_expiry: Option<String>,
@@ -35,6 +36,7 @@ pub struct Config {
     pub base_domain: Option<String>,
     pub block_size: usize,
     pub inline_max: usize,
+    pub block_memory: usize,
     pub gc_grace: Duration,
     pub gc_interval: Duration,
     pub multipart_expiry: Duration,
@@ -139,6 +141,7 @@ impl Config {
             base_domain: pick(o.base_domain, fc.base_domain),
             block_size: size("block_size", fc.block_size, s3d.block_size)?,
             inline_max: size("inline_max", fc.inline_max, s3d.inline_max)?,
+            block_memory: size("block_memory", fc.block_memory, s3d.block_memory)?,
             gc_grace: dur("gc_grace", pick(o.gc_grace, fc.gc_grace), opsd.gc_grace)?,
             gc_interval: dur(
                 "gc_interval",
@@ -162,6 +165,12 @@ impl Config {
         }
         if cfg.inline_max > 64 << 10 || cfg.inline_max >= cfg.block_size {
             bail!("inline_max: must be at most 64KiB and below block_size");
+        }
+        if cfg.block_memory < 2 * cfg.block_size {
+            bail!(
+                "block_memory: must hold at least two blocks ({} bytes)",
+                2 * cfg.block_size
+            );
         }
         if cfg.region.is_empty() {
             bail!("region: must not be empty");

@@ -3,7 +3,6 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
@@ -73,16 +72,17 @@ pub async fn serve(cfg: Config) -> Result<()> {
     .await??;
     let key = ensure_root_key(&cfg, &meta).await?;
 
-    let cairn = Cairn {
-        meta: meta.clone(),
-        blocks: blocks.clone(),
-        settings: Arc::new(S3Settings {
+    let cairn = Cairn::new(
+        meta.clone(),
+        blocks.clone(),
+        S3Settings {
             region: cfg.region.clone(),
             block_size: cfg.block_size,
             inline_max: cfg.inline_max,
             base_domain: cfg.base_domain.clone(),
-        }),
-    };
+            block_memory: cfg.block_memory,
+        },
+    );
     let s3 = cairn_api_s3::service(cairn)
         .map_err(|e| anyhow::anyhow!("building the S3 service: {e:?}"))?;
     let ops_task = tokio::spawn(cairn_ops::run(
