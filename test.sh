@@ -5,6 +5,16 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
+# The power-cut test traces a real server's system calls.
+if ! command -v strace >/dev/null 2>&1; then
+  echo "== installing strace (for the power-cut test)"
+  if [ "$(id -u)" = 0 ]; then
+    (apt-get update -qq && apt-get install -y -qq strace) >/dev/null 2>&1 || echo "could not install strace"
+  else
+    echo "strace is missing and this is not root: the power-cut test will be skipped"
+  fi
+fi
+
 echo "== cargo test (unit, property, end-to-end)"
 cargo build --bin cairn
 cargo test --workspace

@@ -321,14 +321,30 @@ fn write_block_file(path: &Path, data: &[u8]) -> Result<()> {
     f.write_all(&header)
         .and_then(|()| f.write_all(data))
         .map_err(|e| BlockError::io("write", path, e))?;
+    if unsafe_test_skip_fsync("block") {
+        return Ok(());
+    }
     f.sync_all().map_err(|e| BlockError::io("fsync", path, e))
 }
 
 /// fsyncs a directory so that a rename or create inside it is durable.
 pub fn sync_dir(dir: &Path) -> Result<()> {
     let f = File::open(dir).map_err(|e| BlockError::io("open dir", dir, e))?;
+    if unsafe_test_skip_fsync("dir") {
+        return Ok(());
+    }
     f.sync_all()
         .map_err(|e| BlockError::io("fsync dir", dir, e))
+}
+
+/// Test hook for the power-cut test: `CAIRN_UNSAFE_TEST_SKIP_FSYNC` names fsyncs to
+/// leave out (`block`, `dir`, `meta`), so that the test can show it would catch each
+/// one missing. Never set it outside that test: it breaks durability.
+pub fn unsafe_test_skip_fsync(what: &str) -> bool {
+    static SKIP: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    let skip =
+        SKIP.get_or_init(|| std::env::var("CAIRN_UNSAFE_TEST_SKIP_FSYNC").unwrap_or_default());
+    !skip.is_empty() && skip.split(',').any(|s| s == what)
 }
 
 #[cfg(test)]

@@ -42,6 +42,9 @@ pub async fn serve(cfg: Config) -> Result<()> {
         metrics,
     };
     let (stop_tx, stop_rx) = watch::channel(false);
+    if let Ok(v) = std::env::var("CAIRN_UNSAFE_TEST_SKIP_FSYNC") {
+        tracing::error!(skip = %v, "CAIRN_UNSAFE_TEST_SKIP_FSYNC is set: acknowledged writes may be lost on a power cut; this is a test hook only");
+    }
 
     // The admin port comes up first so that /health can say why S3 is not there yet.
     let admin_listener = TcpListener::bind(cfg.admin_address)

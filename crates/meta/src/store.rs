@@ -547,7 +547,10 @@ fn writer(shared: Arc<Shared>, mut rx: mpsc::Receiver<Job>) {
 }
 
 fn apply_group(db: &Database, jobs: &mut [Job]) -> Result<Vec<Result<Outcome>>> {
-    let txn = db.begin_write()?;
+    let mut txn = db.begin_write()?;
+    if skip_fsync_for_test() {
+        let _ = txn.set_durability(redb::Durability::None);
+    }
     let mut results = Vec::with_capacity(jobs.len());
     for job in jobs.iter() {
         let res = crate::apply::apply(&txn, &job.cmd);
@@ -559,4 +562,13 @@ fn apply_group(db: &Database, jobs: &mut [Job]) -> Result<Vec<Result<Outcome>>> 
     }
     txn.commit()?;
     Ok(results)
+}
+
+/// See `cairn_blocks::unsafe_test_skip_fsync`: the power-cut test's hook (`meta`).
+fn skip_fsync_for_test() -> bool {
+    static SKIP: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *SKIP.get_or_init(|| {
+        std::env::var("CAIRN_UNSAFE_TEST_SKIP_FSYNC")
+            .is_ok_and(|v| v.split(',').any(|s| s == "meta"))
+    })
 }
