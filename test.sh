@@ -5,13 +5,16 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-# The power-cut test traces a real server's system calls.
-if ! command -v strace >/dev/null 2>&1; then
-  echo "== installing strace (for the power-cut test)"
+# strace for the power-cut test, rclone for the client tests (Debian packages).
+missing=""
+command -v strace >/dev/null 2>&1 || missing="$missing strace"
+command -v rclone >/dev/null 2>&1 || missing="$missing rclone"
+if [ -n "$missing" ]; then
+  echo "== installing$missing"
   if [ "$(id -u)" = 0 ]; then
-    (apt-get update -qq && apt-get install -y -qq strace) >/dev/null 2>&1 || echo "could not install strace"
+    (apt-get update -qq && apt-get install -y -qq $missing) >/dev/null 2>&1 || echo "could not install$missing"
   else
-    echo "strace is missing and this is not root: the power-cut test will be skipped"
+    echo "not root: tests that need$missing will be skipped"
   fi
 fi
 
@@ -19,10 +22,11 @@ echo "== cargo test (unit, property, end-to-end)"
 cargo build --bin cairn
 cargo test --workspace
 
-echo "== python tests (boto3)"
-if [ ! -x .venv/bin/python ]; then
-  python3 -m venv .venv
-fi
+echo "== python tests (newest boto3; the AWS CLI; rclone)"
+[ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/pip install --quiet --upgrade pip
 .venv/bin/pip install --quiet --upgrade boto3 pytest
-CAIRN_BIN="$PWD/target/debug/cairn" .venv/bin/python -m pytest -q tests/python
+# The AWS CLI pins its own botocore: it gets a venv of its own.
+[ -x .venv-cli/bin/python ] || python3 -m venv .venv-cli
+.venv-cli/bin/pip install --quiet --upgrade awscli
+PATH="$PWD/.venv-cli/bin:$PATH" CAIRN_BIN="$PWD/target/debug/cairn" .venv/bin/python -m pytest -q tests/python

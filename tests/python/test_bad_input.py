@@ -22,7 +22,8 @@ def signed(server, method, path, body=b"", headers=None, query="", secret=SECRET
 def raw(server, method, target, body=b"", headers=None):
     u = urllib.parse.urlparse(server.endpoint)
     c = http.client.HTTPConnection(u.hostname, u.port, timeout=30)
-    c.putrequest(method, target, skip_accept_encoding=True)
+    has_host = any(k.lower() == "host" for k in (headers or {}))
+    c.putrequest(method, target, skip_host=has_host, skip_accept_encoding=True)
     for k, v in (headers or {}).items():
         c.putheader(k, v)
     if body and "Content-Length" not in (headers or {}):

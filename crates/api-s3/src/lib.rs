@@ -118,9 +118,35 @@ pub fn service(c: Cairn) -> S3Result<S3Service> {
     if let Some(domain) = &settings.base_domain {
         let host = s3s::host::SingleDomain::new(domain)
             .map_err(|e| s3_error!(InternalError, "bad base domain {domain}: {e}"))?;
-        b.set_host(host);
+        b.set_host(BaseDomain(host, domain.clone()));
     }
     Ok(b.build())
+}
+
+/// Virtual-hosted-style addressing under a base domain. Clients send the port in the
+/// Host header when it is not 80 (`bucket.s3.example.com:9000`); it is not part of
+/// the name.
+/// Any other host name (an IP address, `localhost`) means a path-style request.
+struct BaseDomain(s3s::host::SingleDomain, String);
+
+impl s3s::host::S3Host for BaseDomain {
+    fn parse_host_header<'a>(&'a self, host: &'a str) -> S3Result<s3s::host::VirtualHost<'a>> {
+        let name = match host.rsplit_once(':') {
+            Some((name, port)) if !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()) => {
+                name
+            }
+            _ => host,
+        };
+        let under_base = name.eq_ignore_ascii_case(&self.1)
+            || (name.len() > self.1.len() + 1
+                && name.as_bytes()[name.len() - self.1.len() - 1] == b'.'
+                && name[name.len() - self.1.len()..].eq_ignore_ascii_case(&self.1));
+        if under_base {
+            self.0.parse_host_header(name)
+        } else {
+            Ok(s3s::host::VirtualHost::new(name))
+        }
+    }
 }
 
 /// Looks secret keys up in the metadata store.

@@ -338,6 +338,18 @@ async fn handle_s3(s3: &s3s::service::S3Service, req: Request<Incoming>) -> Resp
         .iter()
         .map(|(k, v)| k.as_str().len() + v.len() + 4)
         .sum();
+    // `Expect: 100-continue` with an empty body gets no "100 Continue" (RFC 9110 allows
+    // that, and hyper does so); some clients (the AWS CLI's botocore) then misread the
+    // next response on the same connection. Closing that connection after the answer
+    // keeps them working.
+    let close_after = req
+        .headers()
+        .get(http::header::EXPECT)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"))
+        && req
+            .headers()
+            .get(http::header::CONTENT_LENGTH)
+            .is_some_and(|v| v.as_bytes() == b"0");
     let mut resp = if header_bytes > MAX_HEADER_BYTES {
         xml_error(
             StatusCode::BAD_REQUEST,
@@ -376,6 +388,10 @@ async fn handle_s3(s3: &s3s::service::S3Service, req: Request<Incoming>) -> Resp
     }
     if let Ok(v) = HeaderValue::from_str(&id) {
         resp.headers_mut().insert("x-amz-request-id", v);
+    }
+    if close_after {
+        resp.headers_mut()
+            .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
     }
     let elapsed = start.elapsed();
     span.in_scope(|| {

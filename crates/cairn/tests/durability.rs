@@ -553,3 +553,65 @@ async fn full_disk_fails_clearly_and_recovers() {
     srv.kill9();
     drop(guard);
 }
+
+/// Multipart uploads abandoned for longer than `multipart_expiry` are aborted and
+/// their parts reclaimed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abandoned_multipart_uploads_expire() {
+    let root = tempfile::tempdir().unwrap().keep();
+    let data_dir = root.join("data");
+    let conf = root.join("cairn.toml");
+    std::fs::write(
+        &conf,
+        "multipart_expiry = \"2s\"\ngc_grace = \"1s\"\ngc_interval = \"200ms\"\n",
+    )
+    .unwrap();
+    let srv = Server::start_in(&data_dir, &["--config", conf.to_str().unwrap()]);
+    let s3 = srv.client();
+    s3.create_bucket().bucket("mpx").send().await.unwrap();
+    let up = s3
+        .create_multipart_upload()
+        .bucket("mpx")
+        .key("left")
+        .send()
+        .await
+        .unwrap();
+    let id = up.upload_id().unwrap();
+    s3.upload_part()
+        .bucket("mpx")
+        .key("left")
+        .upload_id(id)
+        .part_number(1)
+        .body(ByteStream::from(bytes(5 << 20, 77)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(count_block_files(&data_dir), 2);
+    let mut gone = false;
+    for _ in 0..100 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let ups = s3
+            .list_multipart_uploads()
+            .bucket("mpx")
+            .send()
+            .await
+            .unwrap();
+        if ups.uploads().is_empty() && count_block_files(&data_dir) == 0 {
+            gone = true;
+            break;
+        }
+    }
+    assert!(
+        gone,
+        "the abandoned upload and its parts were not reclaimed"
+    );
+    let e = s3
+        .list_parts()
+        .bucket("mpx")
+        .key("left")
+        .upload_id(id)
+        .send()
+        .await
+        .unwrap_err();
+    assert_eq!(err_of(&e).0, "NoSuchUpload");
+}
