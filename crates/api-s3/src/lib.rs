@@ -178,7 +178,7 @@ fn scope_region(credential: &str) -> Option<&str> {
 }
 
 impl RegionCheck {
-    fn signed_region<'a>(&self, cx: &'a S3AccessContext<'_>) -> Option<String> {
+    fn signed_region(&self, cx: &S3AccessContext<'_>) -> Option<String> {
         if let Some(auth) = cx
             .headers()
             .get(http::header::AUTHORIZATION)

@@ -112,13 +112,13 @@ impl Config {
         };
         let dur = |key: &str, v: Option<String>, default: Duration| -> Result<Duration> {
             match v {
-                Some(v) => parse_duration(&v).with_context(|| format!("{key}")),
+                Some(v) => parse_duration(&v).with_context(|| key.to_string()),
                 None => Ok(default),
             }
         };
         let size = |key: &str, v: Option<String>, default: usize| -> Result<usize> {
             match v {
-                Some(v) => parse_size(&v).with_context(|| format!("{key}")),
+                Some(v) => parse_size(&v).with_context(|| key.to_string()),
                 None => Ok(default),
             }
         };

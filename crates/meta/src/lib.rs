@@ -97,6 +97,7 @@ pub enum WriteCondition {
 
 /// What an applied command returns.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[allow(clippy::large_enum_variant)] // returned once per command
 pub enum Outcome {
     Done,
     /// The object record as stored (for `CompleteUpload`).

@@ -108,13 +108,14 @@ impl Shared {
 pub struct ListQuery {
     pub prefix: String,
     pub delimiter: Option<String>,
-    /// List keys strictly after this one. If it is a common prefix (it ends with the
-    /// delimiter), every key under it is skipped too.
+    /// List names strictly after this one: keys after it, and common prefixes after
+    /// it (so a prefix returned as the last entry of a page is not returned again).
     pub start_after: Option<String>,
     pub max: usize,
 }
 
 #[derive(Clone, Debug, PartialEq)]
+#[allow(clippy::large_enum_variant)] // built once per listed key and consumed at once
 pub enum ListEntry {
     Object(String, ObjectRecord),
     Prefix(String),
@@ -451,22 +452,9 @@ fn list_in(t: &redb::ReadOnlyTable<&[u8], &[u8]>, bucket: &str, q: &ListQuery) -
     let delim = q.delimiter.as_deref().filter(|d| !d.is_empty());
     let mut cursor: Bound<Vec<u8>> = Bound::Included(prefix_key.clone());
     if let Some(after) = &q.start_after {
-        let mut k = keys::object(bucket, after);
-        let rolled_up = delim.is_some_and(|d| after.starts_with(&q.prefix) && after.ends_with(d));
-        if rolled_up {
-            k.push(keys::PAST);
-        }
-        let after_bound = if rolled_up {
-            Bound::Included(k)
-        } else {
-            Bound::Excluded(k)
-        };
-        let later = match (&cursor, &after_bound) {
-            (Bound::Included(a), Bound::Included(b) | Bound::Excluded(b)) => b >= a,
-            _ => true,
-        };
-        if later {
-            cursor = after_bound;
+        let k = keys::object(bucket, after);
+        if k >= prefix_key {
+            cursor = Bound::Excluded(k);
         }
     }
     let mut page = ListPage::default();
@@ -492,7 +480,10 @@ fn list_in(t: &redb::ReadOnlyTable<&[u8], &[u8]>, bucket: &str, q: &ListQuery) -
                 && let Some(pos) = name[q.prefix.len()..].find(d)
             {
                 let cp = &name[..q.prefix.len() + pos + d.len()];
-                page.entries.push(ListEntry::Prefix(cp.to_string()));
+                // A prefix at or before the marker was returned on an earlier page.
+                if q.start_after.as_deref().is_none_or(|a| cp > a) {
+                    page.entries.push(ListEntry::Prefix(cp.to_string()));
+                }
                 let mut next = keys::object(bucket, cp);
                 next.push(keys::PAST);
                 cursor = Bound::Included(next);
