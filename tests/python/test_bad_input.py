@@ -124,3 +124,12 @@ def test_bad_part_numbers_and_limits(server, s3, bucket):
     status, resp = signed(server, "GET", f"/{bucket}", query="list-type=2&continuation-token=%25%25%25")
     assert status == 400 and code_of(resp) == "InvalidArgument"
     still_serving(s3, bucket)
+
+
+def test_object_too_large_is_refused_before_upload(server, s3, bucket):
+    # A single PUT may carry at most 5 GiB; the claim alone is refused, nothing is read.
+    status, resp = signed(server, "PUT", f"/{bucket}/huge", b"",
+                          headers={"Content-Length": str(6 << 30), "X-Amz-Content-SHA256": "UNSIGNED-PAYLOAD"})
+    assert status == 400 and code_of(resp) == "EntityTooLarge", resp
+    assert s3.list_objects_v2(Bucket=bucket)["KeyCount"] == 0
+    still_serving(s3, bucket)
