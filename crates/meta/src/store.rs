@@ -508,6 +508,7 @@ fn writer(shared: Arc<Shared>, mut rx: mpsc::Receiver<Job>) {
             }
         }
         let n = jobs.len();
+        let started = std::time::Instant::now();
         let res = match shared.get() {
             Ok(db) => apply_group(&db, &mut jobs),
             Err(_) => shared
@@ -515,6 +516,8 @@ fn writer(shared: Arc<Shared>, mut rx: mpsc::Receiver<Job>) {
                 .and_then(|()| shared.get())
                 .and_then(|db| apply_group(&db, &mut jobs)),
         };
+        metrics::histogram!("cairn_meta_commit_seconds").record(started.elapsed().as_secs_f64());
+        metrics::histogram!("cairn_meta_commit_group_size").record(n as f64);
         match res {
             Ok(results) => {
                 for (job, res) in jobs.into_iter().zip(results) {
