@@ -23,6 +23,19 @@ enum Ev {
     Response,
 }
 
+/// A response or metadata write, which counts from the moment it starts.
+fn started_write(call: &str) -> Option<Ev> {
+    let is_write =
+        call.starts_with("writev(") || call.starts_with("write(") || call.starts_with("sendto(");
+    if is_write && call.contains("HTTP/1.1 200") {
+        return Some(Ev::Response);
+    }
+    if call.starts_with("pwrite64(") && call.contains("meta.redb") {
+        return Some(Ev::MetaWrite);
+    }
+    None
+}
+
 /// Events of a `strace -f -y -yy` log, in the order they took effect.
 fn parse(trace: &str) -> Vec<Ev> {
     let mut pending: HashMap<String, String> = HashMap::new();
