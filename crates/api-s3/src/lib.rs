@@ -6,6 +6,7 @@
 //! block store (`cairn-blocks`). The write path is in [`write`], the read path in
 //! [`read`], the operations in [`ops`].
 
+pub mod buffers;
 pub mod error;
 mod ops;
 pub mod read;
@@ -78,8 +79,8 @@ pub struct Cairn {
     pub meta: MetaStore,
     pub blocks: BlockStore,
     pub settings: Arc<S3Settings>,
-    /// Block buffers in use, one permit per block (see [`S3Settings::block_memory`]).
-    pub budget: Arc<tokio::sync::Semaphore>,
+    /// Block buffers of all requests (see [`S3Settings::block_memory`]).
+    pub buffers: Arc<buffers::BlockBuffers>,
 }
 
 impl Cairn {
@@ -88,21 +89,10 @@ impl Cairn {
         Cairn {
             meta,
             blocks,
+            buffers: buffers::BlockBuffers::new(permits, settings.block_size),
             settings: Arc::new(settings),
-            budget: Arc::new(tokio::sync::Semaphore::new(permits)),
         }
     }
-}
-
-/// Waits for room for one more block buffer.
-pub(crate) async fn block_permit(
-    budget: &Arc<tokio::sync::Semaphore>,
-) -> s3s::S3Result<tokio::sync::OwnedSemaphorePermit> {
-    budget
-        .clone()
-        .acquire_owned()
-        .await
-        .map_err(|_| s3_error!(ServiceUnavailable, "The server is shutting down"))
 }
 
 /// Builds the hyper service for S3 requests.

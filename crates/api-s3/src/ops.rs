@@ -490,7 +490,7 @@ impl S3 for Cairn {
         let wanted = wanted_checksums(&headers, input.checksum_algorithm.as_ref(), &sent);
         let ing = write::ingest(
             &self.blocks,
-            &self.budget,
+            &self.buffers,
             input.body,
             wanted,
             &self.put_limits(limits::MAX_PUT_SIZE),
@@ -572,7 +572,7 @@ impl S3 for Cairn {
             None => None,
         };
         let span = range.clone().unwrap_or(0..rec.size);
-        let body = read::body(&self.blocks, &self.budget, &rec, span.clone()).await?;
+        let body = read::body(&self.blocks, &self.buffers, &rec, span.clone()).await?;
         metrics::counter!("cairn_s3_bytes_sent_total").increment(span.end - span.start);
         let whole = range.is_none();
         let checksum_mode = input
@@ -1048,7 +1048,7 @@ impl S3 for Cairn {
         // Parts are always stored as blocks: a completed object is their concatenation.
         let mut lim = self.put_limits(limits::MAX_PUT_SIZE);
         lim.inline_max = 0;
-        let ing = write::ingest(&self.blocks, &self.budget, input.body, wanted, &lim).await?;
+        let ing = write::ingest(&self.blocks, &self.buffers, input.body, wanted, &lim).await?;
         let trailers = match &req.trailing_headers {
             Some(t) => t.read(write::from_trailers).unwrap_or(trailers),
             None => trailers,
@@ -1144,11 +1144,11 @@ impl S3 for Cairn {
         let body = if src.size == 0 {
             None
         } else {
-            Some(read::body(&self.blocks, &self.budget, &src, range).await?)
+            Some(read::body(&self.blocks, &self.buffers, &src, range).await?)
         };
         let mut lim = self.put_limits(limits::MAX_PUT_SIZE);
         lim.inline_max = 0;
-        let ing = write::ingest(&self.blocks, &self.budget, body, Wanted::default(), &lim).await?;
+        let ing = write::ingest(&self.blocks, &self.buffers, body, Wanted::default(), &lim).await?;
         let etag_s = ing.etag();
         let now = now_millis();
         let data = match ing.data {

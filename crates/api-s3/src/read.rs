@@ -9,7 +9,7 @@
 use std::ops::Range;
 use std::sync::Arc;
 
-use tokio::sync::Semaphore;
+use crate::buffers::BlockBuffers;
 
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt, stream};
@@ -43,30 +43,17 @@ pub fn plan(blocks: &[BlockRef], range: &Range<u64>) -> Vec<(BlockRef, Range<usi
     out
 }
 
-/// A verified block and its share of the memory budget, released when the last slice
-/// of it has been sent.
-struct Owned {
-    data: Vec<u8>,
-    _permit: tokio::sync::OwnedSemaphorePermit,
-}
-
-impl AsRef<[u8]> for Owned {
-    fn as_ref(&self) -> &[u8] {
-        &self.data
-    }
-}
-
 async fn read_block(
     store: BlockStore,
-    budget: Arc<Semaphore>,
+    buffers: Arc<BlockBuffers>,
     b: BlockRef,
 ) -> Result<Bytes, BlockError> {
-    let permit = budget.acquire_owned().await.map_err(|_| BlockError::Io {
+    let mut buf = buffers.take().await.map_err(|_| BlockError::Io {
         op: "wait for memory",
         path: Default::default(),
         source: std::io::Error::other("shutting down"),
     })?;
-    let data = tokio::task::spawn_blocking(move || store.get(&b.hash))
+    let data = tokio::task::spawn_blocking(move || store.get_into(&b.hash, &mut buf).map(|()| buf))
         .await
         .map_err(|e| BlockError::Io {
             op: "read task",
@@ -84,10 +71,8 @@ async fn read_block(
             ),
         });
     }
-    Ok(Bytes::from_owner(Owned {
-        data,
-        _permit: permit,
-    }))
+    // The buffer returns to the pool when the last slice of it has been sent.
+    Ok(Bytes::from_owner(data))
 }
 
 fn store_path_hint() -> std::path::PathBuf {
@@ -97,7 +82,7 @@ fn store_path_hint() -> std::path::PathBuf {
 /// A stream of the object's bytes in `range`. Reads the first block before returning.
 pub async fn body(
     store: &BlockStore,
-    budget: &Arc<Semaphore>,
+    buffers: &Arc<BlockBuffers>,
     rec: &ObjectRecord,
     range: Range<u64>,
 ) -> S3Result<StreamingBlob> {
@@ -110,13 +95,13 @@ pub async fn body(
         }
         ObjectData::Blocks(blocks) => {
             let store = store.clone();
-            let budget = budget.clone();
+            let buffers = buffers.clone();
             // Up to READ_AHEAD blocks are read and verified at once, the first of
             // them together with the next.
             let mut reads = stream::iter(plan(blocks, &range))
                 .map(move |(b, r)| {
-                    let (store, budget) = (store.clone(), budget.clone());
-                    async move { read_block(store, budget, b).await.map(|d| d.slice(r)) }
+                    let (store, buffers) = (store.clone(), buffers.clone());
+                    async move { read_block(store, buffers, b).await.map(|d| d.slice(r)) }
                 })
                 .buffered(READ_AHEAD);
             let head = match reads.next().await {

@@ -17,6 +17,8 @@ use s3s::dto::StreamingBlob;
 use s3s::{S3Error, S3Result, s3_error};
 
 use cairn_blocks::{BlockStore, PinGuard};
+
+use crate::buffers::{BlockBuf, BlockBuffers};
 use cairn_meta::{Checksums, ObjectData};
 use cairn_types::{BlockHash, BlockRef};
 
@@ -44,8 +46,8 @@ struct Hashing {
     checksums: ChecksumHasher,
 }
 
-/// A block buffer and its share of the memory budget, released together.
-type Block = (Vec<u8>, tokio::sync::OwnedSemaphorePermit);
+/// A block buffer, back to the pool (and the memory budget) when dropped.
+type Block = BlockBuf;
 
 type HashTask = tokio::task::JoinHandle<(Hashing, Block)>;
 type WriteTask = tokio::task::JoinHandle<Result<(BlockRef, PinGuard), cairn_blocks::BlockError>>;
@@ -71,12 +73,17 @@ fn lost() -> S3Error {
 }
 
 impl Pipeline {
+    /// Whether any block was handed to the pipeline.
+    fn started(&self) -> bool {
+        self.hashing.is_some() || !self.writing.is_empty() || !self.blocks.is_empty()
+    }
+
     async fn push(&mut self, block: Block) -> S3Result<()> {
         self.advance().await?;
         let mut st = self.state.take().ok_or_else(lost)?;
         self.hashing = Some(tokio::task::spawn_blocking(move || {
-            st.md5.update(&block.0);
-            st.checksums.update(&block.0);
+            st.md5.update(&block[..]);
+            st.checksums.update(&block[..]);
             (st, block)
         }));
         Ok(())
@@ -87,15 +94,13 @@ impl Pipeline {
         let Some(task) = self.hashing.take() else {
             return Ok(());
         };
-        let (st, (block, permit)) = task.await.map_err(error::join)?;
+        let (st, block) = task.await.map_err(error::join)?;
         self.state = Some(st);
         if self.writing.len() >= WRITES_IN_FLIGHT {
             self.finish_write().await?;
         }
         let store = self.store.clone();
         self.writing.push_back(tokio::task::spawn_blocking(move || {
-            // The budget share is returned when the block buffer is freed, at the end.
-            let _permit = permit;
             // BLAKE3 is independent of the MD5 chain: it runs here, beside the next
             // block's MD5.
             let hash = BlockHash::of(&block);
@@ -212,7 +217,7 @@ fn body_error(e: impl std::fmt::Display) -> S3Error {
 /// Streams `body` into blocks (or inline data). See the module docs.
 pub async fn ingest(
     store: &BlockStore,
-    budget: &std::sync::Arc<tokio::sync::Semaphore>,
+    buffers: &std::sync::Arc<BlockBuffers>,
     body: Option<StreamingBlob>,
     wanted: Wanted,
     limits: &Limits,
@@ -229,10 +234,11 @@ pub async fn ingest(
         blocks: Vec::new(),
         pins: Vec::new(),
     };
-    let mut buf: Vec<u8> = Vec::new();
-    let mut permit = None;
+    // Small bodies collect in `small`; once a body outgrows the inline size it moves
+    // to a block buffer from the pool.
+    let mut small: Vec<u8> = Vec::new();
+    let mut cur: Option<BlockBuf> = None;
     let mut size: u64 = 0;
-    let mut pushed = false;
     if let Some(mut body) = body {
         while let Some(chunk) = body.next().await {
             let chunk = chunk.map_err(body_error)?;
@@ -246,51 +252,44 @@ pub async fn ingest(
             }
             let mut rest = &chunk[..];
             while !rest.is_empty() {
+                let buf = match &mut cur {
+                    Some(b) => b,
+                    None if size <= limits.inline_max as u64 && !pipe.started() => {
+                        small.extend_from_slice(rest);
+                        break;
+                    }
+                    None => {
+                        let mut b = buffers.take().await?;
+                        b.extend_from_slice(&small);
+                        small = Vec::new();
+                        cur.insert(b)
+                    }
+                };
                 let take = (bs - buf.len()).min(rest.len());
-                if buf.len() + take > buf.capacity() {
-                    // Small bodies get small buffers; a body that outgrows the inline
-                    // size gets a whole block at once, within the memory budget.
-                    let want = if buf.len() + take <= limits.inline_max {
-                        take
-                    } else {
-                        if permit.is_none() {
-                            permit = Some(crate::block_permit(budget).await?);
-                        }
-                        bs - buf.len()
-                    };
-                    buf.reserve_exact(want);
-                }
                 buf.extend_from_slice(&rest[..take]);
                 rest = &rest[take..];
-                if buf.len() == bs {
-                    let p = match permit.take() {
-                        Some(p) => p,
-                        None => crate::block_permit(budget).await?,
-                    };
-                    pipe.push((std::mem::take(&mut buf), p)).await?;
-                    pushed = true;
+                if buf.len() == bs
+                    && let Some(full) = cur.take()
+                {
+                    pipe.push(full).await?;
                 }
             }
         }
     }
-    if !pushed && buf.len() <= limits.inline_max {
+    if cur.is_none() && !pipe.started() {
         let mut st = pipe.state.take().ok_or_else(lost)?;
-        st.md5.update(&buf);
-        st.checksums.update(&buf);
+        st.md5.update(&small);
+        st.checksums.update(&small);
         return Ok(Ingested {
             size,
             md5: st.md5.finalize().into(),
-            data: ObjectData::Inline(buf),
+            data: ObjectData::Inline(small),
             computed: st.checksums.finalize(),
             pins: Vec::new(),
         });
     }
-    if !buf.is_empty() {
-        let p = match permit.take() {
-            Some(p) => p,
-            None => crate::block_permit(budget).await?,
-        };
-        pipe.push((buf, p)).await?;
+    if let Some(last) = cur.take().filter(|b| !b.is_empty()) {
+        pipe.push(last).await?;
     }
     let (st, blocks, pins) = pipe.finish().await?;
     Ok(Ingested {

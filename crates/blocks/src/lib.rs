@@ -27,6 +27,8 @@ const MAGIC: &[u8; 4] = b"CRNB";
 /// Version of the block file format written by this binary.
 pub const BLOCK_FORMAT_VERSION: u8 = 1;
 const HEADER_LEN: usize = 16;
+/// Largest block a header may claim (the largest configurable block size).
+const MAX_BLOCK_LEN: u64 = 64 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BlockError {
@@ -216,6 +218,15 @@ impl BlockStore {
 
     /// Reads a whole block and verifies it against its address.
     pub fn get(&self, hash: &BlockHash) -> Result<Vec<u8>> {
+        let mut data = Vec::new();
+        self.get_into(hash, &mut data)?;
+        Ok(data)
+    }
+
+    /// Reads a whole block into `data` (replacing its contents; a buffer with room for
+    /// the block is not reallocated) and verifies it against its address.
+    pub fn get_into(&self, hash: &BlockHash, data: &mut Vec<u8>) -> Result<()> {
+        data.clear();
         let path = self.path_of(hash);
         let mut f = match File::open(&path) {
             Ok(f) => f,
@@ -246,23 +257,30 @@ impl BlockStore {
             )));
         }
         let len = u64::from_le_bytes(header[8..16].try_into().unwrap_or([0; 8]));
-        // Read at most len+1 bytes so that a file longer than its header says is caught
-        // without reading an unbounded amount.
-        let mut data = Vec::with_capacity(len.min(64 << 20) as usize);
+        if len > MAX_BLOCK_LEN {
+            return Err(corrupt(format!("header claims {len} bytes")));
+        }
+        data.reserve_exact(len as usize);
         (&mut f)
-            .take(len.saturating_add(1))
-            .read_to_end(&mut data)
+            .take(len)
+            .read_to_end(data)
             .map_err(|e| BlockError::io("read", &path, e))?;
-        if data.len() as u64 != len {
+        let mut extra = [0u8; 1];
+        let longer = f
+            .read(&mut extra)
+            .map_err(|e| BlockError::io("read", &path, e))?
+            > 0;
+        if data.len() as u64 != len || longer {
             return Err(corrupt(format!(
-                "length {} differs from header {len}",
-                data.len()
+                "length {}{} differs from header {len}",
+                data.len(),
+                if longer { "+" } else { "" }
             )));
         }
-        if BlockHash::of(&data) != *hash {
+        if BlockHash::of(data) != *hash {
             return Err(corrupt("BLAKE3 mismatch".into()));
         }
-        Ok(data)
+        Ok(())
     }
 
     /// Deletes the block unless it is pinned or `still_needed` says it is referenced.
