@@ -52,16 +52,7 @@ fn parse(trace: &str) -> Vec<Ev> {
         let rest = rest.trim_start();
         let (call, finished) = if let Some(head) = rest.strip_suffix("<unfinished ...>") {
             // Writes count from when they start; the response may be under way.
-            if (head.starts_with("writev(")
-                || head.starts_with("write(")
-                || head.starts_with("sendto("))
-                && head.contains("HTTP/1.1 200")
-            {
-                out.push(Ev::Response);
-            }
-            if head.starts_with("pwrite64(") && head.contains("meta.redb") {
-                out.push(Ev::MetaWrite);
-            }
+            out.extend(started_write(head));
             pending.insert(pid.to_string(), head.to_string());
             continue;
         } else if rest.starts_with("<...") {
@@ -89,16 +80,7 @@ fn parse(trace: &str) -> Vec<Ev> {
                 out.push(Ev::Rename(quoted[1].to_string(), quoted[3].to_string()));
             }
         } else if !finished && ok {
-            if (call.starts_with("writev(")
-                || call.starts_with("write(")
-                || call.starts_with("sendto("))
-                && call.contains("HTTP/1.1 200")
-            {
-                out.push(Ev::Response);
-            }
-            if call.starts_with("pwrite64(") && call.contains("meta.redb") {
-                out.push(Ev::MetaWrite);
-            }
+            out.extend(started_write(&call));
         }
     }
     out
