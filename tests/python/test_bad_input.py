@@ -133,3 +133,33 @@ def test_object_too_large_is_refused_before_upload(server, s3, bucket):
     assert status == 400 and code_of(resp) == "EntityTooLarge", resp
     assert s3.list_objects_v2(Bucket=bucket)["KeyCount"] == 0
     still_serving(s3, bucket)
+
+
+def chunked_put(server, bucket, key, data, crc_b64):
+    """PUT with an aws-chunked body and the CRC32 in a trailer, as newest SDKs send."""
+    import binascii
+    url = server.endpoint + f"/{bucket}/{key}"
+    body = b"%x\r\n" % len(data) + data + b"\r\n0\r\n" + b"x-amz-checksum-crc32:" + crc_b64.encode() + b"\r\n\r\n"
+    headers = {"Content-Encoding": "aws-chunked", "x-amz-trailer": "x-amz-checksum-crc32",
+               "x-amz-decoded-content-length": str(len(data)), "Content-Length": str(len(body))}
+    req = AWSRequest(method="PUT", url=url, data=body, headers=headers)
+    req.context = {"checksum": {"request_algorithm": {"in": "trailer", "algorithm": "crc32"}}}
+    S3SigV4Auth(Credentials(ACCESS_KEY, SECRET_KEY), "s3", "us-east-1").add_auth(req)
+    assert req.headers["X-Amz-Content-SHA256"] == "STREAMING-UNSIGNED-PAYLOAD-TRAILER"
+    return raw(server, "PUT", f"/{bucket}/{key}", body, dict(req.headers.items()))
+
+
+def test_trailing_checksum_is_verified(server, s3, bucket):
+    import base64
+    import zlib
+    data = b"trailer checked " * 1000
+    good = base64.b64encode(zlib.crc32(data).to_bytes(4, "big")).decode()
+    status, resp = chunked_put(server, bucket, "good", data, good)
+    assert status == 200, resp
+    assert s3.get_object(Bucket=bucket, Key="good")["Body"].read() == data
+    bad = base64.b64encode((zlib.crc32(data) ^ 1).to_bytes(4, "big")).decode()
+    status, resp = chunked_put(server, bucket, "bad", data, bad)
+    assert status == 400 and code_of(resp) == "BadDigest", resp
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket).get("Contents", [])]
+    assert keys == ["good"]
+    still_serving(s3, bucket)
