@@ -332,19 +332,26 @@ impl Cairn {
     }
 
     /// Pins the blocks of `rec` and checks they are all still present, so that a copy
-    /// can name them without rewriting them.
-    fn pin_existing(&self, rec: &ObjectRecord) -> S3Result<cairn_blocks::PinGuard> {
-        let mut pin = self.blocks.pin();
-        for b in rec.data.blocks() {
-            pin.add(b.hash);
-            if !self.blocks.contains(&b.hash) {
-                return Err(s3_error!(
-                    NoSuchKey,
-                    "The copy source was deleted while it was being copied"
-                ));
+    /// can name them without rewriting them. (The checks touch the disk: they run on a
+    /// blocking thread.)
+    async fn pin_existing(&self, rec: &ObjectRecord) -> S3Result<cairn_blocks::PinGuard> {
+        let store = self.blocks.clone();
+        let blocks: Vec<_> = rec.data.blocks().iter().map(|b| b.hash).collect();
+        tokio::task::spawn_blocking(move || {
+            let mut pin = store.pin();
+            for h in blocks {
+                pin.add(h);
+                if !store.contains(&h) {
+                    return Err(s3_error!(
+                        NoSuchKey,
+                        "The copy source was deleted while it was being copied"
+                    ));
+                }
             }
-        }
-        Ok(pin)
+            Ok(pin)
+        })
+        .await
+        .map_err(error::join)?
     }
 }
 
@@ -796,7 +803,7 @@ impl S3 for Cairn {
         self.require_bucket(&input.bucket)?;
         // Blocks are content-addressed: the copy names the same blocks, once pinned and
         // found present.
-        let pin = self.pin_existing(&src)?;
+        let pin = self.pin_existing(&src).await?;
         let now = now_millis();
         let record = ObjectRecord {
             last_modified: now,
