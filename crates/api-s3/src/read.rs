@@ -48,22 +48,23 @@ async fn read_block(
     buffers: Arc<BlockBuffers>,
     b: BlockRef,
 ) -> Result<Bytes, BlockError> {
-    let mut buf = buffers.take().await.map_err(|_| BlockError::Io {
-        op: "wait for memory",
-        path: Default::default(),
-        source: std::io::Error::other("shutting down"),
-    })?;
+    let path = store.path_of(&b.hash);
+    let failed = |op: &'static str, why: String| BlockError::Io {
+        op,
+        path: path.clone(),
+        source: std::io::Error::other(why),
+    };
+    let mut buf = buffers
+        .take()
+        .await
+        .map_err(|_| failed("wait for a buffer", "shutting down".into()))?;
     let data = tokio::task::spawn_blocking(move || store.get_into(&b.hash, &mut buf).map(|()| buf))
         .await
-        .map_err(|e| BlockError::Io {
-            op: "read task",
-            path: Default::default(),
-            source: std::io::Error::other(e.to_string()),
-        })??;
+        .map_err(|e| failed("read task", e.to_string()))??;
     if data.len() != b.len as usize {
         return Err(BlockError::Corrupt {
             hash: b.hash,
-            path: store_path_hint(),
+            path,
             reason: format!(
                 "length {} differs from the manifest's {}",
                 data.len(),
@@ -73,10 +74,6 @@ async fn read_block(
     }
     // The buffer returns to the pool when the last slice of it has been sent.
     Ok(Bytes::from_owner(data))
-}
-
-fn store_path_hint() -> std::path::PathBuf {
-    std::path::PathBuf::from("<block store>")
 }
 
 /// A stream of the object's bytes in `range`. Reads the first block before returning.

@@ -4,21 +4,29 @@ mod common;
 
 use common::*;
 
-fn run_bench(srv: &Server, args: &[&str]) -> serde_json::Value {
-    let out = std::process::Command::new(binary())
+fn bench_with(srv: &Server, secret: &str, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(binary())
         .args([
             "bench",
             "--endpoint",
             &srv.endpoint,
             "--access-key",
             ACCESS_KEY,
-            "--secret-key",
-            SECRET_KEY,
         ])
-        .args(["--json", "--pid", &srv.child.id().to_string()])
+        .args([
+            "--secret-key",
+            secret,
+            "--json",
+            "--pid",
+            &srv.child.id().to_string(),
+        ])
         .args(args)
         .output()
-        .unwrap();
+        .unwrap()
+}
+
+fn run_bench(srv: &Server, args: &[&str]) -> serde_json::Value {
+    let out = bench_with(srv, SECRET_KEY, args);
     assert!(
         out.status.success(),
         "{}",
@@ -89,19 +97,7 @@ async fn bench_put_get_mixed() {
         .collect();
     assert_eq!(etags.len(), objs.contents().len());
     // A wrong key fails loudly.
-    let out = std::process::Command::new(binary())
-        .args([
-            "bench",
-            "--endpoint",
-            &srv.endpoint,
-            "--access-key",
-            ACCESS_KEY,
-            "--secret-key",
-            "wrong-secret-000",
-        ])
-        .args(["--ops", "2"])
-        .output()
-        .unwrap();
+    let out = bench_with(&srv, "wrong-secret-000", &["--ops", "2"]);
     assert!(!out.status.success());
 }
 

@@ -22,8 +22,8 @@ fn count_block_files(data_dir: &std::path::Path) -> usize {
 /// object reads back byte-identical; no unacknowledged object is half-visible.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill9_loses_no_acknowledged_write() {
-    let root = tempfile::tempdir().unwrap().keep();
-    let data_dir = root.join("data");
+    let root = tempfile::tempdir().unwrap();
+    let data_dir = root.path().join("data");
     let mut srv = Server::start_in(&data_dir, &[]);
     let s3 = srv.client();
     s3.create_bucket().bucket("crash").send().await.unwrap();
@@ -193,8 +193,8 @@ fn blake3_hex(data: &[u8]) -> String {
 /// data still named is kept.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unreferenced_blocks_are_collected_after_grace() {
-    let root = tempfile::tempdir().unwrap().keep();
-    let data_dir = root.join("data");
+    let root = tempfile::tempdir().unwrap();
+    let data_dir = root.path().join("data");
     let srv = Server::start_in(&data_dir, &["--gc-grace", "1s", "--gc-interval", "200ms"]);
     let s3 = srv.client();
     s3.create_bucket().bucket("gcb").send().await.unwrap();
@@ -271,8 +271,8 @@ async fn unreferenced_blocks_are_collected_after_grace() {
 /// SIGTERM during an upload: the upload finishes, then the server exits cleanly.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_lets_an_upload_finish() {
-    let root = tempfile::tempdir().unwrap().keep();
-    let data_dir = root.join("data");
+    let root = tempfile::tempdir().unwrap();
+    let data_dir = root.path().join("data");
     let mut srv = Server::start_in(&data_dir, &[]);
     let s3 = srv.client();
     s3.create_bucket().bucket("term").send().await.unwrap();
@@ -382,8 +382,8 @@ async fn admin_health_and_metrics() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn generated_credentials_work_and_persist() {
     use std::os::unix::fs::PermissionsExt;
-    let root = tempfile::tempdir().unwrap().keep();
-    let data_dir = root.join("data");
+    let root = tempfile::tempdir().unwrap();
+    let data_dir = root.path().join("data");
     let env = [("CAIRN_ACCESS_KEY", ""), ("CAIRN_SECRET_KEY", "")];
     let srv = Server::try_start_in(&data_dir, &[], &env).unwrap();
     let line = |srv: &Server, p: &str| {
@@ -456,7 +456,8 @@ impl Drop for Mount {
 /// again once space is freed, without a restart. Runs on a size-limited tmpfs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn full_disk_fails_clearly_and_recovers() {
-    let root = tempfile::tempdir().unwrap().keep();
+    let root_guard = tempfile::tempdir().unwrap();
+    let root = root_guard.path();
     let mnt = root.join("small-disk");
     std::fs::create_dir_all(&mnt).unwrap();
     let mounted = std::process::Command::new("mount")
@@ -558,9 +559,9 @@ async fn full_disk_fails_clearly_and_recovers() {
 /// their parts reclaimed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn abandoned_multipart_uploads_expire() {
-    let root = tempfile::tempdir().unwrap().keep();
-    let data_dir = root.join("data");
-    let conf = root.join("cairn.toml");
+    let root = tempfile::tempdir().unwrap();
+    let data_dir = root.path().join("data");
+    let conf = root.path().join("cairn.toml");
     std::fs::write(
         &conf,
         "multipart_expiry = \"2s\"\ngc_grace = \"1s\"\ngc_interval = \"200ms\"\n",

@@ -144,7 +144,8 @@ fn check(events: &[Ev]) -> (Vec<String>, usize, usize) {
 /// Runs a traced server, makes sequential PUTs (3 with blocks, 3 inline), returns the
 /// check's result.
 fn traced_run(skip: Option<&str>) -> (Vec<String>, usize, usize) {
-    let root = tempfile::tempdir().unwrap().keep();
+    let root_guard = tempfile::tempdir().unwrap();
+    let root = root_guard.path();
     let data_dir = root.join("data");
     let trace = root.join("trace");
     // Create the directory first, untraced, so that only serving is in the trace.

@@ -18,6 +18,7 @@ pub struct Server {
     pub admin: String,
     pub stdout_lines: Vec<String>,
     log: PathBuf,
+    _tmp: Option<tempfile::TempDir>,
 }
 
 pub fn binary() -> &'static str {
@@ -30,9 +31,11 @@ impl Server {
         let dir = tempfile::Builder::new()
             .prefix("cairn-e2e-")
             .tempdir()
-            .unwrap()
-            .keep();
-        Server::start_in(&dir.join("data"), &[])
+            .unwrap();
+        let mut srv = Server::start_in(&dir.path().join("data"), &[]);
+        // Removed after the process is killed (fields drop after `Drop::drop`).
+        srv._tmp = Some(dir);
+        srv
     }
 
     /// Starts a server on `data_dir` with extra flags; waits until it serves.
@@ -114,6 +117,7 @@ impl Server {
             admin: admin.unwrap(),
             stdout_lines: lines,
             log,
+            _tmp: None,
         })
     }
 
