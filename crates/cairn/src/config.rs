@@ -20,6 +20,7 @@ pub struct FileConfig {
     pub block_size: Option<String>,
     pub inline_max: Option<String>,
     pub block_memory: Option<String>,
+    pub meta_cache: Option<String>,
     pub gc_grace: Option<String>,
     pub gc_interval: Option<String>,
     pub multipart_expiry: Option<String>,
@@ -37,6 +38,7 @@ pub struct Config {
     pub block_size: usize,
     pub inline_max: usize,
     pub block_memory: usize,
+    pub meta_cache: usize,
     pub gc_grace: Duration,
     pub gc_interval: Duration,
     pub multipart_expiry: Duration,
@@ -142,6 +144,7 @@ impl Config {
             block_size: size("block_size", fc.block_size, s3d.block_size)?,
             inline_max: size("inline_max", fc.inline_max, s3d.inline_max)?,
             block_memory: size("block_memory", fc.block_memory, s3d.block_memory)?,
+            meta_cache: size("meta_cache", fc.meta_cache, cairn_meta::DEFAULT_CACHE_BYTES)?,
             gc_grace: dur("gc_grace", pick(o.gc_grace, fc.gc_grace), opsd.gc_grace)?,
             gc_interval: dur(
                 "gc_interval",
@@ -171,6 +174,9 @@ impl Config {
                 "block_memory: must hold at least two blocks ({} bytes)",
                 2 * cfg.block_size
             );
+        }
+        if cfg.meta_cache < 4 << 20 {
+            bail!("meta_cache: must be at least 4MiB");
         }
         if cfg.region.is_empty() {
             bail!("region: must not be empty");

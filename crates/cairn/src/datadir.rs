@@ -3,7 +3,8 @@
 //! Layout:
 //! - `FORMAT`: the format version of the directory (one line: `cairn-data <n>`).
 //!   A binary refuses a directory newer than it knows.
-//! - `meta.redb`: the metadata database.
+//! - `meta.redb`: the metadata database; `meta.log`: the metadata command log, which
+//!   holds the commands committed since the database's last checkpoint.
 //! - `blocks/`, `tmp/`: the block store.
 //! - `credentials`: the generated root key pair (mode 0600), if one was generated.
 
@@ -35,6 +36,21 @@ pub fn prepare(dir: &Path) -> Result<()> {
                      run a newer cairn on it (nothing was changed)",
                     dir.display(),
                     DATA_DIR_FORMAT_VERSION
+                );
+            }
+            if v < DATA_DIR_FORMAT_VERSION {
+                // Every older format opens as is (version 1 had no metadata command
+                // log; it is created at open). Recorded first, so that an older
+                // binary refuses the directory from now on.
+                write_durably(
+                    &f,
+                    format!("cairn-data {DATA_DIR_FORMAT_VERSION}\n").as_bytes(),
+                    0o644,
+                )?;
+                tracing::info!(
+                    from = v,
+                    to = DATA_DIR_FORMAT_VERSION,
+                    "data directory format upgraded"
                 );
             }
             Ok(())

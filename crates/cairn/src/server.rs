@@ -65,11 +65,24 @@ pub async fn serve(cfg: Config) -> Result<()> {
         ))
     };
 
+    if let Some(ms) = std::env::var("CAIRN_UNSAFE_TEST_START_DELAY_MS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        // Test hook: stretches the start so a test can see /health answer 503.
+        tracing::warn!(
+            ms,
+            "CAIRN_UNSAFE_TEST_START_DELAY_MS is set: delaying the start; this is a test hook only"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+    }
     let dir = cfg.data_dir.clone();
+    let meta_cache = cfg.meta_cache;
     let (meta, blocks) = tokio::task::spawn_blocking(move || -> Result<(MetaStore, BlockStore)> {
         datadir::prepare(&dir)?;
         let blocks = BlockStore::open(&dir).context("opening the block store")?;
-        let meta = MetaStore::open(&dir.join("meta.redb")).context("opening the metadata store")?;
+        let meta = MetaStore::open_with(&dir.join("meta.redb"), meta_cache)
+            .context("opening the metadata store")?;
         Ok((meta, blocks))
     })
     .await??;
@@ -128,6 +141,10 @@ pub async fn serve(cfg: Config) -> Result<()> {
     let _ = s3_task.await;
     let _ = admin_task.await;
     let _ = ops_task.await;
+    // So that the next start has nothing to apply again from the metadata log.
+    if let Err(e) = meta.checkpoint().await {
+        tracing::warn!(error = %e, "final metadata checkpoint failed; the next start applies the log");
+    }
     tracing::info!("stopped");
     Ok(())
 }

@@ -378,6 +378,77 @@ async fn admin_health_and_metrics() {
     assert_eq!(status, 404);
 }
 
+/// While the node starts, the admin port answers /health with 503 and the reason, and
+/// the S3 port is not listening; once it serves, /health is 200.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_is_503_until_the_node_serves() {
+    use std::io::BufRead;
+    let free_port = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    };
+    let (s3_port, admin_port) = (free_port(), free_port());
+    let root = tempfile::tempdir().unwrap();
+    let mut child = std::process::Command::new(binary())
+        .arg("serve")
+        .arg("--data-dir")
+        .arg(root.path().join("data"))
+        .args(["--s3-address", &format!("127.0.0.1:{s3_port}")])
+        .args(["--admin-address", &format!("127.0.0.1:{admin_port}")])
+        .env("CAIRN_ACCESS_KEY", ACCESS_KEY)
+        .env("CAIRN_SECRET_KEY", SECRET_KEY)
+        .env("CAIRN_UNSAFE_TEST_START_DELAY_MS", "3000")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let stdout = child.stdout.take().unwrap();
+    let _guard = Kill(child);
+    let admin = format!("http://127.0.0.1:{admin_port}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while tokio::net::TcpStream::connect(("127.0.0.1", admin_port))
+        .await
+        .is_err()
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the admin port never opened"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (status, body) = http_get(&admin, "/health").await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("starting"), "{body}");
+    assert!(
+        tokio::net::TcpStream::connect(("127.0.0.1", s3_port))
+            .await
+            .is_err(),
+        "the S3 port listens before the node can serve"
+    );
+    // Wait for the banner's last line, then health turns 200.
+    let ready = tokio::task::spawn_blocking(move || {
+        std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(|l| l.ok())
+            .any(|l| l.trim() == "ready")
+    })
+    .await
+    .unwrap();
+    assert!(ready, "the server never printed ready");
+    let (status, body) = http_get(&admin, "/health").await;
+    assert_eq!((status, body.trim()), (200, "ok"));
+}
+
 /// Generated credentials: printed once with the secret, stored 0600, reused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn generated_credentials_work_and_persist() {

@@ -1,7 +1,7 @@
 //! The power-cut test: kill -9 cannot show a missing fsync (the page cache outlives
 //! the process), so this test traces a real server's system calls (strace) and checks
 //! that for every acknowledged PUT, each block file was fsynced before its rename into
-//! place, its directory was fsynced after the rename, and the metadata file was
+//! place, its directory was fsynced after the rename, and the metadata log was
 //! fsynced after its last write, all before the response was written. Each variant
 //! that leaves one of those fsyncs out (a test hook) must make the check fail.
 
@@ -30,7 +30,7 @@ fn started_write(call: &str) -> Option<Ev> {
     if is_write && call.contains("HTTP/1.1 200") {
         return Some(Ev::Response);
     }
-    if call.starts_with("pwrite64(") && call.contains("meta.redb") {
+    if call.starts_with("pwrite64(") && call.contains("meta.log") {
         return Some(Ev::MetaWrite);
     }
     None
@@ -129,11 +129,11 @@ fn check(events: &[Ev]) -> (Vec<String>, usize, usize) {
         match seg.iter().rposition(|e| matches!(e, Ev::MetaWrite)) {
             Some(last) => {
                 with_meta += 1;
-                if !seg[last + 1..].iter().any(|x| matches!(x, Ev::Sync(p) if p.ends_with("meta.redb"))) {
-                    problems.push("the metadata file was not fsynced after its last write".into());
+                if !seg[last + 1..].iter().any(|x| matches!(x, Ev::Sync(p) if p.ends_with("meta.log"))) {
+                    problems.push("the metadata log was not fsynced after its last write".into());
                 }
             }
-            None => problems.push("a write was acknowledged with no metadata write to disk: the metadata file was not fsynced".into()),
+            None => problems.push("a write was acknowledged with no metadata log write: the metadata log was not written and fsynced".into()),
         }
         with_blocks += saw_block as usize;
         seg.clear();
@@ -258,7 +258,7 @@ fn the_check_catches_each_missing_fsync() {
     for (skip, expect) in [
         ("block", "was not fsynced before its rename"),
         ("dir", "was not fsynced after the rename"),
-        ("meta", "metadata file was not fsynced"),
+        ("meta", "metadata log was not fsynced"),
     ] {
         let (problems, _, _) = traced_run(Some(skip));
         assert!(

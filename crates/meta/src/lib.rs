@@ -1,9 +1,13 @@
 //! cairn's metadata: buckets, objects, multipart uploads and access keys.
 //!
 //! Reads go straight to a redb read transaction. Every change is a [`Command`],
-//! applied by one writer thread that takes all commands waiting at that moment,
-//! applies them in order in one redb write transaction and commits it with one fsync
-//! (group commit); each caller is answered only once its command is durable.
+//! written in two pipelined stages (`store.rs`): the log thread takes all commands
+//! waiting at that moment and appends them to the command log (`log.rs`) with one
+//! fdatasync (group commit); the apply thread then applies them in log order in one
+//! redb transaction, committed without an fsync of its own, and answers each caller.
+//! A command is visible to readers only once it is durable in the log. Checkpoints
+//! (durable redb commits) make the tables durable in bulk; at open, commands after
+//! the last checkpoint are applied again from the log.
 //!
 //! Commands are deterministic functions of the stored state and their own fields
 //! (times are carried in the command, never read while applying), so the same
@@ -11,6 +15,7 @@
 
 mod apply;
 mod keys;
+mod log;
 mod records;
 mod store;
 
@@ -18,12 +23,12 @@ pub use records::{
     BucketRecord, Checksums, KeyRecord, ObjectData, ObjectRecord, PartRecord, RECORD_VERSION,
     StoredHeaders, UploadRecord,
 };
-pub use store::{ListEntry, ListPage, ListQuery, MetaStore, UploadEntry};
+pub use store::{DEFAULT_CACHE_BYTES, ListEntry, ListPage, ListQuery, MetaStore, UploadEntry};
 
 use cairn_types::{BlockHash, UnixMillis};
 
 /// A change to the metadata. See the crate docs.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub enum Command {
     CreateBucket {
         bucket: String,
@@ -85,7 +90,7 @@ pub enum Command {
 }
 
 /// A condition checked atomically with an object write.
-#[derive(Clone, Debug, PartialEq, Eq, Default)]
+#[derive(Clone, Debug, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub enum WriteCondition {
     #[default]
     None,

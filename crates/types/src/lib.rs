@@ -9,7 +9,9 @@ use serde::{Deserialize, Serialize};
 
 /// Version of the on-disk layout of a data directory. A binary refuses to open a
 /// directory whose recorded version is newer than this (see `cairn::datadir`).
-pub const DATA_DIR_FORMAT_VERSION: u32 = 1;
+///
+/// 2: the metadata command log (`meta.log`) holds commands the database file may not.
+pub const DATA_DIR_FORMAT_VERSION: u32 = 2;
 
 /// The content address of a block: BLAKE3 of its bytes.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
