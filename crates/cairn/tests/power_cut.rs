@@ -1,8 +1,9 @@
 //! The power-cut test: kill -9 cannot show a missing fsync (the page cache outlives
 //! the process), so this test traces a real server's system calls (strace) and checks
 //! that for every acknowledged PUT, each block file was fsynced before its rename into
-//! place, its directory was fsynced after the rename, and the metadata log was
-//! fsynced after its last write, all before the response was written. Each variant
+//! place, its directory was fsynced after the rename, and the metadata log's last
+//! write was durable (a write to a file opened with O_DSYNC, or an fsync after it),
+//! all before the response was written. Each variant
 //! that leaves one of those fsyncs out (a test hook) must make the check fail.
 
 mod common;
@@ -15,7 +16,7 @@ use common::*;
 
 #[derive(Debug)]
 enum Ev {
-    /// fsync or fdatasync of a path, completed.
+    /// fsync or fdatasync of a path, or a write to a file opened with O_DSYNC, completed.
     Sync(String),
     Rename(String, String),
     MetaWrite,
@@ -39,6 +40,8 @@ fn started_write(call: &str) -> Option<Ev> {
 /// Events of a `strace -f -y -yy` log, in the order they took effect.
 fn parse(trace: &str) -> Vec<Ev> {
     let mut pending: HashMap<String, String> = HashMap::new();
+    // Files opened with O_DSYNC: a write to one is durable when it returns.
+    let mut dsync: std::collections::HashSet<String> = Default::default();
     let mut out = Vec::new();
     let path_of = |call: &str| -> Option<String> {
         let start = call.find('<')? + 1;
@@ -65,6 +68,16 @@ fn parse(trace: &str) -> Vec<Ev> {
             (rest.to_string(), false)
         };
         let ok = call.trim_end().ends_with("= 0") || call.contains(") = ");
+        if call.starts_with("openat(") {
+            let quoted: Vec<&str> = call.split('"').collect();
+            if quoted.len() >= 3 && quoted[2].contains("O_DSYNC") && !call.contains("= -1") {
+                dsync.insert(quoted[1].to_string());
+            }
+            continue;
+        }
+        let durable_write = call.starts_with("pwrite64(")
+            && !call.contains("= -1")
+            && path_of(&call).is_some_and(|p| dsync.contains(&p));
         if call.starts_with("fsync(") || call.starts_with("fdatasync(") {
             if call.trim_end().ends_with("= 0")
                 && let Some(p) = path_of(&call)
@@ -81,6 +94,9 @@ fn parse(trace: &str) -> Vec<Ev> {
             }
         } else if !finished && ok {
             out.extend(started_write(&call));
+        }
+        if durable_write && let Some(p) = path_of(&call) {
+            out.push(Ev::Sync(p));
         }
     }
     out
@@ -152,7 +168,7 @@ fn traced_run(skip: Option<&str>) -> (Vec<String>, usize, usize) {
     drop(Server::start_in(&data_dir, &[]));
     let mut cmd = Command::new("strace");
     cmd.args(["-f", "-y", "-yy", "-s", "48", "-e"])
-        .arg("trace=fsync,fdatasync,rename,renameat,renameat2,write,writev,sendto,pwrite64")
+        .arg("trace=openat,fsync,fdatasync,rename,renameat,renameat2,write,writev,sendto,pwrite64")
         .arg("-o")
         .arg(&trace)
         .arg(binary())

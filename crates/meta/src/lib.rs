@@ -3,7 +3,7 @@
 //! Reads go straight to a redb read transaction. Every change is a [`Command`],
 //! written in two pipelined stages (`store.rs`): the log thread takes all commands
 //! waiting at that moment and appends them to the command log (`log.rs`) with one
-//! fdatasync (group commit); the apply thread then applies them in log order in one
+//! synchronous write (group commit); the apply thread then applies them in log order in one
 //! redb transaction, committed without an fsync of its own, and answers each caller.
 //! A command is visible to readers only once it is durable in the log. Checkpoints
 //! (durable redb commits) make the tables durable in bulk; at open, commands after

@@ -1,7 +1,7 @@
 //! The command log: the durable record of every committed command.
 //!
 //! The log thread appends each group of commands as records and makes them durable
-//! with one `fdatasync` of this file before they are applied or anyone is answered.
+//! with one synchronous write (`O_DSYNC`) before they are applied or anyone is answered.
 //! The redb tables are then updated without an fsync of their own; a periodic
 //! checkpoint (a durable redb commit) makes them durable in bulk, after which the log
 //! starts a new cycle at offset 0 of the same file. At open, the records the last
@@ -48,7 +48,6 @@ pub(crate) struct CommandLog {
     /// Chain value of the last record of the current cycle.
     chain: Chain,
     buf: Vec<u8>,
-    skip_sync: bool,
 }
 
 fn chain_of(prev: &Chain, seq: u64, payload: &[u8]) -> Chain {
@@ -150,7 +149,11 @@ impl CommandLog {
     /// sequence number `after + 1` or follows the last record read, whichever is
     /// later. Blocking.
     pub fn open(path: &Path, after: u64, skip_sync: bool) -> io::Result<(Self, Vec<LogRecord>)> {
+        use std::os::unix::fs::OpenOptionsExt;
+        // O_DSYNC: each append is durable when its write returns, with one system
+        // call instead of a write and an fdatasync (measurably faster here).
         let file = OpenOptions::new()
+            .custom_flags(if skip_sync { 0 } else { libc::O_DSYNC })
             .read(true)
             .write(true)
             .create(true)
@@ -171,7 +174,6 @@ impl CommandLog {
             next_seq,
             chain,
             buf: Vec::new(),
-            skip_sync,
         };
         // Records that do not lead up to `next_seq` cannot be continued: start over.
         if records.last().is_none_or(|r| r.seq + 1 != next_seq) {
@@ -217,10 +219,8 @@ impl CommandLog {
             self.buf.extend_from_slice(&chain);
             self.buf.extend_from_slice(p);
         }
+        // One write of the whole group; durable on return (O_DSYNC).
         self.file.write_all_at(&self.buf, self.end)?;
-        if !self.skip_sync {
-            self.file.sync_data()?;
-        }
         self.end += self.buf.len() as u64;
         self.chain = chain;
         self.next_seq = first + payloads.len() as u64;

@@ -682,7 +682,7 @@ enum Stage {
 }
 
 /// The first stage of the write pipeline: takes every command waiting, appends them
-/// to the log with one fdatasync (group commit), passes them on; decides when to
+/// to the log with one synchronous write (group commit), passes them on; decides when to
 /// checkpoint and starts a new log cycle after one.
 struct LogStage {
     log: CommandLog,
