@@ -14,6 +14,7 @@
 //! commands can later be the entries of a replicated log.
 
 mod apply;
+mod cache;
 mod keys;
 mod log;
 mod records;

@@ -76,6 +76,7 @@ type BucketCache = RwLock<std::collections::BTreeMap<String, BucketRecord>>;
 struct Shared {
     path: PathBuf,
     cache_bytes: usize,
+    records: crate::cache::RecordCache,
     db: RwLock<Option<Arc<Database>>>,
     keys: KeyCache,
     buckets: BucketCache,
@@ -203,6 +204,16 @@ fn replay(
     Ok(out)
 }
 
+/// The table key of the object a command replaces or removes, if any.
+fn changed_object(cmd: &Command) -> Option<Vec<u8>> {
+    match cmd {
+        Command::PutObject { bucket, key, .. }
+        | Command::DeleteObject { bucket, key, .. }
+        | Command::CompleteUpload { bucket, key, .. } => Some(keys::object(bucket, key)),
+        _ => None,
+    }
+}
+
 /// Makes every commit so far durable in the database file.
 fn checkpoint(db: &Database) -> Result<()> {
     let mut txn = db.begin_write()?;
@@ -258,8 +269,10 @@ impl MetaStore {
         Self::open_with(path, DEFAULT_CACHE_BYTES)
     }
 
-    /// [`MetaStore::open`] with redb's page cache limited to `cache_bytes`.
-    pub fn open_with(path: &Path, cache_bytes: usize) -> Result<Self> {
+    /// [`MetaStore::open`] with its memory limited to `memory` bytes: three quarters
+    /// for redb's page cache, one for the cache of object records.
+    pub fn open_with(path: &Path, memory: usize) -> Result<Self> {
+        let cache_bytes = memory / 4 * 3;
         let db = open_db(path, cache_bytes)?;
         {
             let txn = db.begin_write()?;
@@ -293,6 +306,7 @@ impl MetaStore {
         let shared = Arc::new(Shared {
             path: path.to_path_buf(),
             cache_bytes,
+            records: crate::cache::RecordCache::new(memory / 4),
             db: RwLock::new(Some(Arc::new(db))),
             keys: RwLock::new(Default::default()),
             buckets: RwLock::new(Default::default()),
@@ -401,13 +415,24 @@ impl MetaStore {
     pub async fn object(&self, bucket: &str, key: &str) -> Result<Option<ObjectRecord>> {
         self.require_bucket(bucket)?;
         let okey = keys::object(bucket, key);
-        self.read(move |db| {
-            let txn = db.begin_read()?;
-            let t = txn.open_table(OBJECTS)?;
-            let v = t.get(okey.as_slice())?;
-            v.map(|v| decode(v.value())).transpose()
-        })
-        .await
+        let records = &self.shared.records;
+        if let Some(r) = records.get(&okey) {
+            return Ok(Some((*r).clone()));
+        }
+        let since = records.generation();
+        let k = okey.clone();
+        let rec = self
+            .read(move |db| {
+                let txn = db.begin_read()?;
+                let t = txn.open_table(OBJECTS)?;
+                let v = t.get(k.as_slice())?;
+                v.map(|v| decode::<ObjectRecord>(v.value())).transpose()
+            })
+            .await?;
+        if let Some(r) = &rec {
+            records.fill(since, okey, r.clone());
+        }
+        Ok(rec)
     }
 
     /// One page of a bucket's keys, sorted, with keys that share a prefix up to the
@@ -896,7 +921,16 @@ impl ApplyStage {
         if let Some((last, ..)) = batch.last() {
             txn.open_table(STATE)?.insert(APPLIED, *last)?;
         }
+        let changed: Vec<Vec<u8>> = batch
+            .iter()
+            .zip(&results)
+            .filter(|(_, r)| r.is_ok())
+            .filter_map(|((_, cmd, _), _)| changed_object(cmd))
+            .collect();
+        let records = &self.shared.records;
+        records.invalidate(changed.iter().map(|k| k.as_slice()));
         txn.commit()?;
+        records.invalidate(changed.iter().map(|k| k.as_slice()));
         Ok(results)
     }
 
@@ -915,11 +949,13 @@ impl ApplyStage {
     /// logged commands after it, up to the last one received.
     fn recover(&mut self) -> Result<Vec<(u64, Result<Outcome>)>> {
         let res = (|| {
+            self.shared.records.clear();
             self.shared.reopen()?;
             let db = self.shared.get()?;
             let records = crate::log::read_until(&self.log_path, self.received)
                 .map_err(|e| io_error(&self.log_path, e))?;
             let out = replay(&db, &records, read_applied(&db)?)?;
+            self.shared.records.clear();
             self.shared.reload_caches(&db)?;
             Ok(out)
         })();

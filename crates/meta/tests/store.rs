@@ -395,3 +395,75 @@ fn listing_matches_a_model() {
         });
     });
 }
+
+/// Reads (served from the record cache or from redb) never go back in time: a read
+/// that starts after a write was acknowledged sees it or something newer, and one
+/// reader never sees an older version after a newer one. Overwrites and deletes race
+/// with the readers filling the cache.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn reads_never_go_back_in_time() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    // Operation v (1, 2, ...) writes version v; those with v % 10 == 1 are deletes.
+    let is_delete = |v: u64| v % 10 == 1;
+    let next_delete_after = move |v: u64| (v + 1..).find(|&d| is_delete(d)).unwrap();
+    let (_d, s) = store().await;
+    let started = Arc::new(AtomicU64::new(0));
+    let acked = Arc::new(AtomicU64::new(0));
+    let done = Arc::new(AtomicBool::new(false));
+    let mut readers = Vec::new();
+    for _ in 0..4 {
+        let (s, started, acked, done) = (s.clone(), started.clone(), acked.clone(), done.clone());
+        readers.push(tokio::spawn(async move {
+            let (mut last, mut reads) = (0u64, 0u64);
+            while !done.load(Ordering::Acquire) {
+                let floor = acked.load(Ordering::Acquire);
+                let read = s.object("b", "k").await.unwrap();
+                let now_started = started.load(Ordering::Acquire);
+                match read {
+                    Some(r) => {
+                        let v: u64 = r.etag.parse().unwrap();
+                        assert!(v >= floor, "read {v} after {floor} was acknowledged");
+                        assert!(v >= last, "read {v} after having read {last}");
+                        last = v;
+                    }
+                    None => {
+                        // Absent: a delete newer than everything seen must have begun.
+                        let d = next_delete_after(last.max(floor.saturating_sub(1)));
+                        assert!(
+                            !(floor > 0 && !is_delete(floor)) || d <= now_started,
+                            "read nothing after version {} was acknowledged",
+                            last.max(floor)
+                        );
+                        if last > 0 {
+                            assert!(d <= now_started, "read nothing after having read {last}");
+                        }
+                    }
+                }
+                reads += 1;
+            }
+            reads
+        }));
+    }
+    for v in 1..=400u64 {
+        started.store(v, Ordering::Release);
+        if is_delete(v) {
+            s.apply(Command::DeleteObject {
+                bucket: "b".into(),
+                key: "k".into(),
+                now: 1,
+            })
+            .await
+            .unwrap();
+        } else {
+            put(&s, "k", obj(&v.to_string(), &[]), WriteCondition::None)
+                .await
+                .unwrap();
+        }
+        acked.store(v, Ordering::Release);
+    }
+    done.store(true, Ordering::Release);
+    for r in readers {
+        assert!(r.await.unwrap() > 0);
+    }
+}
