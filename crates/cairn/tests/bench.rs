@@ -120,6 +120,7 @@ fn bench_limits_reports_bounds() {
         "blake3_mib_per_sec_one_core",
         "disk_fsynced_sequential_write_mib_per_sec",
         "disk_small_fsynced_writes_per_sec",
+        "disk_small_fsynced_appends_per_sec",
     ] {
         assert!(v[k].as_f64().unwrap() > 0.0, "{k}");
     }
