@@ -528,7 +528,9 @@ pub fn limits(dir: &Path, json: bool) -> Result<()> {
         println!("MD5, one core:                     {md5:8.0} MiB/s");
         println!("BLAKE3, one core:                  {blake:8.0} MiB/s");
         println!("disk, fsynced sequential writes:   {seq:8.0} MiB/s (4 MiB writes, fsync each)");
-        println!("disk, small fsynced writes:        {small:8.0} /s (4 KiB rewritten in place + fdatasync)");
+        println!(
+            "disk, small fsynced writes:        {small:8.0} /s (4 KiB rewritten in place + fdatasync)"
+        );
         println!("disk, small fsynced appends:       {appends:8.0} /s (4 KiB appended + fsync)");
         let both = 1.0 / (1.0 / md5 + 1.0 / blake);
         println!(

@@ -3,6 +3,7 @@
 mod bench;
 mod config;
 mod datadir;
+mod logwriter;
 mod server;
 mod sigv4;
 
@@ -115,19 +116,15 @@ struct ServeArgs {
     log_format: Option<String>,
 }
 
-/// Logs go to stderr through a background writer thread, so that a request never
-/// waits on the write of its log line. The guard flushes what is queued at exit.
-fn init_logging(json: bool) -> tracing_appender::non_blocking::WorkerGuard {
+/// Logs go to stderr through a background writer thread (`logwriter.rs`), so that a
+/// request never waits on the write of its log line. The guard writes out what is
+/// buffered at exit.
+fn init_logging(json: bool) -> logwriter::Guard {
     use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let ansi = std::io::stderr().is_terminal();
-    // The writer thread drains every queued line, then flushes: one write for many
-    // lines under load.
-    let (writer, guard) = tracing_appender::non_blocking(std::io::BufWriter::with_capacity(
-        64 << 10,
-        std::io::stderr(),
-    ));
+    let (writer, guard) = logwriter::LogWriter::start();
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(ansi)
