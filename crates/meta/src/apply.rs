@@ -14,30 +14,56 @@ use crate::records::{
 use crate::store::{BLOCK_REFS, BUCKETS, GC_QUEUE, KEYS, OBJECTS, PARTS, UPLOADS};
 use crate::{Command, MetaError, Outcome, Result, WriteCondition, keys};
 
-pub(crate) fn apply(txn: &WriteTransaction, cmd: &Command) -> Result<Outcome> {
+/// The tables a command may change, opened once per transaction (opening a table
+/// costs a lookup in redb's table tree).
+pub(crate) struct Tables<'t> {
+    buckets: Table<'t, &'static str, &'static [u8]>,
+    objects: Table<'t, &'static [u8], &'static [u8]>,
+    uploads: Table<'t, &'static [u8], &'static [u8]>,
+    parts: Table<'t, &'static [u8], &'static [u8]>,
+    refs: Table<'t, &'static [u8], u64>,
+    gc: Table<'t, &'static [u8], i64>,
+    keys: Table<'t, &'static str, &'static [u8]>,
+}
+
+impl<'t> Tables<'t> {
+    pub fn open(txn: &'t WriteTransaction) -> Result<Self> {
+        Ok(Tables {
+            buckets: txn.open_table(BUCKETS)?,
+            objects: txn.open_table(OBJECTS)?,
+            uploads: txn.open_table(UPLOADS)?,
+            parts: txn.open_table(PARTS)?,
+            refs: txn.open_table(BLOCK_REFS)?,
+            gc: txn.open_table(GC_QUEUE)?,
+            keys: txn.open_table(KEYS)?,
+        })
+    }
+}
+
+pub(crate) fn apply(tb: &mut Tables<'_>, cmd: &Command) -> Result<Outcome> {
     match cmd {
-        Command::CreateBucket { bucket, now } => create_bucket(txn, bucket, *now),
-        Command::DeleteBucket { bucket, now } => delete_bucket(txn, bucket, *now),
+        Command::CreateBucket { bucket, now } => create_bucket(tb, bucket, *now),
+        Command::DeleteBucket { bucket, now } => delete_bucket(tb, bucket, *now),
         Command::PutObject {
             bucket,
             key,
             record,
             cond,
-        } => put_object(txn, bucket, key, record, cond).map(|_| Outcome::Done),
-        Command::DeleteObject { bucket, key, now } => delete_object(txn, bucket, key, *now),
+        } => put_object(tb, bucket, key, record, cond).map(|_| Outcome::Done),
+        Command::DeleteObject { bucket, key, now } => delete_object(tb, bucket, key, *now),
         Command::CreateUpload {
             bucket,
             key,
             upload_id,
             record,
-        } => create_upload(txn, bucket, key, upload_id, record),
+        } => create_upload(tb, bucket, key, upload_id, record),
         Command::PutPart {
             bucket,
             key,
             upload_id,
             part_number,
             record,
-        } => put_part(txn, bucket, key, upload_id, *part_number, record),
+        } => put_part(tb, bucket, key, upload_id, *part_number, record),
         Command::CompleteUpload {
             bucket,
             key,
@@ -45,28 +71,28 @@ pub(crate) fn apply(txn: &WriteTransaction, cmd: &Command) -> Result<Outcome> {
             parts,
             record,
             cond,
-        } => complete_upload(txn, bucket, key, upload_id, parts, record.clone(), cond),
+        } => complete_upload(tb, bucket, key, upload_id, parts, record.clone(), cond),
         Command::AbortUpload {
             bucket,
             key,
             upload_id,
             now,
-        } => abort_upload(txn, bucket, key, upload_id, *now),
-        Command::PutKey { access_key, record } => put_key(txn, access_key, record),
-        Command::GcForget { entries } => gc_forget(txn, entries),
+        } => abort_upload(tb, bucket, key, upload_id, *now),
+        Command::PutKey { access_key, record } => put_key(tb, access_key, record),
+        Command::GcForget { entries } => gc_forget(tb, entries),
     }
 }
 
-fn require_bucket(txn: &WriteTransaction, bucket: &str) -> Result<()> {
-    let t = txn.open_table(BUCKETS)?;
+fn require_bucket(tb: &mut Tables<'_>, bucket: &str) -> Result<()> {
+    let t = &tb.buckets;
     if t.get(bucket)?.is_none() {
         return Err(MetaError::NoSuchBucket);
     }
     Ok(())
 }
 
-fn create_bucket(txn: &WriteTransaction, bucket: &str, now: UnixMillis) -> Result<Outcome> {
-    let mut t = txn.open_table(BUCKETS)?;
+fn create_bucket(tb: &mut Tables<'_>, bucket: &str, now: UnixMillis) -> Result<Outcome> {
+    let t = &mut tb.buckets;
     if t.get(bucket)?.is_some() {
         return Err(MetaError::BucketAlreadyOwnedByYou);
     }
@@ -74,11 +100,11 @@ fn create_bucket(txn: &WriteTransaction, bucket: &str, now: UnixMillis) -> Resul
     Ok(Outcome::Done)
 }
 
-fn delete_bucket(txn: &WriteTransaction, bucket: &str, now: UnixMillis) -> Result<Outcome> {
-    require_bucket(txn, bucket)?;
+fn delete_bucket(tb: &mut Tables<'_>, bucket: &str, now: UnixMillis) -> Result<Outcome> {
+    require_bucket(tb, bucket)?;
     let (lo, hi) = keys::bucket_range(bucket);
     {
-        let objects = txn.open_table(OBJECTS)?;
+        let objects = &tb.objects;
         if objects
             .range(lo.as_slice()..hi.as_slice())?
             .next()
@@ -89,7 +115,7 @@ fn delete_bucket(txn: &WriteTransaction, bucket: &str, now: UnixMillis) -> Resul
     }
     // Uploads in progress do not keep a bucket alive: they are aborted with it.
     let uploads: Vec<(String, String)> = {
-        let t = txn.open_table(UPLOADS)?;
+        let t = &tb.uploads;
         let mut out = Vec::new();
         for item in t.range(lo.as_slice()..hi.as_slice())? {
             let (k, _) = item?;
@@ -100,9 +126,9 @@ fn delete_bucket(txn: &WriteTransaction, bucket: &str, now: UnixMillis) -> Resul
         out
     };
     for (key, id) in uploads {
-        abort_upload(txn, bucket, &key, &id, now)?;
+        abort_upload(tb, bucket, &key, &id, now)?;
     }
-    txn.open_table(BUCKETS)?.remove(bucket)?;
+    tb.buckets.remove(bucket)?;
     Ok(Outcome::Done)
 }
 
@@ -122,56 +148,50 @@ fn check_condition(current: Option<&ObjectRecord>, cond: &WriteCondition) -> Res
     }
 }
 
-fn get_object(txn: &WriteTransaction, okey: &[u8]) -> Result<Option<ObjectRecord>> {
-    let t = txn.open_table(OBJECTS)?;
+fn get_object(tb: &mut Tables<'_>, okey: &[u8]) -> Result<Option<ObjectRecord>> {
+    let t = &tb.objects;
     let v = t.get(okey)?;
     v.map(|v| decode(v.value())).transpose()
 }
 
 /// Writes `record` under the key, replacing (and dereferencing) what was there.
 fn put_object(
-    txn: &WriteTransaction,
+    tb: &mut Tables<'_>,
     bucket: &str,
     key: &str,
     record: &ObjectRecord,
     cond: &WriteCondition,
 ) -> Result<()> {
-    require_bucket(txn, bucket)?;
+    require_bucket(tb, bucket)?;
     let okey = keys::object(bucket, key);
-    let old = get_object(txn, &okey)?;
+    let old = get_object(tb, &okey)?;
     check_condition(old.as_ref(), cond)?;
     let encoded = encode(&record)?;
-    add_refs(txn, record.data.blocks())?;
+    add_refs(tb, record.data.blocks())?;
     if let Some(old) = &old {
-        drop_refs(txn, old.data.blocks(), record.last_modified)?;
+        drop_refs(tb, old.data.blocks(), record.last_modified)?;
     }
-    txn.open_table(OBJECTS)?
-        .insert(okey.as_slice(), encoded.as_slice())?;
+    tb.objects.insert(okey.as_slice(), encoded.as_slice())?;
     Ok(())
 }
 
-fn delete_object(
-    txn: &WriteTransaction,
-    bucket: &str,
-    key: &str,
-    now: UnixMillis,
-) -> Result<Outcome> {
-    require_bucket(txn, bucket)?;
+fn delete_object(tb: &mut Tables<'_>, bucket: &str, key: &str, now: UnixMillis) -> Result<Outcome> {
+    require_bucket(tb, bucket)?;
     let okey = keys::object(bucket, key);
-    if let Some(old) = get_object(txn, &okey)? {
-        drop_refs(txn, old.data.blocks(), now)?;
-        txn.open_table(OBJECTS)?.remove(okey.as_slice())?;
+    if let Some(old) = get_object(tb, &okey)? {
+        drop_refs(tb, old.data.blocks(), now)?;
+        tb.objects.remove(okey.as_slice())?;
     }
     Ok(Outcome::Done)
 }
 
 fn get_upload(
-    txn: &WriteTransaction,
+    tb: &mut Tables<'_>,
     bucket: &str,
     key: &str,
     upload_id: &str,
 ) -> Result<UploadRecord> {
-    let t = txn.open_table(UPLOADS)?;
+    let t = &tb.uploads;
     let v = t
         .get(keys::upload(bucket, key, upload_id).as_slice())?
         .ok_or(MetaError::NoSuchUpload)?;
@@ -179,14 +199,14 @@ fn get_upload(
 }
 
 fn create_upload(
-    txn: &WriteTransaction,
+    tb: &mut Tables<'_>,
     bucket: &str,
     key: &str,
     upload_id: &str,
     record: &UploadRecord,
 ) -> Result<Outcome> {
-    require_bucket(txn, bucket)?;
-    txn.open_table(UPLOADS)?.insert(
+    require_bucket(tb, bucket)?;
+    tb.uploads.insert(
         keys::upload(bucket, key, upload_id).as_slice(),
         encode(record)?.as_slice(),
     )?;
@@ -194,33 +214,32 @@ fn create_upload(
 }
 
 fn put_part(
-    txn: &WriteTransaction,
+    tb: &mut Tables<'_>,
     bucket: &str,
     key: &str,
     upload_id: &str,
     part_number: u32,
     record: &PartRecord,
 ) -> Result<Outcome> {
-    require_bucket(txn, bucket)?;
-    get_upload(txn, bucket, key, upload_id)?;
+    require_bucket(tb, bucket)?;
+    get_upload(tb, bucket, key, upload_id)?;
     let pkey = keys::part(upload_id, part_number);
     let old: Option<PartRecord> = {
-        let t = txn.open_table(PARTS)?;
+        let t = &tb.parts;
         let v = t.get(pkey.as_slice())?;
         v.map(|v| decode(v.value())).transpose()?
     };
     let encoded = encode(record)?;
-    add_refs(txn, record.data.blocks())?;
+    add_refs(tb, record.data.blocks())?;
     if let Some(old) = old {
-        drop_refs(txn, old.data.blocks(), record.last_modified)?;
+        drop_refs(tb, old.data.blocks(), record.last_modified)?;
     }
-    txn.open_table(PARTS)?
-        .insert(pkey.as_slice(), encoded.as_slice())?;
+    tb.parts.insert(pkey.as_slice(), encoded.as_slice())?;
     Ok(Outcome::Done)
 }
 
-fn load_parts(txn: &WriteTransaction, upload_id: &str) -> Result<Vec<(u32, PartRecord)>> {
-    let t = txn.open_table(PARTS)?;
+fn load_parts(tb: &mut Tables<'_>, upload_id: &str) -> Result<Vec<(u32, PartRecord)>> {
+    let t = &tb.parts;
     let (lo, hi) = keys::part_range(upload_id);
     let mut out = Vec::new();
     for item in t.range(lo.as_slice()..hi.as_slice())? {
@@ -231,7 +250,7 @@ fn load_parts(txn: &WriteTransaction, upload_id: &str) -> Result<Vec<(u32, PartR
 }
 
 fn complete_upload(
-    txn: &WriteTransaction,
+    tb: &mut Tables<'_>,
     bucket: &str,
     key: &str,
     upload_id: &str,
@@ -239,9 +258,9 @@ fn complete_upload(
     mut record: ObjectRecord,
     cond: &WriteCondition,
 ) -> Result<Outcome> {
-    require_bucket(txn, bucket)?;
-    get_upload(txn, bucket, key, upload_id)?;
-    let parts = load_parts(txn, upload_id)?;
+    require_bucket(tb, bucket)?;
+    get_upload(tb, bucket, key, upload_id)?;
+    let parts = load_parts(tb, upload_id)?;
     let mut blocks: Vec<BlockRef> = Vec::new();
     let mut size = 0u64;
     for (number, etag) in wanted {
@@ -258,56 +277,52 @@ fn complete_upload(
     record.data = ObjectData::Blocks(blocks);
     // The object takes its references before the parts drop theirs, so shared blocks
     // never pass through zero.
-    put_object(txn, bucket, key, &record, cond)?;
-    remove_upload(txn, bucket, key, upload_id, parts, record.last_modified)?;
+    put_object(tb, bucket, key, &record, cond)?;
+    remove_upload(tb, bucket, key, upload_id, parts, record.last_modified)?;
     Ok(Outcome::Object(record))
 }
 
 fn abort_upload(
-    txn: &WriteTransaction,
+    tb: &mut Tables<'_>,
     bucket: &str,
     key: &str,
     upload_id: &str,
     now: UnixMillis,
 ) -> Result<Outcome> {
-    get_upload(txn, bucket, key, upload_id)?;
-    let parts = load_parts(txn, upload_id)?;
-    remove_upload(txn, bucket, key, upload_id, parts, now)?;
+    get_upload(tb, bucket, key, upload_id)?;
+    let parts = load_parts(tb, upload_id)?;
+    remove_upload(tb, bucket, key, upload_id, parts, now)?;
     Ok(Outcome::Done)
 }
 
 fn remove_upload(
-    txn: &WriteTransaction,
+    tb: &mut Tables<'_>,
     bucket: &str,
     key: &str,
     upload_id: &str,
     parts: Vec<(u32, PartRecord)>,
     now: UnixMillis,
 ) -> Result<()> {
-    {
-        let mut t = txn.open_table(PARTS)?;
-        for (n, p) in &parts {
-            t.remove(keys::part(upload_id, *n).as_slice())?;
-            drop_refs(txn, p.data.blocks(), now)?;
-        }
+    for (n, p) in &parts {
+        tb.parts.remove(keys::part(upload_id, *n).as_slice())?;
+        drop_refs(tb, p.data.blocks(), now)?;
     }
-    txn.open_table(UPLOADS)?
+    tb.uploads
         .remove(keys::upload(bucket, key, upload_id).as_slice())?;
     Ok(())
 }
 
-fn put_key(txn: &WriteTransaction, access_key: &str, record: &KeyRecord) -> Result<Outcome> {
-    txn.open_table(KEYS)?
-        .insert(access_key, encode(record)?.as_slice())?;
+fn put_key(tb: &mut Tables<'_>, access_key: &str, record: &KeyRecord) -> Result<Outcome> {
+    tb.keys.insert(access_key, encode(record)?.as_slice())?;
     Ok(Outcome::Done)
 }
 
-fn add_refs(txn: &WriteTransaction, blocks: &[BlockRef]) -> Result<()> {
+fn add_refs(tb: &mut Tables<'_>, blocks: &[BlockRef]) -> Result<()> {
     if blocks.is_empty() {
         return Ok(());
     }
-    let mut refs = txn.open_table(BLOCK_REFS)?;
-    let mut gc = txn.open_table(GC_QUEUE)?;
+    let refs = &mut tb.refs;
+    let gc = &mut tb.gc;
     for b in blocks {
         let h = b.hash.0;
         let n = refs.get(h.as_slice())?.map(|v| v.value()).unwrap_or(0);
@@ -319,14 +334,14 @@ fn add_refs(txn: &WriteTransaction, blocks: &[BlockRef]) -> Result<()> {
     Ok(())
 }
 
-fn drop_refs(txn: &WriteTransaction, blocks: &[BlockRef], now: UnixMillis) -> Result<()> {
+fn drop_refs(tb: &mut Tables<'_>, blocks: &[BlockRef], now: UnixMillis) -> Result<()> {
     if blocks.is_empty() {
         return Ok(());
     }
-    let mut refs = txn.open_table(BLOCK_REFS)?;
-    let mut gc = txn.open_table(GC_QUEUE)?;
+    let refs = &mut tb.refs;
+    let gc = &mut tb.gc;
     for b in blocks {
-        decrement(&mut refs, &mut gc, &b.hash, now)?;
+        decrement(refs, gc, &b.hash, now)?;
     }
     Ok(())
 }
@@ -348,8 +363,8 @@ fn decrement(
     Ok(())
 }
 
-fn gc_forget(txn: &WriteTransaction, entries: &[(BlockHash, UnixMillis)]) -> Result<Outcome> {
-    let mut gc = txn.open_table(GC_QUEUE)?;
+fn gc_forget(tb: &mut Tables<'_>, entries: &[(BlockHash, UnixMillis)]) -> Result<Outcome> {
+    let gc = &mut tb.gc;
     for (h, queued) in entries {
         // Only the entry that was collected: a block referenced and dropped again since
         // has a newer time and stays queued.

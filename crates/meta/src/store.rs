@@ -191,13 +191,16 @@ fn replay(
     let mut txn = db.begin_write()?;
     let _ = txn.set_durability(redb::Durability::None);
     let mut out = Vec::with_capacity(todo.len());
-    for r in &todo {
-        let cmd: Command = decode(&r.payload)?;
-        let res = crate::apply::apply(&txn, &cmd);
-        if let Err(e @ (MetaError::Storage(_) | MetaError::NoSpace(_))) = &res {
-            return Err(e.clone());
+    {
+        let mut tables = crate::apply::Tables::open(&txn)?;
+        for r in &todo {
+            let cmd: Command = decode(&r.payload)?;
+            let res = crate::apply::apply(&mut tables, &cmd);
+            if let Err(e @ (MetaError::Storage(_) | MetaError::NoSpace(_))) = &res {
+                return Err(e.clone());
+            }
+            out.push((r.seq, res));
         }
-        out.push((r.seq, res));
     }
     txn.open_table(STATE)?.insert(APPLIED, last.seq)?;
     txn.commit()?;
@@ -910,13 +913,16 @@ impl ApplyStage {
         let mut txn = db.begin_write()?;
         let _ = txn.set_durability(redb::Durability::None);
         let mut results = Vec::with_capacity(batch.len());
-        for (_, cmd, _) in batch {
-            let res = crate::apply::apply(&txn, cmd);
-            // A storage error may have left the transaction half-changed: drop it all.
-            if let Err(e @ (MetaError::Storage(_) | MetaError::NoSpace(_))) = &res {
-                return Err(e.clone());
+        {
+            let mut tables = crate::apply::Tables::open(&txn)?;
+            for (_, cmd, _) in batch {
+                let res = crate::apply::apply(&mut tables, cmd);
+                // A storage error may have left the transaction half-changed: drop it all.
+                if let Err(e @ (MetaError::Storage(_) | MetaError::NoSpace(_))) = &res {
+                    return Err(e.clone());
+                }
+                results.push(res);
             }
-            results.push(res);
         }
         if let Some((last, ..)) = batch.last() {
             txn.open_table(STATE)?.insert(APPLIED, *last)?;
