@@ -158,6 +158,20 @@ mod tests {
     use super::*;
 
     #[test]
+    fn older_format_is_upgraded_in_place() {
+        let d = std::env::temp_dir().join(format!("cairn-dd-old-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&d);
+        fs::create_dir_all(&d).unwrap();
+        fs::write(d.join(FORMAT_FILE), "cairn-data 1\n").unwrap();
+        prepare(&d).unwrap();
+        assert_eq!(
+            fs::read_to_string(d.join(FORMAT_FILE)).unwrap(),
+            format!("cairn-data {DATA_DIR_FORMAT_VERSION}\n")
+        );
+        let _ = fs::remove_dir_all(&d);
+    }
+
+    #[test]
     fn newer_format_is_refused() {
         let d = std::env::temp_dir().join(format!("cairn-dd-{}", std::process::id()));
         let _ = fs::remove_dir_all(&d);
