@@ -715,7 +715,7 @@ impl S3 for Cairn {
         self.require_bucket(&input.bucket)?;
         let quiet = input.delete.quiet.unwrap_or(false);
         let now = now_millis();
-        // All deletes are sent at once: the metadata writer commits them together.
+        // All deletes are sent at once: the metadata log takes them in one write.
         let futs = input.delete.objects.into_iter().map(|o| {
             let bucket = input.bucket.clone();
             async move {
