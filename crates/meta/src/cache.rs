@@ -2,11 +2,13 @@
 //! object needs neither redb nor a blocking thread.
 //!
 //! Readers fill it; the apply thread invalidates what it changes. A reader may only
-//! fill what it read if no change was applied while it read: every invalidation
-//! bumps a generation number, and a fill checks the generation it started with
-//! under the same lock. The apply thread invalidates the keys of a batch both
-//! before its commit (so the cache never serves the old record once the new one is
-//! visible) and after it (so a reader that read the old record cannot fill it).
+//! fill what it read if no commit was under way or completed while it read. The
+//! generation number is odd while a commit is under way: the apply thread calls
+//! [`RecordCache::begin_change`] before a commit (the keys leave the cache, so it
+//! never serves the old record once the new one is visible) and
+//! [`RecordCache::end_change`] after it (the keys leave again, in case a fill slipped
+//! in). A fill is accepted, under the same lock, only if the generation is even and
+//! the same as when the read started.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -54,28 +56,40 @@ impl RecordCache {
         self.generation.load(Ordering::Acquire)
     }
 
-    /// Caches what a read that started at generation `since` found, unless a change
-    /// was applied meanwhile.
+    /// Caches what a read that started at generation `since` found, unless a commit
+    /// was under way when it started or has begun since.
     pub fn fill(&self, since: u64, key: Vec<u8>, record: ObjectRecord) {
         let _g = self.fill.lock().unwrap_or_else(|p| p.into_inner());
-        if self.generation.load(Ordering::Acquire) == since {
+        if since % 2 == 0 && self.generation.load(Ordering::Acquire) == since {
             self.cache.insert(key, Arc::new(record));
         }
     }
 
-    /// Forgets these keys and stops fills by reads that started before.
-    pub fn invalidate<'a>(&self, keys: impl Iterator<Item = &'a [u8]>) {
+    /// Before a commit that changes these keys: they leave the cache, and no read
+    /// from now until [`RecordCache::end_change`] may fill it.
+    pub fn begin_change<'a>(&self, keys: impl Iterator<Item = &'a [u8]>) {
+        self.bump_and_remove(keys, 1);
+    }
+
+    /// After that commit: the keys leave the cache again (a fill by a read that began
+    /// before the commit may have slipped in before `begin_change`).
+    pub fn end_change<'a>(&self, keys: impl Iterator<Item = &'a [u8]>) {
+        self.bump_and_remove(keys, 1);
+    }
+
+    fn bump_and_remove<'a>(&self, keys: impl Iterator<Item = &'a [u8]>, by: u64) {
         let _g = self.fill.lock().unwrap_or_else(|p| p.into_inner());
-        self.generation.fetch_add(1, Ordering::AcqRel);
+        self.generation.fetch_add(by, Ordering::AcqRel);
         for k in keys {
             self.cache.remove(k);
         }
     }
 
-    /// Forgets everything (after recovery, when any record may have changed).
+    /// Forgets everything (after recovery, when any record may have changed); keeps
+    /// the generation's parity.
     pub fn clear(&self) {
         let _g = self.fill.lock().unwrap_or_else(|p| p.into_inner());
-        self.generation.fetch_add(1, Ordering::AcqRel);
+        self.generation.fetch_add(2, Ordering::AcqRel);
         self.cache.clear();
     }
 }
@@ -96,19 +110,37 @@ mod tests {
         }
     }
 
+    fn k() -> std::iter::Once<&'static [u8]> {
+        std::iter::once(b"k".as_slice())
+    }
+
     #[test]
-    fn a_fill_after_an_invalidation_is_dropped() {
+    fn a_read_that_overlaps_a_commit_does_not_fill() {
         let c = RecordCache::new(1 << 20);
+        // Started before the commit, filled after it began.
         let g = c.generation();
-        // A change is applied while the read runs.
-        c.invalidate([b"k".as_slice()].into_iter());
+        c.begin_change(k());
         c.fill(g, b"k".to_vec(), rec("old"));
         assert!(c.get(b"k").is_none());
+        // Started while the commit was under way (it may have read the old record),
+        // filled before or after the commit ended.
+        let g = c.generation();
+        c.fill(g, b"k".to_vec(), rec("old"));
+        assert!(c.get(b"k").is_none());
+        c.end_change(k());
+        c.fill(g, b"k".to_vec(), rec("old"));
+        assert!(c.get(b"k").is_none());
+        // Started after the commit.
         let g = c.generation();
         c.fill(g, b"k".to_vec(), rec("new"));
         assert_eq!(c.get(b"k").unwrap().etag, "new");
-        c.invalidate([b"k".as_slice()].into_iter());
+        c.begin_change(k());
         assert!(c.get(b"k").is_none());
+        c.end_change(k());
+        c.clear();
+        let g = c.generation();
+        c.fill(g, b"k".to_vec(), rec("newer"));
+        assert_eq!(c.get(b"k").unwrap().etag, "newer");
     }
 
     #[test]

@@ -934,9 +934,10 @@ impl ApplyStage {
             .filter_map(|((_, cmd, _), _)| changed_object(cmd))
             .collect();
         let records = &self.shared.records;
-        records.invalidate(changed.iter().map(|k| k.as_slice()));
-        txn.commit()?;
-        records.invalidate(changed.iter().map(|k| k.as_slice()));
+        records.begin_change(changed.iter().map(|k| k.as_slice()));
+        let committed = txn.commit();
+        records.end_change(changed.iter().map(|k| k.as_slice()));
+        committed?;
         Ok(results)
     }
 

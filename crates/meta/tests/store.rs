@@ -445,7 +445,7 @@ async fn reads_never_go_back_in_time() {
             reads
         }));
     }
-    for v in 1..=400u64 {
+    for v in 1..=1000u64 {
         started.store(v, Ordering::Release);
         if is_delete(v) {
             s.apply(Command::DeleteObject {
