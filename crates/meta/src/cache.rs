@@ -60,7 +60,7 @@ impl RecordCache {
     /// was under way when it started or has begun since.
     pub fn fill(&self, since: u64, key: Vec<u8>, record: ObjectRecord) {
         let _g = self.fill.lock().unwrap_or_else(|p| p.into_inner());
-        if since % 2 == 0 && self.generation.load(Ordering::Acquire) == since {
+        if since.is_multiple_of(2) && self.generation.load(Ordering::Acquire) == since {
             self.cache.insert(key, Arc::new(record));
         }
     }
