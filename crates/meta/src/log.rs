@@ -165,7 +165,10 @@ impl CommandLog {
             },
             u64::MAX,
         )?;
-        let next_seq = records.last().map_or(0, |r| r.seq + 1).max(after + 1);
+        let next_seq = records
+            .last()
+            .map_or(0, |r| r.seq.saturating_add(1))
+            .max(after.saturating_add(1));
         let mut log = CommandLog {
             file,
             path: path.to_path_buf(),
@@ -175,7 +178,10 @@ impl CommandLog {
             buf: Vec::new(),
         };
         // Records that do not lead up to `next_seq` cannot be continued: start over.
-        if records.last().is_none_or(|r| r.seq + 1 != next_seq) {
+        if records
+            .last()
+            .is_none_or(|r| r.seq.saturating_add(1) != next_seq)
+        {
             log.new_cycle();
         }
         Ok((log, records))
