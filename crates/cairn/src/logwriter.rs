@@ -1,9 +1,10 @@
 //! Where log lines go: a shared buffer that a background thread writes to stderr
-//! every few milliseconds (or sooner once it fills up).
+//! at most every few milliseconds (sooner once it fills up), and not at all while
+//! nothing is logged.
 //!
-//! A request appends its formatted line under a mutex and wakes nobody, so logging
-//! costs it neither a write nor a thread wake-up; under load one write carries many
-//! lines. Memory is bounded: past `MAX_BUFFERED` bytes waiting, lines are dropped
+//! A request appends its formatted line under a mutex; only the first line of a batch
+//! wakes the writer, so logging costs a request neither a write nor, mostly, a thread
+//! wake-up; under load one write carries many lines. Memory is bounded: past `MAX_BUFFERED` bytes waiting, lines are dropped
 //! and counted, and the count is logged once the writer catches up.
 
 use std::io::Write;
@@ -57,8 +58,12 @@ fn run(s: &Shared) {
     loop {
         let stopping = {
             let mut buf = s.buf.lock().unwrap_or_else(|p| p.into_inner());
-            if !s.stop.load(Ordering::Acquire) {
-                // Woken early by a full buffer or by the guard.
+            // Idle: sleep until the first line arrives (or the guard stops us).
+            while buf.is_empty() && !s.stop.load(Ordering::Acquire) {
+                buf = s.wake.wait(buf).unwrap_or_else(|p| p.into_inner());
+            }
+            // Let more lines gather, unless the buffer fills first or we are stopping.
+            if buf.len() < FLUSH_AT && !s.stop.load(Ordering::Acquire) {
                 buf = s
                     .wake
                     .wait_timeout(buf, FLUSH_EVERY)
@@ -107,8 +112,10 @@ impl Write for LogWriter {
             self.0.dropped.fetch_add(1, Ordering::Relaxed);
             return Ok(data.len());
         }
+        let was_empty = buf.is_empty();
         buf.extend_from_slice(data);
-        if buf.len() >= FLUSH_AT {
+        // One wake-up per batch: for the first line, and once the buffer fills.
+        if was_empty || (buf.len() >= FLUSH_AT && buf.len() - data.len() < FLUSH_AT) {
             self.0.wake.notify_one();
         }
         Ok(data.len())
