@@ -140,16 +140,22 @@ pub enum MetaError {
 
 pub type Result<T> = std::result::Result<T, MetaError>;
 
+impl MetaError {
+    /// A storage failure, told apart when it is a full disk (ENOSPC, errno 28).
+    pub(crate) fn from_storage(msg: String) -> Self {
+        if msg.contains("No space left") || msg.contains("os error 28") {
+            MetaError::NoSpace(msg)
+        } else {
+            MetaError::Storage(msg)
+        }
+    }
+}
+
 macro_rules! storage_err {
     ($($t:ty),*) => {$(
         impl From<$t> for MetaError {
             fn from(e: $t) -> Self {
-                let s = e.to_string();
-                if s.contains("No space left") || s.contains("os error 28") {
-                    MetaError::NoSpace(s)
-                } else {
-                    MetaError::Storage(s)
-                }
+                MetaError::from_storage(e.to_string())
             }
         }
     )*};

@@ -39,8 +39,9 @@ const CHECKPOINT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(
 /// After a failed checkpoint (a full disk), the next waits this long.
 const CHECKPOINT_RETRY: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// How many waiting commands one write transaction takes at most. Bounds the work
-/// lost (and retried by clients) if a commit fails, and the latency of the first.
+/// How many waiting commands one log write (and one apply transaction) takes at most.
+/// Bounds the work lost (and retried by clients) if a write fails, and the latency of
+/// the first.
 const MAX_GROUP: usize = 512;
 /// Commands waiting for the writer. Callers beyond this wait for room (backpressure).
 const QUEUE_DEPTH: usize = 4096;
@@ -266,7 +267,7 @@ pub struct UploadEntry {
 
 impl MetaStore {
     /// Opens or creates the metadata database at `path` (its command log next to it)
-    /// and starts its writer thread. Blocking: call it before serving or on a
+    /// and starts its log and apply threads. Blocking: call it before serving or on a
     /// blocking thread.
     pub fn open(path: &Path) -> Result<Self> {
         Self::open_with(path, DEFAULT_CACHE_BYTES)
@@ -685,12 +686,8 @@ fn list_in(t: &redb::ReadOnlyTable<&[u8], &[u8]>, bucket: &str, q: &ListQuery) -
 }
 
 fn io_error(path: &Path, e: std::io::Error) -> MetaError {
-    let msg = format!("{}: {e}", path.display());
-    if e.raw_os_error() == Some(28) {
-        MetaError::NoSpace(msg)
-    } else {
-        MetaError::Storage(msg)
-    }
+    // `Display` of an io::Error carries "(os error N)".
+    MetaError::from_storage(format!("{}: {e}", path.display()))
 }
 
 type Reply = oneshot::Sender<Result<Outcome>>;
@@ -1014,7 +1011,6 @@ mod tests {
         drop(db);
         drop(s);
         // Applied once: a second open finds them in the database and numbers on.
-        std::thread::sleep(std::time::Duration::from_millis(200));
         let (log, records) = CommandLog::open(&log_path(&path), 2, true).unwrap();
         assert!(records.iter().all(|r| r.seq <= 2));
         assert_eq!(log.next_seq(), 3);
@@ -1060,5 +1056,16 @@ mod tests {
         let db = s.shared.get().unwrap();
         assert_eq!(read_applied(&db).unwrap(), 11);
         assert_eq!(s.buckets().len(), 10);
+        // The next command starts the log over at offset 0: it is the whole cycle.
+        s.apply(Command::CreateBucket {
+            bucket: "after".into(),
+            now: 1,
+        })
+        .await
+        .unwrap();
+        let cycle = crate::log::read_until(&log_path(&path), u64::MAX).unwrap();
+        assert_eq!(cycle.iter().map(|r| r.seq).collect::<Vec<_>>(), vec![12]);
+        let cmd: Command = decode(&cycle[0].payload).unwrap();
+        assert!(matches!(cmd, Command::CreateBucket { bucket, .. } if bucket == "after"));
     }
 }
