@@ -3,8 +3,10 @@
 //! Layout:
 //! - `FORMAT`: the format version of the directory (one line: `cairn-data <n>`).
 //!   A binary refuses a directory newer than it knows.
-//! - `meta.redb`: the metadata database; `meta.log`: the metadata command log, which
-//!   holds the commands committed since the database's last checkpoint.
+//! - `node_id`: this node's id (16 hex digits), chosen at random once.
+//! - `meta.redb`: the metadata tables; `raft/`: the metadata Raft log (`raft/log/`,
+//!   whose entries after the tables' last checkpoint are applied again at start),
+//!   its vote (`raft/state`) and snapshots (`raft/snapshots/`).
 //! - `blocks/`, `tmp/`: the block store.
 //! - `credentials`: the generated root key pair (mode 0600), if one was generated.
 
@@ -40,8 +42,9 @@ pub fn prepare(dir: &Path) -> Result<()> {
             }
             if v < DATA_DIR_FORMAT_VERSION {
                 // Every older format opens as is (version 1 had no metadata command
-                // log; it is created at open). Recorded first, so that an older
-                // binary refuses the directory from now on.
+                // log; version 2's is applied and removed when the metadata store
+                // opens). Recorded first, so that an older binary refuses the
+                // directory from now on.
                 write_durably(
                     &f,
                     format!("cairn-data {DATA_DIR_FORMAT_VERSION}\n").as_bytes(),
@@ -68,6 +71,31 @@ pub fn prepare(dir: &Path) -> Result<()> {
                 format!("cairn-data {DATA_DIR_FORMAT_VERSION}\n").as_bytes(),
                 0o644,
             )
+        }
+        Err(e) => Err(e).with_context(|| format!("reading {}", f.display())),
+    }
+}
+
+const NODE_ID_FILE: &str = "node_id";
+
+/// This node's id: read from `node_id`, or chosen at random (never 0) and written
+/// durably the first time.
+pub fn node_id(dir: &Path) -> Result<u64> {
+    let f = dir.join(NODE_ID_FILE);
+    match fs::read_to_string(&f) {
+        Ok(text) => u64::from_str_radix(text.trim(), 16)
+            .ok()
+            .filter(|&id| id != 0)
+            .with_context(|| format!("{} does not hold a node id", f.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let id = loop {
+                let id: u64 = rand::random();
+                if id != 0 {
+                    break id;
+                }
+            };
+            write_durably(&f, format!("{id:016x}\n").as_bytes(), 0o644)?;
+            Ok(id)
         }
         Err(e) => Err(e).with_context(|| format!("reading {}", f.display())),
     }
@@ -169,6 +197,17 @@ mod tests {
             format!("cairn-data {DATA_DIR_FORMAT_VERSION}\n")
         );
         let _ = fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn the_node_id_is_chosen_once() {
+        let d = tempfile::tempdir().unwrap();
+        let id = node_id(d.path()).unwrap();
+        assert_ne!(id, 0);
+        assert_eq!(node_id(d.path()).unwrap(), id);
+        fs::write(d.path().join(NODE_ID_FILE), "zz\n").unwrap();
+        let err = node_id(d.path()).unwrap_err().to_string();
+        assert!(err.contains("node id"), "{err}");
     }
 
     #[test]

@@ -121,8 +121,10 @@ struct ServeArgs {
 /// buffered at exit.
 fn init_logging(json: bool) -> logwriter::Guard {
     use std::io::IsTerminal;
+    // openraft narrates every election and membership step at `info`: its warnings
+    // and errors are what an operator needs by default.
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn"));
     let ansi = std::io::stderr().is_terminal();
     let (writer, guard) = logwriter::LogWriter::start();
     let b = tracing_subscriber::fmt()

@@ -18,7 +18,7 @@ use tracing::Instrument;
 use cairn_api_admin::{Admin, Health};
 use cairn_api_s3::{Cairn, S3Settings};
 use cairn_blocks::BlockStore;
-use cairn_meta::{Command, KeyRecord, MetaStore};
+use cairn_meta::{Command, KeyRecord, MetaOptions, MetaStore};
 use cairn_types::now_millis;
 
 use crate::config::Config;
@@ -78,14 +78,23 @@ pub async fn serve(cfg: Config) -> Result<()> {
     }
     let dir = cfg.data_dir.clone();
     let meta_cache = cfg.meta_cache;
-    let (meta, blocks) = tokio::task::spawn_blocking(move || -> Result<(MetaStore, BlockStore)> {
-        datadir::prepare(&dir)?;
-        let blocks = BlockStore::open(&dir).context("opening the block store")?;
-        let meta = MetaStore::open_with(&dir.join("meta.redb"), meta_cache)
-            .context("opening the metadata store")?;
-        Ok((meta, blocks))
+    let d = dir.clone();
+    let (blocks, node_id) = tokio::task::spawn_blocking(move || -> Result<(BlockStore, u64)> {
+        datadir::prepare(&d)?;
+        let node_id = datadir::node_id(&d)?;
+        let blocks = BlockStore::open(&d).context("opening the block store")?;
+        Ok((blocks, node_id))
     })
     .await??;
+    let meta = MetaStore::open_with(
+        &dir.join("meta.redb"),
+        MetaOptions {
+            node_id,
+            memory: meta_cache,
+        },
+    )
+    .await
+    .context("opening the metadata store")?;
     let key = ensure_root_key(&cfg, &meta).await?;
 
     let cairn = Cairn::new(
@@ -141,8 +150,8 @@ pub async fn serve(cfg: Config) -> Result<()> {
     let _ = s3_task.await;
     let _ = admin_task.await;
     let _ = ops_task.await;
-    // So that the next start has nothing to apply again from the metadata log.
-    if let Err(e) = meta.checkpoint().await {
+    // So that the next start has little to apply again from the Raft log.
+    if let Err(e) = meta.close().await {
         tracing::warn!(error = %e, "final metadata checkpoint failed; the next start applies the log");
     }
     tracing::info!("stopped");

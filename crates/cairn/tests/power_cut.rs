@@ -1,7 +1,7 @@
 //! The power-cut test: kill -9 cannot show a missing fsync (the page cache outlives
 //! the process), so this test traces a real server's system calls (strace) and checks
 //! that for every acknowledged PUT, each block file was fsynced before its rename into
-//! place, its directory was fsynced after the rename, and the metadata log's last
+//! place, its directory was fsynced after the rename, and the metadata Raft log's last
 //! write was durable (a write to a file opened with O_DSYNC, or an fsync after it),
 //! all before the response was written. Each variant
 //! that leaves one of those fsyncs out (a test hook) must make the check fail.
@@ -31,7 +31,8 @@ fn started_write(call: &str) -> Option<Ev> {
     if is_write && call.contains("HTTP/1.1 200") {
         return Some(Ev::Response);
     }
-    if call.starts_with("pwrite64(") && call.contains("meta.log") {
+    // A write to a segment of the metadata Raft log (`raft/log/*.seg`).
+    if call.starts_with("pwrite64(") && call.contains(".seg>") {
         return Some(Ev::MetaWrite);
     }
     None
@@ -145,7 +146,7 @@ fn check(events: &[Ev]) -> (Vec<String>, usize, usize) {
         match seg.iter().rposition(|e| matches!(e, Ev::MetaWrite)) {
             Some(last) => {
                 with_meta += 1;
-                if !seg[last + 1..].iter().any(|x| matches!(x, Ev::Sync(p) if p.ends_with("meta.log"))) {
+                if !seg[last + 1..].iter().any(|x| matches!(x, Ev::Sync(p) if p.ends_with(".seg"))) {
                     problems.push("the metadata log was not fsynced after its last write".into());
                 }
             }

@@ -1,30 +1,37 @@
-//! cairn's metadata: buckets, objects, multipart uploads and access keys.
+//! cairn's metadata: buckets, objects, multipart uploads and access keys, replicated
+//! by Raft (openraft).
 //!
-//! Reads go straight to a redb read transaction. Every change is a [`Command`],
-//! written in two pipelined stages (`store.rs`): the log thread takes all commands
-//! waiting at that moment and appends them to the command log (`log.rs`) with one
-//! synchronous write (group commit); the apply thread then applies them in log order in one
-//! redb transaction, committed without an fsync of its own, and answers each caller.
-//! A command is visible to readers only once it is durable in the log. Checkpoints
-//! (durable redb commits) make the tables durable in bulk; at open, commands after
-//! the last checkpoint are applied again from the log.
+//! Reads go to the tables (redb) directly, or to the cache of object records. Every
+//! change is a [`Command`]; concurrent commands are batched into one entry of the
+//! Raft log (`store.rs::batcher`). The log store (`raft/log_store.rs`, on the
+//! segment files of `segments.rs`) writes every entry waiting at that moment with one
+//! synchronous write (group commit); once committed, the state machine
+//! (`raft/state_machine.rs`) applies the entry's commands in order in one redb
+//! transaction, committed without an fsync of its own, and each caller gets its
+//! command's result. Nothing is visible to readers before it is durable in the log.
+//! Checkpoints (durable redb commits) make the tables durable in bulk; after a crash
+//! the entries after the last checkpoint are applied again from the log.
 //!
 //! Commands are deterministic functions of the stored state and their own fields
-//! (times are carried in the command, never read while applying), so the same
-//! commands can later be the entries of a replicated log.
+//! (times are carried in the command, never read while applying): every replica
+//! applying the same entries gets the same tables and the same results.
 
 mod apply;
 mod cache;
 mod keys;
 mod log;
+pub mod raft;
 mod records;
+mod segments;
 mod store;
 
 pub use records::{
     BucketRecord, Checksums, KeyRecord, ObjectData, ObjectRecord, PartRecord, RECORD_VERSION,
     StoredHeaders, UploadRecord,
 };
-pub use store::{DEFAULT_CACHE_BYTES, ListEntry, ListPage, ListQuery, MetaStore, UploadEntry};
+pub use store::{
+    DEFAULT_CACHE_BYTES, ListEntry, ListPage, ListQuery, MetaOptions, MetaStore, UploadEntry,
+};
 
 use cairn_types::{BlockHash, UnixMillis};
 
@@ -102,7 +109,7 @@ pub enum WriteCondition {
 }
 
 /// What an applied command returns.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[allow(clippy::large_enum_variant)] // returned once per command
 pub enum Outcome {
     Done,
@@ -110,7 +117,7 @@ pub enum Outcome {
     Object(ObjectRecord),
 }
 
-#[derive(Debug, thiserror::Error, Clone)]
+#[derive(Debug, thiserror::Error, Clone, serde::Serialize, serde::Deserialize)]
 pub enum MetaError {
     #[error("the bucket does not exist")]
     NoSuchBucket,
@@ -141,6 +148,10 @@ pub enum MetaError {
 pub type Result<T> = std::result::Result<T, MetaError>;
 
 impl MetaError {
+    pub(crate) fn is_no_space(&self) -> bool {
+        matches!(self, MetaError::NoSpace(_))
+    }
+
     /// A storage failure, told apart when it is a full disk (ENOSPC, errno 28).
     pub(crate) fn from_storage(msg: String) -> Self {
         if msg.contains("No space left") || msg.contains("os error 28") {

@@ -1,15 +1,6 @@
-//! The command log: the durable record of every committed command.
-//!
-//! The log thread appends each group of commands as records and makes them durable
-//! with one synchronous write (`O_DSYNC`) before they are applied or anyone is answered.
-//! The redb tables are then updated without an fsync of their own; a periodic
-//! checkpoint (a durable redb commit) makes them durable in bulk, after which the log
-//! starts a new cycle at offset 0 of the same file. At open, the records the last
-//! checkpoint does not hold are applied again. Commands that fail (a precondition, a
-//! missing bucket) are logged too: applying them again fails again, changing nothing.
-//!
-//! Why: a small write then costs one sequential write of its own bytes and a share of
-//! one fsync, instead of a share of a redb commit that writes a dozen scattered pages.
+//! The command log of data directory format 2 (`meta.log`), read once to upgrade
+//! such a directory (`store.rs::upgrade_command_log`); its record format and chain
+//! are also those of the Raft log's segments (`segments.rs`).
 //!
 //! A record is `len: u32 LE | seq: u64 LE | chain: u64 LE | payload (len bytes)`,
 //! where `chain` is the CRC-64/NVME of the previous record's chain (zero for the
@@ -17,20 +8,22 @@
 //! the log's own checksum costs next to nothing beside the write). Reading stops at the
 //! first record that is incomplete, does not chain or does not follow its
 //! predecessor's sequence number: a torn write, the stale tail of an older cycle or
-//! a group whose write failed all end the log there. Once written, the file keeps its
-//! size, so later cycles overwrite blocks that are already allocated.
+//! a group whose write failed all end the log there. The writer (`CommandLog`) is
+//! kept for tests, which make such logs.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
+#[cfg(test)]
+use std::fs::OpenOptions;
 use std::io::{self, BufReader, Read};
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 const HEADER: usize = 4 + 8 + 8;
 /// Larger lengths are taken as garbage (the largest command, a multipart completion
 /// of 10 000 parts, is far smaller).
 const MAX_PAYLOAD: usize = 64 << 20;
 
-type Chain = [u8; 8];
+pub(crate) type Chain = [u8; 8];
 
 /// One record read back from the log.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -39,9 +32,9 @@ pub(crate) struct LogRecord {
     pub payload: Vec<u8>,
 }
 
+#[cfg(test)]
 pub(crate) struct CommandLog {
     file: File,
-    path: PathBuf,
     /// Offset where the next record goes: the end of the current cycle.
     end: u64,
     /// Sequence number of the next record.
@@ -51,7 +44,7 @@ pub(crate) struct CommandLog {
     buf: Vec<u8>,
 }
 
-fn chain_of(prev: &Chain, seq: u64, payload: &[u8]) -> Chain {
+pub(crate) fn chain_of(prev: &Chain, seq: u64, payload: &[u8]) -> Chain {
     let mut h = crc_fast::Digest::new(crc_fast::CrcAlgorithm::Crc64Nvme);
     h.update(prev);
     h.update(&(payload.len() as u32).to_le_bytes());
@@ -62,9 +55,9 @@ fn chain_of(prev: &Chain, seq: u64, payload: &[u8]) -> Chain {
 
 /// Reads a file from offset 0 with positional reads (the file's cursor is shared
 /// with every handle of it and never moved).
-struct AtReader<'a> {
-    file: &'a File,
-    pos: u64,
+pub(crate) struct AtReader<'a> {
+    pub file: &'a File,
+    pub pos: u64,
 }
 
 impl Read for AtReader<'_> {
@@ -99,38 +92,52 @@ pub(crate) fn scan(reader: impl Read, limit: u64) -> io::Result<(Vec<LogRecord>,
     let mut out: Vec<LogRecord> = Vec::new();
     let (mut end, mut chain) = (0u64, [0u8; 8]);
     loop {
-        let mut head = [0u8; HEADER];
-        if !read_full(&mut r, &mut head)? {
+        let want = out.last().map(|p: &LogRecord| p.seq.checked_add(1));
+        let mut payload = Vec::new();
+        let Some((seq, c)) = next_record(&mut r, want, &chain, MAX_PAYLOAD, &mut payload)? else {
             break;
-        }
-        let len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]) as usize;
-        let mut seq_bytes = [0u8; 8];
-        seq_bytes.copy_from_slice(&head[4..12]);
-        let seq = u64::from_le_bytes(seq_bytes);
-        if len > MAX_PAYLOAD
-            || out
-                .last()
-                .is_some_and(|p| p.seq.checked_add(1) != Some(seq))
-        {
-            break;
-        }
-        let mut payload = vec![0u8; len];
-        if !read_full(&mut r, &mut payload)? {
-            break;
-        }
-        let c = chain_of(&chain, seq, &payload);
-        if c[..] != head[12..] {
-            break;
-        }
+        };
         chain = c;
-        end += (HEADER + len) as u64;
+        end += (HEADER + payload.len()) as u64;
         out.push(LogRecord { seq, payload });
     }
     Ok((out, end, chain))
 }
 
+/// Reads the next record into `payload` if it is whole, no longer than `max`,
+/// numbered `want` (when given; `Some(None)` matches nothing) and chains from `chain`.
+/// Returns its number and chain, or `None` where the log ends.
+pub(crate) fn next_record(
+    r: &mut impl Read,
+    want: Option<Option<u64>>,
+    chain: &Chain,
+    max: usize,
+    payload: &mut Vec<u8>,
+) -> io::Result<Option<(u64, Chain)>> {
+    let mut head = [0u8; HEADER];
+    if !read_full(r, &mut head)? {
+        return Ok(None);
+    }
+    let len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]) as usize;
+    let mut seq_bytes = [0u8; 8];
+    seq_bytes.copy_from_slice(&head[4..12]);
+    let seq = u64::from_le_bytes(seq_bytes);
+    if len > max || want.is_some_and(|w| w != Some(seq)) {
+        return Ok(None);
+    }
+    payload.resize(len, 0);
+    if !read_full(r, payload)? {
+        return Ok(None);
+    }
+    let c = chain_of(chain, seq, payload);
+    if c[..] != head[12..] {
+        return Ok(None);
+    }
+    Ok(Some((seq, c)))
+}
+
 /// Fills `buf`; false if the input ended first.
-fn read_full(r: &mut impl Read, buf: &mut [u8]) -> io::Result<bool> {
+pub(crate) fn read_full(r: &mut impl Read, buf: &mut [u8]) -> io::Result<bool> {
     let mut got = 0;
     while got < buf.len() {
         match r.read(&mut buf[got..]) {
@@ -143,6 +150,7 @@ fn read_full(r: &mut impl Read, buf: &mut [u8]) -> io::Result<bool> {
     Ok(true)
 }
 
+#[cfg(test)]
 impl CommandLog {
     /// Opens (or creates) the log and reads its current cycle. The next record gets
     /// sequence number `after + 1` or follows the last record read, whichever is
@@ -171,7 +179,6 @@ impl CommandLog {
             .max(after.saturating_add(1));
         let mut log = CommandLog {
             file,
-            path: path.to_path_buf(),
             end,
             next_seq,
             chain,
@@ -194,10 +201,6 @@ impl CommandLog {
     /// Bytes in the current cycle.
     pub fn cycle_bytes(&self) -> u64 {
         self.end
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
     }
 
     /// Appends one record per payload and makes them durable. On error nothing

@@ -27,7 +27,7 @@ fn obj(etag: &str, blocks: &[&[u8]]) -> ObjectRecord {
 
 async fn store() -> (tempfile::TempDir, MetaStore) {
     let d = tempfile::tempdir().unwrap();
-    let s = MetaStore::open(&d.path().join("meta.redb")).unwrap();
+    let s = MetaStore::open(&d.path().join("meta.redb")).await.unwrap();
     s.apply(Command::CreateBucket {
         bucket: "b".into(),
         now: 1,
@@ -314,7 +314,7 @@ async fn data_survives_reopen() {
     let d = tempfile::tempdir().unwrap();
     let path = d.path().join("meta.redb");
     {
-        let s = MetaStore::open(&path).unwrap();
+        let s = MetaStore::open(&path).await.unwrap();
         s.apply(Command::CreateBucket {
             bucket: "b".into(),
             now: 1,
@@ -325,12 +325,12 @@ async fn data_survives_reopen() {
             .await
             .unwrap();
     }
-    // The writer thread holds the database until its channel closes.
+    // The store's threads hold the database until they end.
     let mut tries = 0;
     let s = loop {
-        match MetaStore::open(&path) {
+        match MetaStore::open(&path).await {
             Ok(s) => break s,
-            Err(_) if tries < 100 => {
+            Err(_) if tries < 200 => {
                 tries += 1;
                 tokio::time::sleep(std::time::Duration::from_millis(20)).await;
             }
@@ -441,6 +441,9 @@ async fn reads_never_go_back_in_time() {
                     }
                 }
                 reads += 1;
+                // As a server's request handlers do (each waits on its connection):
+                // a reader that never yields would starve the Raft tasks.
+                tokio::task::yield_now().await;
             }
             reads
         }));

@@ -11,7 +11,9 @@ use serde::{Deserialize, Serialize};
 /// directory whose recorded version is newer than this (see `cairn::datadir`).
 ///
 /// 2: the metadata command log (`meta.log`) holds commands the database file may not.
-pub const DATA_DIR_FORMAT_VERSION: u32 = 2;
+/// 3: metadata changes are entries of a Raft log (`raft/`); the node has an id
+/// (`node_id`). A format-2 `meta.log` is applied and removed at open.
+pub const DATA_DIR_FORMAT_VERSION: u32 = 3;
 
 /// The content address of a block: BLAKE3 of its bytes.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
