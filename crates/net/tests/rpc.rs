@@ -1,0 +1,221 @@
+//! The RPC transport between real sockets on loopback.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use cairn_net::{Client, Identity, NodeId, Peers, RpcError, Service, serve};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+const T: Duration = Duration::from_secs(10);
+
+/// Service 1 echoes the body reversed with the caller's id appended; 2 sleeps for
+/// the number of milliseconds in the body; 3 fails.
+struct Test;
+
+#[async_trait::async_trait]
+impl Service for Test {
+    async fn call(&self, peer: NodeId, service: u8, body: Bytes) -> Result<Bytes, String> {
+        match service {
+            1 => {
+                let mut v: Vec<u8> = body.iter().rev().copied().collect();
+                v.extend_from_slice(&peer.to_le_bytes());
+                Ok(Bytes::from(v))
+            }
+            2 => {
+                let ms = u64::from_le_bytes(body[..8].try_into().map_err(|_| "bad body")?);
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+                Ok(body)
+            }
+            _ => Err(format!("service {service} failed on purpose")),
+        }
+    }
+}
+
+async fn server(id: NodeId, secret: &[u8]) -> (String, watch::Sender<bool>) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    let (tx, rx) = watch::channel(false);
+    tokio::spawn(serve(l, Identity::new(id, secret), Arc::new(Test), rx));
+    (addr, tx)
+}
+
+#[tokio::test]
+async fn calls_are_answered_and_multiplexed() {
+    let (addr, _stop) = server(2, b"s3cret").await;
+    let c = Client::connect(&addr, &Identity::new(7, b"s3cret"), T)
+        .await
+        .unwrap();
+    assert_eq!(c.peer(), 2);
+    // A slow request does not hold up the fast ones behind it.
+    let slow = {
+        let c = c.clone();
+        tokio::spawn(async move {
+            c.call(2, Bytes::from(800u64.to_le_bytes().to_vec()), T)
+                .await
+        })
+    };
+    let started = std::time::Instant::now();
+    let mut tasks = Vec::new();
+    for i in 0..200u32 {
+        let c = c.clone();
+        tasks.push(tokio::spawn(async move {
+            let body = Bytes::from(format!("request {i}"));
+            let got = c.call(1, body.clone(), T).await.unwrap();
+            let mut want: Vec<u8> = body.iter().rev().copied().collect();
+            want.extend_from_slice(&7u64.to_le_bytes());
+            assert_eq!(got, want);
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert!(
+        started.elapsed() < Duration::from_millis(800),
+        "fast calls waited for the slow one"
+    );
+    slow.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn large_bodies_round_trip() {
+    let (addr, _stop) = server(2, b"k").await;
+    let c = Client::connect(&addr, &Identity::new(1, b"k"), T)
+        .await
+        .unwrap();
+    let body: Vec<u8> = (0..8 << 20).map(|i: u32| (i % 251) as u8).collect();
+    let got = c.call(1, Bytes::from(body.clone()), T).await.unwrap();
+    assert_eq!(
+        &got[..body.len()],
+        body.iter().rev().copied().collect::<Vec<u8>>().as_slice()
+    );
+}
+
+#[tokio::test]
+async fn a_wrong_secret_is_refused_both_ways() {
+    let (addr, _stop) = server(2, b"right").await;
+    match Client::connect(&addr, &Identity::new(1, b"wrong"), T).await {
+        Err(RpcError::Refused { reason, .. }) => assert!(reason.contains("secret"), "{reason}"),
+        Err(e) => panic!("wrong error: {e}"),
+        Ok(_) => panic!("a client with the wrong secret was accepted"),
+    }
+    // The server, too, is checked: the client gives up before proving anything.
+    let (addr, _stop2) = server(3, b"impostor").await;
+    match Client::connect(&addr, &Identity::new(1, b"right"), T).await {
+        Err(RpcError::Refused { reason, .. }) => {
+            assert!(
+                reason.contains("does not hold this cluster's secret"),
+                "{reason}"
+            )
+        }
+        Err(e) => panic!("wrong error: {e}"),
+        Ok(_) => panic!("a server with the wrong secret was trusted"),
+    }
+}
+
+#[tokio::test]
+async fn another_protocol_version_is_refused_with_a_reason() {
+    let (addr, _stop) = server(2, b"k").await;
+    let mut s = TcpStream::connect(&addr).await.unwrap();
+    let mut hello = b"CAIRNRPC".to_vec();
+    hello.extend_from_slice(&99u16.to_le_bytes());
+    hello.extend_from_slice(&5u64.to_le_bytes());
+    hello.extend_from_slice(&[0u8; 32]);
+    s.write_all(&hello).await.unwrap();
+    let mut ch = [0u8; 83];
+    s.read_exact(&mut ch).await.unwrap();
+    assert_eq!(&ch[..8], b"CAIRNRPC");
+    assert_eq!(
+        u16::from_le_bytes([ch[8], ch[9]]),
+        cairn_net::PROTOCOL_VERSION
+    );
+    assert_eq!(ch[10], 1, "status: refused");
+    // And the server closes the connection.
+    let mut rest = Vec::new();
+    let n = s.read_to_end(&mut rest).await.unwrap_or(0);
+    assert_eq!(n, 0);
+}
+
+#[tokio::test]
+async fn garbage_closes_only_its_own_connection() {
+    let (addr, _stop) = server(2, b"k").await;
+    let mut s = TcpStream::connect(&addr).await.unwrap();
+    s.write_all(&[0xAB; 300]).await.unwrap();
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(T, s.read_to_end(&mut buf))
+        .await
+        .unwrap();
+    let c = Client::connect(&addr, &Identity::new(1, b"k"), T)
+        .await
+        .unwrap();
+    assert!(c.call(1, Bytes::from_static(b"ok"), T).await.is_ok());
+}
+
+#[tokio::test]
+async fn timeouts_and_remote_errors_are_reported() {
+    let (addr, _stop) = server(2, b"k").await;
+    let c = Client::connect(&addr, &Identity::new(1, b"k"), T)
+        .await
+        .unwrap();
+    let r = c
+        .call(
+            2,
+            Bytes::from(2000u64.to_le_bytes().to_vec()),
+            Duration::from_millis(100),
+        )
+        .await;
+    assert_eq!(r, Err(RpcError::Timeout(Duration::from_millis(100))));
+    match c.call(3, Bytes::new(), T).await {
+        Err(RpcError::Remote(m)) => assert!(m.contains("on purpose"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+    // The connection still serves.
+    assert!(c.call(1, Bytes::from_static(b"x"), T).await.is_ok());
+}
+
+#[tokio::test]
+async fn peers_reconnect_after_a_restart() {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let (stop, rx) = watch::channel(false);
+    let task = tokio::spawn(serve(l, Identity::new(2, b"k"), Arc::new(Test), rx));
+    let peers = Peers::new(Identity::new(1, b"k"), T);
+    assert!(
+        peers
+            .call(&addr.to_string(), 1, Bytes::from_static(b"a"), T)
+            .await
+            .is_ok()
+    );
+    // Stop the server (its listener and connections go), then start it again.
+    stop.send(true).unwrap();
+    task.await.unwrap();
+    let mut tries = 0;
+    let l = loop {
+        match TcpListener::bind(addr).await {
+            Ok(l) => break l,
+            Err(_) if tries < 100 => {
+                tries += 1;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => panic!("{e}"),
+        }
+    };
+    let (_stop2, rx2) = watch::channel(false);
+    tokio::spawn(serve(l, Identity::new(2, b"k"), Arc::new(Test), rx2));
+    // The old connection is dead; at most one call fails before a new one is made.
+    let mut ok = false;
+    for _ in 0..3 {
+        if peers
+            .call(&addr.to_string(), 1, Bytes::from_static(b"b"), T)
+            .await
+            .is_ok()
+        {
+            ok = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(ok, "no call succeeded after the restart");
+}
