@@ -91,6 +91,7 @@ pub async fn serve(cfg: Config) -> Result<()> {
         MetaOptions {
             node_id,
             memory: meta_cache,
+            ..Default::default()
         },
     )
     .await

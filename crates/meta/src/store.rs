@@ -13,10 +13,12 @@ use cairn_types::{BlockHash, UnixMillis};
 
 use crate::log::LogRecord;
 use crate::raft::log_store::LogStore;
+use crate::raft::network::{NetNetwork, SVC_READ_INDEX, SVC_WRITE};
 use crate::raft::state_machine::{RAFT_STATE, StateMachine};
-use crate::raft::{Member, NodeId, Raft, Request};
+use crate::raft::{LogId, Member, NodeId, Raft, Request, Response};
 use crate::records::{BucketRecord, KeyRecord, ObjectRecord, PartRecord, UploadRecord, decode};
 use crate::{Command, MetaError, Outcome, Result, keys};
+use cairn_net::Peers;
 
 pub(crate) const BUCKETS: TableDefinition<&str, &[u8]> = TableDefinition::new("buckets");
 pub(crate) const OBJECTS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("objects");
@@ -49,12 +51,18 @@ const MAX_IN_FLIGHT: usize = 1;
 const QUEUE_DEPTH: usize = 4096;
 
 /// How a metadata store is opened.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct MetaOptions {
     /// This node's id in the Raft group.
     pub node_id: NodeId,
     /// Memory for caches: three quarters for redb's page cache, one for object records.
     pub memory: usize,
+    /// This node's RPC address, as the other members reach it ("" for none).
+    pub rpc_address: String,
+    /// Connections to the other members; `None`: a cluster of one.
+    pub peers: Option<Peers>,
+    /// A new store waits to be added to an existing group instead of starting one.
+    pub join: bool,
 }
 
 impl Default for MetaOptions {
@@ -62,6 +70,9 @@ impl Default for MetaOptions {
         MetaOptions {
             node_id: 1,
             memory: DEFAULT_CACHE_BYTES,
+            rpc_address: String::new(),
+            peers: None,
+            join: false,
         }
     }
 }
@@ -74,7 +85,14 @@ pub struct MetaStore {
     tx: mpsc::Sender<(Command, Reply)>,
     raft: Raft,
     sm: StateMachine,
+    peers: Option<Peers>,
+    node_id: NodeId,
 }
+
+/// How long a follower waits for the leader's read index and for applying up to it.
+const READ_BARRIER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// How long a write forwarded to the leader may take.
+const FORWARD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Access keys, read on every request: kept in memory, loaded at open and updated by
 /// the writer after each commit that changes them.
@@ -306,47 +324,65 @@ impl MetaStore {
         let raft = Raft::new(
             opts.node_id,
             Arc::new(config),
-            crate::raft::network::NoNetwork,
+            NetNetwork {
+                peers: opts.peers.clone(),
+            },
             log,
             sm.clone(),
         )
         .await
         .map_err(|e| MetaError::Storage(format!("starting Raft: {e}")))?;
         let me = opts.node_id;
-        if !raft
+        let initialized = raft
             .is_initialized()
             .await
-            .map_err(|e| MetaError::Storage(format!("Raft: {e}")))?
-        {
-            let members = BTreeMap::from([(me, Member::default())]);
+            .map_err(|e| MetaError::Storage(format!("Raft: {e}")))?;
+        if !initialized && !opts.join {
+            let members = BTreeMap::from([(
+                me,
+                Member {
+                    rpc: opts.rpc_address.clone(),
+                },
+            )]);
             raft.initialize(members)
                 .await
                 .map_err(|e| MetaError::Storage(format!("initializing Raft: {e}")))?;
-        } else {
-            // A cluster of one need not wait out an election timeout.
-            let _ = raft.trigger().elect().await;
         }
-        raft.wait(Some(std::time::Duration::from_secs(30)))
-            .metrics(
-                |m| m.current_leader == Some(me) && m.state == openraft::ServerState::Leader,
-                "this node leads its cluster of one",
-            )
-            .await
-            .map_err(|e| MetaError::Storage(format!("waiting for Raft leadership: {e}")))?;
-        // Everything committed before a restart is applied before anyone reads.
-        let last = raft.metrics().borrow().last_log_index;
-        raft.wait(Some(std::time::Duration::from_secs(60)))
-            .applied_index_at_least(last, "the log is applied")
-            .await
-            .map_err(|e| MetaError::Storage(format!("applying the Raft log: {e}")))?;
+        // Just initialized, the metrics may not show the membership yet.
+        let alone = (!initialized && !opts.join) || {
+            let m = raft.metrics().borrow().membership_config.clone();
+            let voters: Vec<NodeId> = m.membership().voter_ids().collect();
+            voters == [me]
+        };
+        if alone {
+            // A cluster of one need not wait out an election timeout, and serves
+            // once it leads and has applied its log.
+            if initialized {
+                let _ = raft.trigger().elect().await;
+            }
+            raft.wait(Some(std::time::Duration::from_secs(30)))
+                .metrics(
+                    |m| m.current_leader == Some(me) && m.state == openraft::ServerState::Leader,
+                    "this node leads its cluster of one",
+                )
+                .await
+                .map_err(|e| MetaError::Storage(format!("waiting for Raft leadership: {e}")))?;
+            let last = raft.metrics().borrow().last_log_index;
+            raft.wait(Some(std::time::Duration::from_secs(60)))
+                .applied_index_at_least(last, "the log is applied")
+                .await
+                .map_err(|e| MetaError::Storage(format!("applying the Raft log: {e}")))?;
+        }
 
         let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
-        tokio::spawn(batcher(raft.clone(), rx));
+        tokio::spawn(batcher(raft.clone(), opts.peers.clone(), rx));
         Ok(MetaStore {
             shared,
             tx,
             raft,
             sm,
+            peers: opts.peers,
+            node_id: me,
         })
     }
 
@@ -375,6 +411,57 @@ impl MetaStore {
     /// The Raft node (status, membership).
     pub fn raft(&self) -> &Raft {
         &self.raft
+    }
+
+    /// This node's id in the Raft group.
+    pub fn node_id(&self) -> NodeId {
+        self.node_id
+    }
+
+    /// Waits until this node has applied every entry committed before the call
+    /// (a linearizable read then sees every write acknowledged before it began).
+    /// A cluster of one needs nothing: its writes return once applied here. The
+    /// leader confirms it still leads (a heartbeat round); a follower asks the
+    /// leader for its read index and waits to have applied that far.
+    pub async fn read_barrier(&self) -> Result<()> {
+        let (voters, leader) = {
+            let m = self.raft.metrics();
+            let m = m.borrow();
+            (
+                m.membership_config.membership().voter_ids().count(),
+                m.current_leader,
+            )
+        };
+        if voters <= 1 && leader == Some(self.node_id) {
+            return Ok(());
+        }
+        let read_index: Option<LogId> = match self.raft.ensure_linearizable().await {
+            Ok(l) => l,
+            Err(openraft::error::RaftError::APIError(
+                openraft::error::CheckIsLeaderError::ForwardToLeader(f),
+            )) => {
+                let (Some(node), Some(peers)) = (f.leader_node, &self.peers) else {
+                    return Err(MetaError::Unavailable);
+                };
+                let body = crate::raft::network::encode(&()).map_err(MetaError::Storage)?;
+                let answer = peers
+                    .call(&node.rpc, SVC_READ_INDEX, body, READ_BARRIER_TIMEOUT)
+                    .await
+                    .map_err(|_| MetaError::Unavailable)?;
+                let res: std::result::Result<Option<LogId>, String> =
+                    crate::raft::network::decode(&answer).map_err(MetaError::Storage)?;
+                res.map_err(|_| MetaError::Unavailable)?
+            }
+            Err(_) => return Err(MetaError::Unavailable),
+        };
+        if let Some(index) = read_index {
+            self.raft
+                .wait(Some(READ_BARRIER_TIMEOUT))
+                .applied_index_at_least(Some(index.index), "read barrier")
+                .await
+                .map_err(|_| MetaError::Unavailable)?;
+        }
+        Ok(())
     }
 
     /// Runs a read on a blocking thread (redb reads may touch the disk).
@@ -417,6 +504,7 @@ impl MetaStore {
 
     /// The object under `key`; `NoSuchBucket` if the bucket does not exist.
     pub async fn object(&self, bucket: &str, key: &str) -> Result<Option<ObjectRecord>> {
+        self.read_barrier().await?;
         self.require_bucket(bucket)?;
         let okey = keys::object(bucket, key);
         let records = &self.shared.records;
@@ -442,6 +530,7 @@ impl MetaStore {
     /// One page of a bucket's keys, sorted, with keys that share a prefix up to the
     /// delimiter rolled up into one [`ListEntry::Prefix`].
     pub async fn list(&self, bucket: &str, q: ListQuery) -> Result<ListPage> {
+        self.read_barrier().await?;
         let bucket = bucket.to_string();
         self.read(move |db| {
             let txn = db.begin_read()?;
@@ -455,6 +544,7 @@ impl MetaStore {
     }
 
     pub async fn upload(&self, bucket: &str, key: &str, upload_id: &str) -> Result<UploadRecord> {
+        self.read_barrier().await?;
         let k = keys::upload(bucket, key, upload_id);
         let bucket = bucket.to_string();
         self.read(move |db| {
@@ -746,7 +836,7 @@ pub(crate) async fn open_storage(
 /// Takes the commands waiting, proposes them as one Raft entry, and answers each
 /// caller with its command's result once the entry is applied. Up to
 /// `MAX_IN_FLIGHT` entries are in flight; meanwhile the next batch gathers.
-async fn batcher(raft: Raft, mut rx: mpsc::Receiver<(Command, Reply)>) {
+async fn batcher(raft: Raft, peers: Option<Peers>, mut rx: mpsc::Receiver<(Command, Reply)>) {
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT));
     while let Some(first) = rx.recv().await {
         let Ok(permit) = slots.clone().acquire_owned().await else {
@@ -767,32 +857,64 @@ async fn batcher(raft: Raft, mut rx: mpsc::Receiver<(Command, Reply)>) {
             };
         }
         metrics::histogram!("cairn_meta_commit_group_size").record(cmds.len() as f64);
-        let raft = raft.clone();
+        let (raft, peers) = (raft.clone(), peers.clone());
         tokio::spawn(async move {
             let started = std::time::Instant::now();
-            let res = raft.client_write(Request::Commands(cmds)).await;
+            let res = propose(&raft, peers.as_ref(), Request::Commands(cmds)).await;
             metrics::histogram!("cairn_meta_commit_seconds")
                 .record(started.elapsed().as_secs_f64());
             drop(permit);
             match res {
                 Ok(resp) => {
-                    let mut results = resp.data.0.into_iter();
+                    let mut results = resp.0.into_iter();
                     for reply in replies {
                         let _ = reply.send(results.next().unwrap_or(Err(MetaError::Unavailable)));
                     }
                 }
-                Err(e) => {
-                    let err = match &e {
-                        openraft::error::RaftError::Fatal(_) => MetaError::Closed,
-                        _ => MetaError::Unavailable,
-                    };
-                    tracing::warn!(error = %e, "a metadata write was not committed");
+                Err(err) => {
                     for reply in replies {
                         let _ = reply.send(Err(err.clone()));
                     }
                 }
             }
         });
+    }
+}
+
+/// Proposes an entry: here if this node leads, else through the leader.
+async fn propose(raft: &Raft, peers: Option<&Peers>, req: Request) -> Result<Response> {
+    use openraft::error::{ClientWriteError, RaftError};
+    match raft.client_write(req.clone()).await {
+        Ok(r) => Ok(r.data),
+        Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+            let (Some(node), Some(peers)) = (f.leader_node, peers) else {
+                return Err(MetaError::Unavailable);
+            };
+            let body = crate::raft::network::encode(&req).map_err(MetaError::Storage)?;
+            // An error here may come after the leader committed the entry: the
+            // caller cannot tell, as with any write whose answer was lost.
+            let answer = peers
+                .call(&node.rpc, SVC_WRITE, body, FORWARD_TIMEOUT)
+                .await
+                .map_err(|e| {
+                    tracing::warn!(leader = %node.rpc, error = %e, "forwarding a metadata write failed");
+                    MetaError::Unavailable
+                })?;
+            let res: std::result::Result<Response, String> =
+                crate::raft::network::decode(&answer).map_err(MetaError::Storage)?;
+            res.map_err(|e| {
+                tracing::warn!(error = %e, "the leader did not commit a forwarded write");
+                MetaError::Unavailable
+            })
+        }
+        Err(RaftError::Fatal(e)) => {
+            tracing::error!(error = %e, "the metadata Raft node stopped");
+            Err(MetaError::Closed)
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "a metadata write was not committed");
+            Err(MetaError::Unavailable)
+        }
     }
 }
 

@@ -1,57 +1,182 @@
-//! The Raft network of a node without an RPC address: a cluster of one has no one
-//! to talk to, and any attempt says so.
+//! The Raft group's messages over the inter-node RPC (`cairn-net`), and the network
+//! of a node without an RPC address (a cluster of one has no one to talk to).
+//!
+//! Each message is one RPC to a service of its own (`SVC_*`); bodies and answers are
+//! a version byte and postcard. Besides openraft's three messages there are two of
+//! cairn's: a write forwarded from a follower to the leader, and a follower's
+//! question for the leader's read index (linearizable reads on any node).
 
-use openraft::error::{InstallSnapshotError, RPCError, RaftError, Unreachable};
+use bytes::Bytes;
+use openraft::error::{
+    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
+};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
     VoteRequest, VoteResponse,
 };
+use serde::Serialize;
+use serde::de::DeserializeOwned;
 
-use super::{Member, NodeId, TypeConfig};
+use super::{LogId, Member, NodeId, Raft, Request, Response, TypeConfig};
+use cairn_net::{Peers, RpcError};
 
-/// Reaches no one.
-pub struct NoNetwork;
-
-fn unreachable<E: std::error::Error>() -> RPCError<NodeId, Member, E> {
-    RPCError::Unreachable(Unreachable::new(&std::io::Error::other(
-        "this node has no RPC address: it is a cluster of one",
-    )))
+/// RPC service ids of the metadata group (`cairn-net` dispatches on them).
+pub const SVC_APPEND: u8 = 1;
+pub const SVC_VOTE: u8 = 2;
+pub const SVC_SNAPSHOT: u8 = 3;
+/// A follower's write, proposed by the leader.
+pub const SVC_WRITE: u8 = 4;
+/// The leader's read index, after it confirmed it still leads.
+pub const SVC_READ_INDEX: u8 = 5;
+/// Whether a service id belongs to the metadata group.
+pub fn is_meta_service(svc: u8) -> bool {
+    (SVC_APPEND..=SVC_READ_INDEX).contains(&svc)
 }
 
-impl RaftNetworkFactory<TypeConfig> for NoNetwork {
-    type Network = NoNetwork;
+/// Version of the bodies below.
+const BODY_VERSION: u8 = 1;
 
-    async fn new_client(&mut self, _target: NodeId, _node: &Member) -> Self::Network {
-        NoNetwork
+pub(crate) fn encode<T: Serialize>(v: &T) -> Result<Bytes, String> {
+    let mut out = vec![BODY_VERSION];
+    postcard::to_io(v, &mut out).map_err(|e| format!("encoding a Raft message: {e}"))?;
+    Ok(Bytes::from(out))
+}
+
+pub(crate) fn decode<T: DeserializeOwned>(b: &[u8]) -> Result<T, String> {
+    match b.split_first() {
+        Some((&BODY_VERSION, rest)) => {
+            postcard::from_bytes(rest).map_err(|e| format!("decoding a Raft message: {e}"))
+        }
+        Some((v, _)) => Err(format!(
+            "Raft message format {v} is not one this node knows ({BODY_VERSION})"
+        )),
+        None => Err("empty Raft message".into()),
     }
 }
 
-impl RaftNetwork<TypeConfig> for NoNetwork {
+/// Serves one metadata RPC on this node's Raft.
+pub async fn handle(raft: &Raft, service: u8, body: Bytes) -> Result<Bytes, String> {
+    match service {
+        SVC_APPEND => encode(&raft.append_entries(decode(&body)?).await),
+        SVC_VOTE => encode(&raft.vote(decode(&body)?).await),
+        SVC_SNAPSHOT => encode(&raft.install_snapshot(decode(&body)?).await),
+        SVC_WRITE => {
+            let req: Request = decode(&body)?;
+            let res: Result<Response, String> = match raft.client_write(req).await {
+                Ok(r) => Ok(r.data),
+                Err(e) => Err(e.to_string()),
+            };
+            encode(&res)
+        }
+        SVC_READ_INDEX => {
+            let res: Result<Option<LogId>, String> = match raft.ensure_linearizable().await {
+                Ok(l) => Ok(l),
+                Err(e) => Err(e.to_string()),
+            };
+            encode(&res)
+        }
+        other => Err(format!("unknown metadata service {other}")),
+    }
+}
+
+/// Reaches the other members over `cairn-net`; without peers (a node with no RPC
+/// address, a cluster of one) it reaches no one.
+#[derive(Clone)]
+pub struct NetNetwork {
+    pub peers: Option<Peers>,
+}
+
+/// A connection to one member.
+pub struct NetClient {
+    peers: Option<Peers>,
+    target: NodeId,
+    addr: String,
+}
+
+impl RaftNetworkFactory<TypeConfig> for NetNetwork {
+    type Network = NetClient;
+
+    async fn new_client(&mut self, target: NodeId, node: &Member) -> Self::Network {
+        NetClient {
+            peers: self.peers.clone(),
+            target,
+            addr: node.rpc.clone(),
+        }
+    }
+}
+
+impl NetClient {
+    async fn send<Req: Serialize, Resp: DeserializeOwned, E>(
+        &self,
+        svc: u8,
+        req: &Req,
+        option: &RPCOption,
+    ) -> Result<Resp, RPCError<NodeId, Member, E>>
+    where
+        E: std::error::Error + DeserializeOwned,
+        Result<Resp, E>: DeserializeOwned,
+    {
+        let Some(peers) = &self.peers else {
+            return Err(RPCError::Unreachable(Unreachable::new(
+                &std::io::Error::other("this node has no RPC address: it is a cluster of one"),
+            )));
+        };
+        let body = encode(req)
+            .map_err(|e| RPCError::Network(NetworkError::new(&std::io::Error::other(e))))?;
+        let answer = peers
+            .call(&self.addr, svc, body, option.hard_ttl())
+            .await
+            .map_err(|e| match e {
+                RpcError::Connect { .. } | RpcError::Refused { .. } => {
+                    RPCError::Unreachable(Unreachable::new(&e))
+                }
+                other => RPCError::Network(NetworkError::new(&other)),
+            })?;
+        let res: Result<Resp, E> = decode(&answer)
+            .map_err(|e| RPCError::Network(NetworkError::new(&std::io::Error::other(e))))?;
+        res.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+    }
+}
+
+impl RaftNetwork<TypeConfig> for NetClient {
     async fn append_entries(
         &mut self,
-        _rpc: AppendEntriesRequest<TypeConfig>,
-        _option: RPCOption,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, Member, RaftError<NodeId>>> {
-        Err(unreachable())
+        self.send(SVC_APPEND, &rpc, &option).await
     }
 
     async fn install_snapshot(
         &mut self,
-        _rpc: InstallSnapshotRequest<TypeConfig>,
-        _option: RPCOption,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        option: RPCOption,
     ) -> Result<
         InstallSnapshotResponse<NodeId>,
         RPCError<NodeId, Member, RaftError<NodeId, InstallSnapshotError>>,
     > {
-        Err(unreachable())
+        self.send(SVC_SNAPSHOT, &rpc, &option).await
     }
 
     async fn vote(
         &mut self,
-        _rpc: VoteRequest<NodeId>,
-        _option: RPCOption,
+        rpc: VoteRequest<NodeId>,
+        option: RPCOption,
     ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, Member, RaftError<NodeId>>> {
-        Err(unreachable())
+        self.send(SVC_VOTE, &rpc, &option).await
+    }
+}
+
+/// The metadata group's RPC services, for a node that serves nothing else (the
+/// server composes its own, dispatching with [`is_meta_service`]).
+pub struct RaftService {
+    pub raft: Raft,
+}
+
+#[async_trait::async_trait]
+impl cairn_net::Service for RaftService {
+    async fn call(&self, _peer: NodeId, service: u8, body: Bytes) -> Result<Bytes, String> {
+        handle(&self.raft, service, body).await
     }
 }
