@@ -26,9 +26,16 @@ pub struct FileConfig {
     pub multipart_expiry: Option<String>,
     pub shutdown_grace: Option<String>,
     pub log_format: Option<String>,
+    pub rpc_address: Option<String>,
+    pub zone: Option<String>,
+    pub capacity: Option<String>,
+    pub cluster_secret: Option<String>,
 }
 
-#[derive(Debug, Clone)]
+/// The shortest cluster secret accepted: it is all that keeps strangers out.
+pub const MIN_SECRET_LEN: usize = 16;
+
+#[derive(Clone)]
 pub struct Config {
     pub data_dir: PathBuf,
     pub s3_address: SocketAddr,
@@ -44,6 +51,31 @@ pub struct Config {
     pub multipart_expiry: Duration,
     pub shutdown_grace: Duration,
     pub log_json: bool,
+    /// Where other nodes reach this one; `None`: no RPC listener, a cluster of one.
+    pub rpc_address: Option<SocketAddr>,
+    /// The failure zone this node is in (copies of a block go to distinct zones).
+    pub zone: String,
+    /// Bytes this node offers for data; `None`: the size of its file system.
+    pub capacity: Option<u64>,
+    /// Shared by every node of the cluster; never sent over the wire.
+    pub cluster_secret: Option<String>,
+}
+
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("data_dir", &self.data_dir)
+            .field("s3_address", &self.s3_address)
+            .field("admin_address", &self.admin_address)
+            .field("rpc_address", &self.rpc_address)
+            .field("zone", &self.zone)
+            .field("capacity", &self.capacity)
+            .field(
+                "cluster_secret",
+                &self.cluster_secret.as_ref().map(|_| "(set)"),
+            )
+            .finish_non_exhaustive()
+    }
 }
 
 /// Parses `30s`, `5m`, `2h`, `7d`, `250ms` or a plain number of seconds.
@@ -65,7 +97,7 @@ pub fn parse_duration(s: &str) -> Result<Duration> {
     Ok(d)
 }
 
-/// Parses `4MiB`, `512KiB`, `1048576`, `1M` (powers of two).
+/// Parses `4MiB`, `512KiB`, `2TiB`, `1048576`, `1M` (powers of two).
 pub fn parse_size(s: &str) -> Result<usize> {
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
@@ -78,7 +110,8 @@ pub fn parse_size(s: &str) -> Result<usize> {
         "k" | "kb" | "kib" => 1 << 10,
         "m" | "mb" | "mib" => 1 << 20,
         "g" | "gb" | "gib" => 1 << 30,
-        u => bail!("unknown unit '{u}' in '{s}' (use KiB, MiB or GiB)"),
+        "t" | "tb" | "tib" => 1 << 40,
+        u => bail!("unknown unit '{u}' in '{s}' (use KiB, MiB, GiB or TiB)"),
     };
     n.checked_mul(mult)
         .with_context(|| format!("'{s}' is too large"))
@@ -95,6 +128,10 @@ pub struct Overrides {
     pub gc_grace: Option<String>,
     pub gc_interval: Option<String>,
     pub log_format: Option<String>,
+    pub rpc_address: Option<String>,
+    pub zone: Option<String>,
+    pub capacity: Option<String>,
+    pub cluster_secret: Option<String>,
 }
 
 impl Config {
@@ -162,7 +199,30 @@ impl Config {
                 Some("json") => true,
                 Some(other) => bail!("log_format: '{other}' is not one of text, json"),
             },
+            rpc_address: pick(o.rpc_address, fc.rpc_address)
+                .map(|v| addr("rpc_address", v))
+                .transpose()?,
+            zone: pick(o.zone, fc.zone).unwrap_or_else(|| "z1".into()),
+            capacity: pick(o.capacity, fc.capacity)
+                .map(|v| parse_size(&v).map(|n| n as u64).context("capacity"))
+                .transpose()?,
+            cluster_secret: pick(o.cluster_secret, fc.cluster_secret),
         };
+        if cfg.zone.is_empty() || cfg.zone.len() > 64 {
+            bail!("zone: must be 1 to 64 characters");
+        }
+        if cfg.capacity == Some(0) {
+            bail!("capacity: must be more than 0 (leave it out to use the file system's size)");
+        }
+        match (&cfg.rpc_address, &cfg.cluster_secret) {
+            (Some(_), None) => bail!(
+                "cluster_secret: required with rpc_address (set it in the config file or CAIRN_CLUSTER_SECRET)"
+            ),
+            (_, Some(s)) if s.len() < MIN_SECRET_LEN => {
+                bail!("cluster_secret: must be at least {MIN_SECRET_LEN} characters")
+            }
+            _ => {}
+        }
         if !(64 << 10..=64 << 20).contains(&cfg.block_size) {
             bail!("block_size: must be between 64KiB and 64MiB");
         }

@@ -114,6 +114,16 @@ struct ServeArgs {
     /// Log format on stderr: text or json [default: text]; RUST_LOG sets the level
     #[arg(long, env = "CAIRN_LOG_FORMAT", value_name = "FORMAT")]
     log_format: Option<String>,
+    /// Address other nodes reach this one at; without it the node opens no RPC
+    /// listener and is a cluster of one
+    #[arg(long, env = "CAIRN_RPC_ADDRESS", value_name = "HOST:PORT")]
+    rpc_address: Option<String>,
+    /// Failure zone of this node (copies go to distinct zones) [default: z1]
+    #[arg(long, env = "CAIRN_ZONE", value_name = "NAME")]
+    zone: Option<String>,
+    /// Space this node offers for data, e.g. 2TiB [default: its file system's size]
+    #[arg(long, env = "CAIRN_CAPACITY", value_name = "SIZE")]
+    capacity: Option<String>,
 }
 
 /// Logs go to stderr through a background writer thread (`logwriter.rs`), so that a
@@ -166,6 +176,11 @@ fn run_serve(a: ServeArgs) -> anyhow::Result<()> {
             gc_grace: a.gc_grace,
             gc_interval: a.gc_interval,
             log_format: a.log_format,
+            rpc_address: a.rpc_address,
+            zone: a.zone,
+            capacity: a.capacity,
+            // From the environment only: a secret on the command line shows in `ps`.
+            cluster_secret: std::env::var("CAIRN_CLUSTER_SECRET").ok(),
         },
     )?;
     let _log_guard = init_logging(cfg.log_json);

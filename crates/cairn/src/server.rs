@@ -3,6 +3,7 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
@@ -19,6 +20,7 @@ use cairn_api_admin::{Admin, Health};
 use cairn_api_s3::{Cairn, S3Settings};
 use cairn_blocks::BlockStore;
 use cairn_meta::{Command, KeyRecord, MetaOptions, MetaStore};
+use cairn_net::{Identity, Peers};
 use cairn_types::now_millis;
 
 use crate::config::Config;
@@ -86,16 +88,39 @@ pub async fn serve(cfg: Config) -> Result<()> {
         Ok((blocks, node_id))
     })
     .await??;
+    // The RPC listener is bound first: its address is this node's in the group.
+    let rpc = match (cfg.rpc_address, &cfg.cluster_secret) {
+        (Some(addr), Some(secret)) => {
+            let l = TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding the RPC address {addr}"))?;
+            // The bound address (the port, when 0 was asked for) is the one to advertise.
+            let addr = l.local_addr().unwrap_or(addr);
+            let me = Identity::new(node_id, secret.as_bytes());
+            Some((l, addr, me))
+        }
+        _ => None,
+    };
     let meta = MetaStore::open_with(
         &dir.join("meta.redb"),
         MetaOptions {
             node_id,
             memory: meta_cache,
-            ..Default::default()
+            rpc_address: rpc.as_ref().map(|r| r.1.to_string()).unwrap_or_default(),
+            peers: rpc
+                .as_ref()
+                .map(|r| Peers::new(r.2.clone(), RPC_CONNECT_TIMEOUT)),
+            join: false,
         },
     )
     .await
     .context("opening the metadata store")?;
+    let rpc_addr = rpc.as_ref().map(|r| r.1);
+    let rpc_task = rpc.map(|(listener, addr, me)| {
+        tracing::info!(rpc = %addr, node = format!("{node_id:016x}"), zone = %cfg.zone, "RPC listener open");
+        let svc = Arc::new(NodeService { meta: meta.clone() });
+        tokio::spawn(cairn_net::serve(listener, me, svc, stop_rx.clone()))
+    });
     let key = ensure_root_key(&cfg, &meta).await?;
 
     let cairn = Cairn::new(
@@ -128,7 +153,7 @@ pub async fn serve(cfg: Config) -> Result<()> {
         .with_context(|| format!("binding the S3 address {}", cfg.s3_address))?;
     let s3_addr = s3_listener.local_addr()?;
     health.set_ready();
-    print_banner(s3_addr, admin_addr, &cfg, &key);
+    print_banner(s3_addr, admin_addr, rpc_addr, &cfg, &key);
     tracing::info!(s3 = %s3_addr, admin = %admin_addr, data_dir = %cfg.data_dir.display(), "cairn is serving");
 
     let s3_task = {
@@ -150,6 +175,9 @@ pub async fn serve(cfg: Config) -> Result<()> {
     let _ = stop_tx.send(true);
     let _ = s3_task.await;
     let _ = admin_task.await;
+    if let Some(t) = rpc_task {
+        let _ = t.await;
+    }
     let _ = ops_task.await;
     // So that the next start has little to apply again from the Raft log.
     if let Err(e) = meta.close().await {
@@ -159,18 +187,51 @@ pub async fn serve(cfg: Config) -> Result<()> {
     Ok(())
 }
 
+/// How long connecting to a peer (with the handshake) may take.
+const RPC_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// The RPC services this node offers its peers.
+struct NodeService {
+    meta: MetaStore,
+}
+
+#[async_trait::async_trait]
+impl cairn_net::Service for NodeService {
+    async fn call(
+        &self,
+        _peer: u64,
+        service: u8,
+        body: bytes::Bytes,
+    ) -> Result<bytes::Bytes, String> {
+        if cairn_meta::raft::network::is_meta_service(service) {
+            cairn_meta::raft::network::handle(self.meta.raft(), service, body).await
+        } else {
+            Err(format!("unknown service {service}"))
+        }
+    }
+}
+
 /// What the banner prints for the key: the secret only when it was just generated.
 struct ShownKey {
     access_key: String,
     new_secret: Option<String>,
 }
 
-fn print_banner(s3: SocketAddr, admin: SocketAddr, cfg: &Config, key: &ShownKey) {
+fn print_banner(
+    s3: SocketAddr,
+    admin: SocketAddr,
+    rpc: Option<SocketAddr>,
+    cfg: &Config,
+    key: &ShownKey,
+) {
     use std::io::Write;
     let mut out = std::io::stdout().lock();
     let _ = writeln!(out, "cairn {}", env!("CARGO_PKG_VERSION"));
     let _ = writeln!(out, "S3 endpoint:    http://{s3}");
     let _ = writeln!(out, "admin endpoint: http://{admin}");
+    if let Some(rpc) = rpc {
+        let _ = writeln!(out, "RPC address:    {rpc} (zone {})", cfg.zone);
+    }
     let _ = writeln!(out, "region:         {}", cfg.region);
     let _ = writeln!(out, "data directory: {}", cfg.data_dir.display());
     let _ = writeln!(out, "access key id:  {}", key.access_key);

@@ -276,21 +276,17 @@ async fn handshake_client(
     ns.copy_from_slice(&ch[19..51]);
     let mut proof = [0u8; 32];
     proof.copy_from_slice(&ch[51..83]);
-    if !check_proof(&proof, &me.proof(b"server", &nc, &ns, me.node_id, server)) {
-        return Err(refused(format!(
-            "node {server:016x} does not hold this cluster's secret"
-        )));
-    }
+    let server_ok = check_proof(&proof, &me.proof(b"server", &nc, &ns, me.node_id, server));
+    // The proof goes out even when the server's failed, so that the server, too,
+    // learns (and logs) that the secrets differ; it reveals nothing of the secret.
     let pc = me.proof(b"client", &nc, &ns, me.node_id, server);
     s.write_all(&pc).await.map_err(|e| io("handshake", e))?;
     let mut verdict = [0u8; 1];
-    s.read_exact(&mut verdict)
-        .await
-        .map_err(|e| io("handshake", e))?;
-    if verdict[0] != 0 {
-        return Err(refused(
-            "this node's cluster secret is not the cluster's".into(),
-        ));
+    let verdict_ok = s.read_exact(&mut verdict).await.is_ok() && verdict[0] == 0;
+    if !server_ok || !verdict_ok {
+        return Err(refused(format!(
+            "node {server:016x} does not hold this node's cluster secret (the secrets differ)"
+        )));
     }
     Ok(server)
 }

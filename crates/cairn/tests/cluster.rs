@@ -1,0 +1,88 @@
+//! A node with an RPC address: the cluster secret guards it, and its settings are
+//! checked at start.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+const SECRET: &str = "a-cluster-secret-of-some-length";
+
+fn rpc_address(srv: &Server) -> String {
+    srv.stdout_lines
+        .iter()
+        .find_map(|l| l.strip_prefix("RPC address:"))
+        .and_then(|v| v.split_whitespace().next())
+        .expect("the banner names the RPC address")
+        .to_string()
+}
+
+#[test]
+fn an_rpc_address_needs_a_cluster_secret() {
+    let d = tempfile::tempdir().unwrap();
+    let err = Server::try_start_in(
+        &d.path().join("data"),
+        &["--rpc-address", "127.0.0.1:0"],
+        &[],
+    )
+    .err()
+    .expect("started without a cluster secret");
+    assert!(err.contains("cluster_secret"), "{err}");
+    let err = Server::try_start_in(
+        &d.path().join("data2"),
+        &["--rpc-address", "127.0.0.1:0"],
+        &[("CAIRN_CLUSTER_SECRET", "short")],
+    )
+    .err()
+    .expect("started with a short cluster secret");
+    assert!(err.contains("at least 16"), "{err}");
+}
+
+#[test]
+fn a_peer_without_the_secret_is_refused_and_the_refusal_logged() {
+    let d = tempfile::tempdir().unwrap();
+    let srv = Server::try_start_in(
+        &d.path().join("data"),
+        &["--rpc-address", "127.0.0.1:0", "--zone", "z2"],
+        &[("CAIRN_CLUSTER_SECRET", SECRET)],
+    )
+    .unwrap();
+    let addr = rpc_address(&srv);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let wrong = cairn_net::Identity::new(99, b"not-the-cluster-secret");
+        match cairn_net::Client::connect(&addr, &wrong, Duration::from_secs(5)).await {
+            Err(cairn_net::RpcError::Refused { reason, .. }) => {
+                assert!(reason.contains("secret"), "{reason}")
+            }
+            Err(e) => panic!("wrong error: {e}"),
+            Ok(_) => panic!("a peer without the secret was accepted"),
+        }
+        // The right secret gets in, and the node answers as the leader of its
+        // cluster of one.
+        let right = cairn_net::Identity::new(98, SECRET.as_bytes());
+        let c = cairn_net::Client::connect(&addr, &right, Duration::from_secs(5))
+            .await
+            .unwrap();
+        let answer = c
+            .call(
+                cairn_meta::raft::network::SVC_READ_INDEX,
+                bytes::Bytes::from_static(&[1]),
+                Duration::from_secs(5),
+            )
+            .await
+            .unwrap();
+        assert!(!answer.is_empty());
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !srv.log_shows("does not hold this cluster's secret") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no refusal in the log:\n{}",
+            srv.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(srv.log_shows("RPC connection refused"));
+}
