@@ -55,9 +55,9 @@ pub fn meta(e: MetaError) -> S3Error {
         MetaError::Closed => s3_error!(ServiceUnavailable, "The server is shutting down"),
         MetaError::Unavailable => s3_error!(
             ServiceUnavailable,
-            "The metadata store is recovering from an I/O error; retry shortly"
+            "The cluster cannot serve this now (no quorum, or recovering); retry shortly"
         ),
-        e @ (MetaError::Encoding(_) | MetaError::Storage(_)) => {
+        e @ (MetaError::Encoding(_) | MetaError::Storage(_) | MetaError::Refused(_)) => {
             tracing::error!(error = %e, "metadata error");
             s3_error!(InternalError, "Internal error in the metadata store")
         }

@@ -260,7 +260,8 @@ mod tests {
         assert!(parse_duration("5y").is_err());
         assert!(parse_duration("x").is_err());
         assert_eq!(parse_size("4MiB").unwrap(), 4 << 20);
-        assert!(parse_size("4TB").is_err());
+        assert_eq!(parse_size("2TiB").unwrap(), 2 << 40);
+        assert!(parse_size("4PB").is_err());
     }
 
     #[test]

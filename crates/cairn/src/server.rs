@@ -204,7 +204,7 @@ impl cairn_net::Service for NodeService {
         body: bytes::Bytes,
     ) -> Result<bytes::Bytes, String> {
         if cairn_meta::raft::network::is_meta_service(service) {
-            cairn_meta::raft::network::handle(self.meta.raft(), service, body).await
+            cairn_meta::raft::network::handle(&self.meta.raft(), service, body).await
         } else {
             Err(format!("unknown service {service}"))
         }

@@ -141,8 +141,13 @@ pub enum MetaError {
     NoSpace(String),
     #[error("the metadata store is shut down")]
     Closed,
-    #[error("the metadata store is recovering from an I/O error")]
+    #[error(
+        "the metadata cannot be served now (no leader or quorum, or recovering from an I/O error)"
+    )]
     Unavailable,
+    /// An operation on the cluster refused, with the reason.
+    #[error("{0}")]
+    Refused(String),
 }
 
 pub type Result<T> = std::result::Result<T, MetaError>;

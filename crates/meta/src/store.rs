@@ -82,11 +82,19 @@ type Reply = oneshot::Sender<Result<Outcome>>;
 #[derive(Clone)]
 pub struct MetaStore {
     shared: Arc<Shared>,
+    /// The Raft node and what feeds it; replaced whole when the node leaves its
+    /// cluster of one to join another (`reset_for_join`).
+    node: Arc<RwLock<Node>>,
+    opts: Arc<MetaOptions>,
+    path: PathBuf,
+}
+
+/// A running Raft node over the store's tables.
+#[derive(Clone)]
+struct Node {
     tx: mpsc::Sender<(Command, Reply)>,
     raft: Raft,
     sm: StateMachine,
-    peers: Option<Peers>,
-    node_id: NodeId,
 }
 
 /// How long a follower waits for the leader's read index and for applying up to it.
@@ -309,113 +317,121 @@ impl MetaStore {
     /// Opens or creates the metadata store and starts its Raft node. A new store
     /// becomes a cluster of one; its node is leader once this returns.
     pub async fn open_with(path: &Path, opts: MetaOptions) -> Result<Self> {
-        let (shared, log, sm) = open_storage(path, &opts).await?;
-        let config = openraft::Config {
-            cluster_name: "cairn".into(),
-            heartbeat_interval: 250,
-            election_timeout_min: 1000,
-            election_timeout_max: 2000,
-            snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(SNAPSHOT_EVERY),
-            max_in_snapshot_log_to_keep: 1000,
-            ..Default::default()
-        }
-        .validate()
-        .map_err(|e| MetaError::Storage(format!("Raft configuration: {e}")))?;
-        let raft = Raft::new(
-            opts.node_id,
-            Arc::new(config),
-            NetNetwork {
-                peers: opts.peers.clone(),
-            },
-            log,
-            sm.clone(),
-        )
-        .await
-        .map_err(|e| MetaError::Storage(format!("starting Raft: {e}")))?;
-        let me = opts.node_id;
-        let initialized = raft
-            .is_initialized()
-            .await
-            .map_err(|e| MetaError::Storage(format!("Raft: {e}")))?;
-        if !initialized && !opts.join {
-            let members = BTreeMap::from([(
-                me,
-                Member {
-                    rpc: opts.rpc_address.clone(),
-                },
-            )]);
-            raft.initialize(members)
-                .await
-                .map_err(|e| MetaError::Storage(format!("initializing Raft: {e}")))?;
-        }
-        // Just initialized, the metrics may not show the membership yet.
-        let alone = (!initialized && !opts.join) || {
-            let m = raft.metrics().borrow().membership_config.clone();
-            let voters: Vec<NodeId> = m.membership().voter_ids().collect();
-            voters == [me]
-        };
-        if alone {
-            // A cluster of one need not wait out an election timeout, and serves
-            // once it leads and has applied its log.
-            if initialized {
-                let _ = raft.trigger().elect().await;
-            }
-            raft.wait(Some(std::time::Duration::from_secs(30)))
-                .metrics(
-                    |m| m.current_leader == Some(me) && m.state == openraft::ServerState::Leader,
-                    "this node leads its cluster of one",
-                )
-                .await
-                .map_err(|e| MetaError::Storage(format!("waiting for Raft leadership: {e}")))?;
-            let last = raft.metrics().borrow().last_log_index;
-            raft.wait(Some(std::time::Duration::from_secs(60)))
-                .applied_index_at_least(last, "the log is applied")
-                .await
-                .map_err(|e| MetaError::Storage(format!("applying the Raft log: {e}")))?;
-        }
-
-        let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
-        tokio::spawn(batcher(raft.clone(), opts.peers.clone(), rx));
+        let shared = open_shared(path, &opts).await?;
+        let node = start_node(shared.clone(), path, &opts).await?;
         Ok(MetaStore {
             shared,
-            tx,
-            raft,
-            sm,
-            peers: opts.peers,
-            node_id: me,
+            node: Arc::new(RwLock::new(node)),
+            opts: Arc::new(opts),
+            path: path.to_path_buf(),
         })
+    }
+
+    fn node(&self) -> Node {
+        self.node.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// Applies one command; returns once it is committed and applied (or failed).
     pub async fn apply(&self, cmd: Command) -> Result<Outcome> {
         let (reply, rx) = oneshot::channel();
-        self.tx
-            .send((cmd, reply))
-            .await
-            .map_err(|_| MetaError::Closed)?;
+        let tx = self
+            .node
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .tx
+            .clone();
+        tx.send((cmd, reply)).await.map_err(|_| MetaError::Closed)?;
         rx.await.map_err(|_| MetaError::Closed)?
     }
 
     /// Makes everything applied so far durable in the database file, so that the
     /// next open has little to apply again.
     pub async fn checkpoint(&self) -> Result<()> {
-        self.sm.checkpoint().await
+        self.node().sm.checkpoint().await
     }
 
     /// Stops the Raft node and checkpoints. Other handles fail with `Closed` after.
     pub async fn close(&self) -> Result<()> {
-        let _ = self.raft.shutdown().await;
-        self.sm.checkpoint().await
+        let node = self.node();
+        let _ = node.raft.shutdown().await;
+        node.sm.checkpoint().await
     }
 
     /// The Raft node (status, membership).
-    pub fn raft(&self) -> &Raft {
-        &self.raft
+    pub fn raft(&self) -> Raft {
+        self.node().raft
     }
 
     /// This node's id in the Raft group.
     pub fn node_id(&self) -> NodeId {
-        self.node_id
+        self.opts.node_id
+    }
+
+    /// Leaves this node's own cluster of one so that it can be added to another:
+    /// stops its Raft node, empties its tables and its Raft log, and starts a Raft
+    /// node that waits for a leader to add it. Refused unless the node is alone in
+    /// its group and holds no bucket (the generated root key is dropped: the
+    /// cluster's keys replace it).
+    pub async fn reset_for_join(&self) -> Result<()> {
+        let old = self.node();
+        let voters: Vec<NodeId> = {
+            let m = old.raft.metrics();
+            let m = m.borrow();
+            m.membership_config.membership().voter_ids().collect()
+        };
+        if voters != [self.opts.node_id] {
+            return Err(MetaError::Refused(
+                "this node is already a member of a cluster of several nodes".into(),
+            ));
+        }
+        if !self.buckets().is_empty() {
+            return Err(MetaError::Refused(
+                "this node holds buckets: only a node without data can join a cluster".into(),
+            ));
+        }
+        let _ = old.raft.shutdown().await;
+        let shared = self.shared.clone();
+        let raft_dir = raft_dir(&self.path);
+        tokio::task::spawn_blocking(move || -> Result<()> {
+            let db = shared.get()?;
+            let txn = db.begin_write()?;
+            for def in [BUCKETS, KEYS, RAFT_STATE] {
+                txn.delete_table(def)?;
+            }
+            for def in [OBJECTS, UPLOADS, PARTS] {
+                txn.delete_table(def)?;
+            }
+            txn.delete_table(BLOCK_REFS)?;
+            txn.delete_table(GC_QUEUE)?;
+            txn.commit()?;
+            let txn = db.begin_write()?;
+            txn.open_table(BUCKETS)?;
+            txn.open_table(OBJECTS)?;
+            txn.open_table(UPLOADS)?;
+            txn.open_table(PARTS)?;
+            txn.open_table(BLOCK_REFS)?;
+            txn.open_table(GC_QUEUE)?;
+            txn.open_table(KEYS)?;
+            txn.open_table(RAFT_STATE)?;
+            txn.commit()?;
+            shared.records.clear();
+            shared.reload_caches(&db)?;
+            // The old log's threads may still hold its files: move it aside whole.
+            let aside = raft_dir.with_file_name(format!("raft.left-{}", cairn_types::now_millis()));
+            if raft_dir.exists() {
+                std::fs::rename(&raft_dir, &aside).map_err(|e| io_error(&raft_dir, e))?;
+                let _ = std::fs::remove_dir_all(&aside);
+            }
+            Ok(())
+        })
+        .await
+        .map_err(|e| MetaError::Storage(format!("reset task failed: {e}")))??;
+        let mut opts = (*self.opts).clone();
+        opts.join = true;
+        let node = start_node(self.shared.clone(), &self.path, &opts).await?;
+        *self.node.write().unwrap_or_else(|p| p.into_inner()) = node;
+        tracing::info!("left this node's cluster of one; waiting to be added to a cluster");
+        Ok(())
     }
 
     /// Waits until this node has applied every entry committed before the call
@@ -424,23 +440,24 @@ impl MetaStore {
     /// leader confirms it still leads (a heartbeat round); a follower asks the
     /// leader for its read index and waits to have applied that far.
     pub async fn read_barrier(&self) -> Result<()> {
+        let raft = self.raft();
         let (voters, leader) = {
-            let m = self.raft.metrics();
+            let m = raft.metrics();
             let m = m.borrow();
             (
                 m.membership_config.membership().voter_ids().count(),
                 m.current_leader,
             )
         };
-        if voters <= 1 && leader == Some(self.node_id) {
+        if voters <= 1 && leader == Some(self.opts.node_id) {
             return Ok(());
         }
-        let read_index: Option<LogId> = match self.raft.ensure_linearizable().await {
+        let read_index: Option<LogId> = match raft.ensure_linearizable().await {
             Ok(l) => l,
             Err(openraft::error::RaftError::APIError(
                 openraft::error::CheckIsLeaderError::ForwardToLeader(f),
             )) => {
-                let (Some(node), Some(peers)) = (f.leader_node, &self.peers) else {
+                let (Some(node), Some(peers)) = (f.leader_node, &self.opts.peers) else {
                     return Err(MetaError::Unavailable);
                 };
                 let body = crate::raft::network::encode(&()).map_err(MetaError::Storage)?;
@@ -455,8 +472,7 @@ impl MetaStore {
             Err(_) => return Err(MetaError::Unavailable),
         };
         if let Some(index) = read_index {
-            self.raft
-                .wait(Some(READ_BARRIER_TIMEOUT))
+            raft.wait(Some(READ_BARRIER_TIMEOUT))
                 .applied_index_at_least(Some(index.index), "read barrier")
                 .await
                 .map_err(|_| MetaError::Unavailable)?;
@@ -780,16 +796,97 @@ fn io_error(path: &Path, e: std::io::Error) -> MetaError {
     MetaError::from_storage(format!("{}: {e}", path.display()))
 }
 
+/// Opens the Raft log and state machine over `shared` and starts the Raft node; a
+/// new store starts a cluster of one unless `opts.join`.
+async fn start_node(shared: Arc<Shared>, path: &Path, opts: &MetaOptions) -> Result<Node> {
+    let (log, sm) = open_raft_storage(shared, path).await?;
+    let config = openraft::Config {
+        cluster_name: "cairn".into(),
+        heartbeat_interval: 250,
+        election_timeout_min: 1000,
+        election_timeout_max: 2000,
+        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(SNAPSHOT_EVERY),
+        max_in_snapshot_log_to_keep: 1000,
+        ..Default::default()
+    }
+    .validate()
+    .map_err(|e| MetaError::Storage(format!("Raft configuration: {e}")))?;
+    let raft = Raft::new(
+        opts.node_id,
+        Arc::new(config),
+        NetNetwork {
+            peers: opts.peers.clone(),
+        },
+        log,
+        sm.clone(),
+    )
+    .await
+    .map_err(|e| MetaError::Storage(format!("starting Raft: {e}")))?;
+    let me = opts.node_id;
+    let initialized = raft
+        .is_initialized()
+        .await
+        .map_err(|e| MetaError::Storage(format!("Raft: {e}")))?;
+    if !initialized && !opts.join {
+        let members = BTreeMap::from([(
+            me,
+            Member {
+                rpc: opts.rpc_address.clone(),
+            },
+        )]);
+        raft.initialize(members)
+            .await
+            .map_err(|e| MetaError::Storage(format!("initializing Raft: {e}")))?;
+    }
+    // Just initialized, the metrics may not show the membership yet.
+    let alone = (!initialized && !opts.join) || {
+        let m = raft.metrics().borrow().membership_config.clone();
+        let voters: Vec<NodeId> = m.membership().voter_ids().collect();
+        voters == [me]
+    };
+    if alone {
+        // A cluster of one need not wait out an election timeout, and serves
+        // once it leads and has applied its log.
+        if initialized {
+            let _ = raft.trigger().elect().await;
+        }
+        raft.wait(Some(std::time::Duration::from_secs(30)))
+            .metrics(
+                |m| m.current_leader == Some(me) && m.state == openraft::ServerState::Leader,
+                "this node leads its cluster of one",
+            )
+            .await
+            .map_err(|e| MetaError::Storage(format!("waiting for Raft leadership: {e}")))?;
+        let last = raft.metrics().borrow().last_log_index;
+        raft.wait(Some(std::time::Duration::from_secs(60)))
+            .applied_index_at_least(last, "the log is applied")
+            .await
+            .map_err(|e| MetaError::Storage(format!("applying the Raft log: {e}")))?;
+    }
+
+    let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
+    tokio::spawn(batcher(raft.clone(), opts.peers.clone(), rx));
+    Ok(Node { tx, raft, sm })
+}
+
 /// Opens the tables (upgrading a format-2 command log), the Raft log and the
 /// state machine.
+#[cfg(test)]
 pub(crate) async fn open_storage(
     path: &Path,
     opts: &MetaOptions,
 ) -> Result<(Arc<Shared>, LogStore, StateMachine)> {
-    let opts = opts.clone();
-    let cache_bytes = opts.memory / 4 * 3;
+    let shared = open_shared(path, opts).await?;
+    let (log, sm) = open_raft_storage(shared.clone(), path).await?;
+    Ok((shared, log, sm))
+}
+
+/// Opens the tables, upgrading a format-2 command log.
+async fn open_shared(path: &Path, opts: &MetaOptions) -> Result<Arc<Shared>> {
+    let memory = opts.memory;
+    let cache_bytes = memory / 4 * 3;
     let db_path = path.to_path_buf();
-    let shared = tokio::task::spawn_blocking(move || -> Result<Arc<Shared>> {
+    tokio::task::spawn_blocking(move || -> Result<Arc<Shared>> {
         let db = open_db(&db_path, cache_bytes)?;
         {
             let txn = db.begin_write()?;
@@ -807,7 +904,7 @@ pub(crate) async fn open_storage(
         let shared = Arc::new(Shared {
             path: db_path,
             cache_bytes,
-            records: crate::cache::RecordCache::new(opts.memory / 4),
+            records: crate::cache::RecordCache::new(memory / 4),
             db: RwLock::new(Some(Arc::new(db))),
             keys: RwLock::new(Default::default()),
             buckets: RwLock::new(Default::default()),
@@ -816,8 +913,11 @@ pub(crate) async fn open_storage(
         Ok(shared)
     })
     .await
-    .map_err(|e| MetaError::Storage(format!("open task failed: {e}")))??;
+    .map_err(|e| MetaError::Storage(format!("open task failed: {e}")))?
+}
 
+/// Opens the Raft log (`raft/` beside the tables) and starts the state machine.
+async fn open_raft_storage(shared: Arc<Shared>, path: &Path) -> Result<(LogStore, StateMachine)> {
     let raft_dir = raft_dir(path);
     let rd = raft_dir.clone();
     let mut log = tokio::task::spawn_blocking(move || LogStore::open(&rd, skip_fsync_for_test()))
@@ -825,12 +925,12 @@ pub(crate) async fn open_storage(
         .map_err(|e| MetaError::Storage(format!("open task failed: {e}")))?
         .map_err(|e| MetaError::from_storage(format!("{}: {e}", raft_dir.display())))?;
     let sm = StateMachine::start(
-        shared.clone(),
+        shared,
         log.get_log_reader().await,
         &raft_dir.join("snapshots"),
         tokio::runtime::Handle::current(),
     )?;
-    Ok((shared, log, sm))
+    Ok((log, sm))
 }
 
 /// Takes the commands waiting, proposes them as one Raft entry, and answers each
@@ -1045,13 +1145,13 @@ mod tests {
             .await,
             Err(MetaError::BucketAlreadyOwnedByYou)
         ));
-        let applied = s.sm.applied().unwrap().index;
+        let applied = s.node().sm.applied().unwrap().index;
         // Stop Raft without the closing checkpoint (as a crash would).
         s.raft().shutdown().await.unwrap();
         drop(s);
         let s = reopen(&path).await;
         assert_eq!(s.buckets().len(), 20);
-        assert!(s.sm.applied().unwrap().index >= applied);
+        assert!(s.node().sm.applied().unwrap().index >= applied);
         s.apply(Command::CreateBucket {
             bucket: "next".into(),
             now: 1,
@@ -1067,7 +1167,7 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let path = d.path().join("meta.redb");
         let s = MetaStore::open(&path).await.unwrap();
-        let before = s.sm.applied().unwrap().index;
+        let before = s.node().sm.applied().unwrap().index;
         let mut tasks = Vec::new();
         for i in 0..400 {
             let s = s.clone();
@@ -1083,7 +1183,7 @@ mod tests {
             t.await.unwrap().unwrap();
         }
         assert_eq!(s.buckets().len(), 400);
-        let entries = s.sm.applied().unwrap().index - before;
+        let entries = s.node().sm.applied().unwrap().index - before;
         assert!(entries < 400, "{entries} entries for 400 commands");
     }
 
@@ -1104,24 +1204,24 @@ mod tests {
             .await
             .unwrap();
         }
-        let mut sm = s.sm.clone();
+        let mut sm = s.node().sm.clone();
         let snap = sm
             .get_snapshot_builder()
             .await
             .build_snapshot()
             .await
             .unwrap();
-        assert_eq!(snap.meta.last_log_id, s.sm.applied());
+        assert_eq!(snap.meta.last_log_id, s.node().sm.applied());
 
         let d2 = tempfile::tempdir().unwrap();
         let other = MetaStore::open(&d2.path().join("meta.redb")).await.unwrap();
-        let mut sm2 = other.sm.clone();
+        let mut sm2 = other.node().sm.clone();
         let mut incoming = sm2.begin_receiving_snapshot().await.unwrap();
         let mut src = snap.snapshot;
         tokio::io::copy(&mut src, &mut *incoming).await.unwrap();
         sm2.install_snapshot(&snap.meta, incoming).await.unwrap();
         assert_eq!(other.buckets(), s.buckets());
-        assert_eq!(other.sm.applied(), s.sm.applied());
+        assert_eq!(other.node().sm.applied(), s.node().sm.applied());
         // A damaged snapshot is refused and changes nothing.
         let mut bad = sm2.begin_receiving_snapshot().await.unwrap();
         let mut meta = snap.meta.clone();

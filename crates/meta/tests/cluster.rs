@@ -40,7 +40,7 @@ async fn start(id: u64, join: bool) -> Node {
     .unwrap();
     let (stop, rx) = watch::channel(false);
     let svc = Arc::new(RaftService {
-        raft: store.raft().clone(),
+        store: store.clone(),
     });
     tokio::spawn(cairn_net::serve(listener, me, svc, rx));
     Node {
@@ -189,4 +189,68 @@ async fn writes_resume_after_the_leader_stops() {
         }
         assert!(n.store.object("b", "after").await.unwrap().is_some());
     }
+}
+
+/// A node that started as a cluster of one (with its own generated key) leaves it
+/// and is added to another cluster, whose data it then serves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_of_its_own_joins_another_cluster() {
+    let n1 = start(1, false).await;
+    n1.store
+        .apply(Command::CreateBucket {
+            bucket: "b".into(),
+            now: 1,
+        })
+        .await
+        .unwrap();
+    n1.store.apply(put("k", "e1")).await.unwrap();
+    let n2 = start(2, false).await;
+    n2.store
+        .apply(Command::PutKey {
+            access_key: "MINE".into(),
+            record: cairn_meta::KeyRecord {
+                secret: "s".into(),
+                root: true,
+                created: 1,
+            },
+        })
+        .await
+        .unwrap();
+    // A node with buckets cannot join.
+    let n3 = start(3, false).await;
+    n3.store
+        .apply(Command::CreateBucket {
+            bucket: "mine".into(),
+            now: 1,
+        })
+        .await
+        .unwrap();
+    assert!(matches!(
+        n3.store.reset_for_join().await,
+        Err(MetaError::Refused(_))
+    ));
+
+    n2.store.reset_for_join().await.unwrap();
+    assert!(
+        n2.store.key("MINE").is_none(),
+        "its own key went with its cluster"
+    );
+    let raft = n1.store.raft();
+    raft.add_learner(
+        2,
+        Member {
+            rpc: n2.addr.clone(),
+        },
+        true,
+    )
+    .await
+    .unwrap();
+    raft.change_membership(BTreeSet::from([1, 2]), false)
+        .await
+        .unwrap();
+    let got = n2.store.object("b", "k").await.unwrap();
+    assert_eq!(got.map(|r| r.etag), Some("e1".into()));
+    n2.store.apply(put("k2", "e2")).await.unwrap();
+    let got = n1.store.object("b", "k2").await.unwrap();
+    assert_eq!(got.map(|r| r.etag), Some("e2".into()));
 }

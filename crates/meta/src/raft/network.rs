@@ -169,14 +169,15 @@ impl RaftNetwork<TypeConfig> for NetClient {
 }
 
 /// The metadata group's RPC services, for a node that serves nothing else (the
-/// server composes its own, dispatching with [`is_meta_service`]).
+/// server composes its own, dispatching with [`is_meta_service`]). The Raft node is
+/// looked up at each call: it is replaced when the node joins a cluster.
 pub struct RaftService {
-    pub raft: Raft,
+    pub store: crate::MetaStore,
 }
 
 #[async_trait::async_trait]
 impl cairn_net::Service for RaftService {
     async fn call(&self, _peer: NodeId, service: u8, body: Bytes) -> Result<Bytes, String> {
-        handle(&self.raft, service, body).await
+        handle(&self.store.raft(), service, body).await
     }
 }
