@@ -111,6 +111,7 @@ pub async fn serve(cfg: Config) -> Result<()> {
                 .as_ref()
                 .map(|r| Peers::new(r.2.clone(), RPC_CONNECT_TIMEOUT)),
             join: false,
+            zone: cfg.zone.clone(),
         },
     )
     .await
@@ -204,7 +205,7 @@ impl cairn_net::Service for NodeService {
         body: bytes::Bytes,
     ) -> Result<bytes::Bytes, String> {
         if cairn_meta::raft::network::is_meta_service(service) {
-            cairn_meta::raft::network::handle(&self.meta.raft(), service, body).await
+            cairn_meta::raft::network::handle(&self.meta, service, body).await
         } else {
             Err(format!("unknown service {service}"))
         }

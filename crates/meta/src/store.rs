@@ -63,6 +63,8 @@ pub struct MetaOptions {
     pub peers: Option<Peers>,
     /// A new store waits to be added to an existing group instead of starting one.
     pub join: bool,
+    /// This node's failure zone.
+    pub zone: String,
 }
 
 impl Default for MetaOptions {
@@ -73,6 +75,7 @@ impl Default for MetaOptions {
             rpc_address: String::new(),
             peers: None,
             join: false,
+            zone: "z1".into(),
         }
     }
 }
@@ -367,6 +370,63 @@ impl MetaStore {
         self.opts.node_id
     }
 
+    /// Adds a node to the group (on the leader; elsewhere the request goes to the
+    /// leader): as a learner that catches up first, then as a voter if the group's
+    /// voters (an odd number, at most `MAX_VOTERS`, spread over zones) include it.
+    pub async fn add_member(&self, id: NodeId, member: Member) -> Result<()> {
+        use openraft::error::{ClientWriteError, RaftError};
+        let raft = self.raft();
+        match raft.add_learner(id, member.clone(), true).await {
+            Ok(_) => {}
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+                let node = match f.leader_node {
+                    Some(n) => Some(n),
+                    None => wait_for_leader(&raft).await,
+                };
+                let (Some(node), Some(peers)) = (node, &self.opts.peers) else {
+                    return Err(MetaError::Unavailable);
+                };
+                let req = crate::raft::network::JoinRequest {
+                    node_id: id,
+                    member,
+                };
+                let body = crate::raft::network::encode(&req).map_err(MetaError::Storage)?;
+                let answer = peers
+                    .call(
+                        &node.rpc,
+                        crate::raft::network::SVC_JOIN,
+                        body,
+                        FORWARD_TIMEOUT,
+                    )
+                    .await
+                    .map_err(|e| MetaError::Refused(format!("the leader at {}: {e}", node.rpc)))?;
+                let res: std::result::Result<(), String> =
+                    crate::raft::network::decode(&answer).map_err(MetaError::Storage)?;
+                return res.map_err(MetaError::Refused);
+            }
+            Err(e) => return Err(MetaError::Refused(format!("adding node {id:016x}: {e}"))),
+        }
+        let (members, current) = {
+            let m = raft.metrics();
+            let m = m.borrow();
+            let cfg = m.membership_config.membership();
+            let members: Vec<(NodeId, String)> =
+                cfg.nodes().map(|(i, n)| (*i, n.zone.clone())).collect();
+            (
+                members,
+                cfg.voter_ids().collect::<std::collections::BTreeSet<_>>(),
+            )
+        };
+        let voters = crate::raft::choose_voters(&members, &current, crate::raft::MAX_VOTERS);
+        if voters != current {
+            raft.change_membership(voters, false)
+                .await
+                .map_err(|e| MetaError::Refused(format!("changing the voters: {e}")))?;
+        }
+        tracing::info!(node = format!("{id:016x}"), rpc = %member.rpc, zone = %member.zone, "node added to the cluster");
+        Ok(())
+    }
+
     /// Leaves this node's own cluster of one so that it can be added to another:
     /// stops its Raft node, empties its tables and its Raft log, and starts a Raft
     /// node that waits for a leader to add it. Refused unless the node is alone in
@@ -379,7 +439,8 @@ impl MetaStore {
             let m = m.borrow();
             m.membership_config.membership().voter_ids().collect()
         };
-        if voters != [self.opts.node_id] {
+        // Alone in its group, or in none yet (a join that did not complete).
+        if !voters.is_empty() && voters != [self.opts.node_id] {
             return Err(MetaError::Refused(
                 "this node is already a member of a cluster of several nodes".into(),
             ));
@@ -457,7 +518,11 @@ impl MetaStore {
             Err(openraft::error::RaftError::APIError(
                 openraft::error::CheckIsLeaderError::ForwardToLeader(f),
             )) => {
-                let (Some(node), Some(peers)) = (f.leader_node, &self.opts.peers) else {
+                let node = match f.leader_node {
+                    Some(n) => Some(n),
+                    None => wait_for_leader(&raft).await,
+                };
+                let (Some(node), Some(peers)) = (node, &self.opts.peers) else {
                     return Err(MetaError::Unavailable);
                 };
                 let body = crate::raft::network::encode(&()).map_err(MetaError::Storage)?;
@@ -832,6 +897,7 @@ async fn start_node(shared: Arc<Shared>, path: &Path, opts: &MetaOptions) -> Res
             me,
             Member {
                 rpc: opts.rpc_address.clone(),
+                zone: opts.zone.clone(),
             },
         )]);
         raft.initialize(members)
@@ -981,13 +1047,42 @@ async fn batcher(raft: Raft, peers: Option<Peers>, mut rx: mpsc::Receiver<(Comma
     }
 }
 
+/// The leader as this node knows it, waiting a little for one to be known (a node
+/// that has just joined, or an election under way).
+async fn wait_for_leader(raft: &Raft) -> Option<Member> {
+    let leader = |m: &openraft::RaftMetrics<NodeId, Member>| {
+        m.current_leader
+            .and_then(|l| m.membership_config.membership().get_node(&l).cloned())
+    };
+    let mut rx = raft.metrics();
+    let deadline = tokio::time::Instant::now() + LEADER_WAIT;
+    loop {
+        if let Some(n) = leader(&rx.borrow_and_update()) {
+            return Some(n);
+        }
+        if tokio::time::timeout_at(deadline, rx.changed())
+            .await
+            .is_err()
+        {
+            return None;
+        }
+    }
+}
+
+/// How long a request waits for a leader to be known before it fails with 503.
+const LEADER_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Proposes an entry: here if this node leads, else through the leader.
 async fn propose(raft: &Raft, peers: Option<&Peers>, req: Request) -> Result<Response> {
     use openraft::error::{ClientWriteError, RaftError};
     match raft.client_write(req.clone()).await {
         Ok(r) => Ok(r.data),
         Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
-            let (Some(node), Some(peers)) = (f.leader_node, peers) else {
+            let node = match f.leader_node {
+                Some(n) => Some(n),
+                None => wait_for_leader(raft).await,
+            };
+            let (Some(node), Some(peers)) = (node, peers) else {
                 return Err(MetaError::Unavailable);
             };
             let body = crate::raft::network::encode(&req).map_err(MetaError::Storage)?;

@@ -72,26 +72,33 @@ fn put(key: &str, etag: &str) -> Command {
     }
 }
 
-/// Three nodes: node 1 starts the group, 2 and 3 join it as voters.
+fn member(n: &Node, zone: &str) -> Member {
+    Member {
+        rpc: n.addr.clone(),
+        zone: zone.into(),
+    }
+}
+
+/// Three nodes: node 1 starts the group; 2 joins through it, 3 through node 2 (a
+/// follower, which passes the request to the leader). With three members all vote.
 async fn three() -> Vec<Node> {
     let n1 = start(1, false).await;
     let n2 = start(2, true).await;
     let n3 = start(3, true).await;
-    let raft = n1.store.raft();
-    for n in [&n2, &n3] {
-        raft.add_learner(
-            n.store.node_id(),
-            Member {
-                rpc: n.addr.clone(),
-            },
-            true,
-        )
-        .await
-        .unwrap();
-    }
-    raft.change_membership(BTreeSet::from([1, 2, 3]), false)
-        .await
-        .unwrap();
+    n1.store.add_member(2, member(&n2, "z2")).await.unwrap();
+    let voters = |n: &Node| -> BTreeSet<u64> {
+        n.store
+            .raft()
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .voter_ids()
+            .collect()
+    };
+    assert_eq!(voters(&n1), BTreeSet::from([1]), "two members: one voter");
+    n2.store.add_member(3, member(&n3, "z3")).await.unwrap();
+    assert_eq!(voters(&n1), BTreeSet::from([1, 2, 3]));
     vec![n1, n2, n3]
 }
 
@@ -235,19 +242,7 @@ async fn a_node_of_its_own_joins_another_cluster() {
         n2.store.key("MINE").is_none(),
         "its own key went with its cluster"
     );
-    let raft = n1.store.raft();
-    raft.add_learner(
-        2,
-        Member {
-            rpc: n2.addr.clone(),
-        },
-        true,
-    )
-    .await
-    .unwrap();
-    raft.change_membership(BTreeSet::from([1, 2]), false)
-        .await
-        .unwrap();
+    n1.store.add_member(2, member(&n2, "z1")).await.unwrap();
     let got = n2.store.object("b", "k").await.unwrap();
     assert_eq!(got.map(|r| r.etag), Some("e1".into()));
     n2.store.apply(put("k2", "e2")).await.unwrap();

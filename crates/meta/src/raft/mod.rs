@@ -22,6 +22,49 @@ pub struct Member {
     /// The node's RPC address (`host:port`); empty for a node that has none (a
     /// cluster of one).
     pub rpc: String,
+    /// The node's failure zone: voters are spread over zones.
+    pub zone: String,
+}
+
+/// Most voters a group gets: more make every commit wait for more nodes.
+pub const MAX_VOTERS: usize = 5;
+
+/// The voters of a group of `members` (id, zone): an odd number (at most
+/// `max`, at most the members), spread over zones. Current voters stay while they
+/// are members and fit; the others are added from the zones with the fewest voters
+/// first, lowest id first.
+pub fn choose_voters(
+    members: &[(NodeId, String)],
+    current: &std::collections::BTreeSet<NodeId>,
+    max: usize,
+) -> std::collections::BTreeSet<NodeId> {
+    use std::collections::{BTreeMap, BTreeSet};
+    let mut target = members.len().min(max).max(1);
+    if target.is_multiple_of(2) {
+        target -= 1;
+    }
+    let mut sorted: Vec<&(NodeId, String)> = members.iter().collect();
+    sorted.sort();
+    let mut chosen: BTreeSet<NodeId> = BTreeSet::new();
+    let mut per_zone: BTreeMap<&str, usize> = BTreeMap::new();
+    for (id, zone) in &sorted {
+        if current.contains(id) && chosen.len() < target {
+            chosen.insert(*id);
+            *per_zone.entry(zone.as_str()).or_default() += 1;
+        }
+    }
+    while chosen.len() < target {
+        let Some((id, zone)) = sorted
+            .iter()
+            .filter(|(id, _)| !chosen.contains(id))
+            .min_by_key(|(id, zone)| (per_zone.get(zone.as_str()).copied().unwrap_or(0), *id))
+        else {
+            break;
+        };
+        chosen.insert(*id);
+        *per_zone.entry(zone.as_str()).or_default() += 1;
+    }
+    chosen
 }
 
 /// The payload of a log entry.
@@ -55,6 +98,8 @@ pub type SnapshotMeta = openraft::SnapshotMeta<NodeId, Member>;
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeSet;
+
     use openraft::StorageError;
     use openraft::testing::{StoreBuilder, Suite};
 
@@ -76,6 +121,47 @@ mod tests {
                     .expect("open storage");
             Ok((d, log, sm))
         }
+    }
+
+    fn members(v: &[(u64, &str)]) -> Vec<(u64, String)> {
+        v.iter().map(|(i, z)| (*i, z.to_string())).collect()
+    }
+
+    #[test]
+    fn voters_are_odd_spread_over_zones_and_stable() {
+        let none = BTreeSet::new();
+        assert_eq!(
+            super::choose_voters(&members(&[(1, "a")]), &none, 5),
+            BTreeSet::from([1])
+        );
+        // Two nodes: one voter (two would need both for every commit).
+        assert_eq!(
+            super::choose_voters(&members(&[(1, "a"), (2, "b")]), &BTreeSet::from([1]), 5),
+            BTreeSet::from([1])
+        );
+        // Four nodes in two zones: three voters, both zones.
+        let four = members(&[(1, "a"), (2, "a"), (3, "a"), (4, "b")]);
+        let v = super::choose_voters(&four, &BTreeSet::from([1]), 5);
+        assert_eq!(v.len(), 3);
+        assert!(v.contains(&4) && v.contains(&1));
+        // Seven nodes: five voters; current ones stay.
+        let seven = members(&[
+            (1, "a"),
+            (2, "b"),
+            (3, "c"),
+            (4, "a"),
+            (5, "b"),
+            (6, "c"),
+            (7, "a"),
+        ]);
+        let cur = BTreeSet::from([1, 2, 3]);
+        let v = super::choose_voters(&seven, &cur, 5);
+        assert_eq!(v.len(), 5);
+        assert!(cur.is_subset(&v));
+        // A removed voter is replaced.
+        let v2 = super::choose_voters(&seven[1..], &v, 5);
+        assert_eq!(v2.len(), 5);
+        assert!(!v2.contains(&1));
     }
 
     type S = Suite<super::TypeConfig, LogStore, StateMachine, Builder, tempfile::TempDir>;

@@ -29,9 +29,18 @@ pub const SVC_SNAPSHOT: u8 = 3;
 pub const SVC_WRITE: u8 = 4;
 /// The leader's read index, after it confirmed it still leads.
 pub const SVC_READ_INDEX: u8 = 5;
+/// A node asks to be added to the group ([`JoinRequest`]).
+pub const SVC_JOIN: u8 = 6;
 /// Whether a service id belongs to the metadata group.
 pub fn is_meta_service(svc: u8) -> bool {
-    (SVC_APPEND..=SVC_READ_INDEX).contains(&svc)
+    (SVC_APPEND..=SVC_JOIN).contains(&svc)
+}
+
+/// A node that asks to be added: who it is and where it is reached.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct JoinRequest {
+    pub node_id: NodeId,
+    pub member: Member,
 }
 
 /// Version of the bodies below.
@@ -55,9 +64,18 @@ pub(crate) fn decode<T: DeserializeOwned>(b: &[u8]) -> Result<T, String> {
     }
 }
 
-/// Serves one metadata RPC on this node's Raft.
-pub async fn handle(raft: &Raft, service: u8, body: Bytes) -> Result<Bytes, String> {
+/// Serves one metadata RPC on this node.
+pub async fn handle(store: &crate::MetaStore, service: u8, body: Bytes) -> Result<Bytes, String> {
+    let raft: &Raft = &store.raft();
     match service {
+        SVC_JOIN => {
+            let req: JoinRequest = decode(&body)?;
+            let res: Result<(), String> = store
+                .add_member(req.node_id, req.member)
+                .await
+                .map_err(|e| e.to_string());
+            encode(&res)
+        }
         SVC_APPEND => encode(&raft.append_entries(decode(&body)?).await),
         SVC_VOTE => encode(&raft.vote(decode(&body)?).await),
         SVC_SNAPSHOT => encode(&raft.install_snapshot(decode(&body)?).await),
@@ -178,6 +196,6 @@ pub struct RaftService {
 #[async_trait::async_trait]
 impl cairn_net::Service for RaftService {
     async fn call(&self, _peer: NodeId, service: u8, body: Bytes) -> Result<Bytes, String> {
-        handle(&self.store.raft(), service, body).await
+        handle(&self.store, service, body).await
     }
 }
