@@ -1,10 +1,12 @@
-//! The admin endpoint: `GET /health` and `GET /metrics` (Prometheus text).
+//! The admin endpoint: `GET /health`, `GET /metrics` (Prometheus text), and the
+//! cluster's API: `GET /v1/cluster/status`, `POST /v1/cluster/join`.
 //!
 //! `/health` answers 200 `ok` once the node serves S3, and 503 with the reason while
-//! it starts or shuts down. Nothing else is served; any other path is a 404.
+//! it starts or shuts down. What changes the cluster needs the admin token
+//! (`Authorization: Bearer TOKEN`). Any other path is a 404.
 
 use std::convert::Infallible;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, OnceLock, RwLock};
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
@@ -37,10 +39,44 @@ impl Health {
     }
 }
 
+/// What the admin API asks of the cluster (implemented by the server).
+#[async_trait::async_trait]
+pub trait ClusterAdmin: Send + Sync {
+    /// This node's view of the cluster, as JSON.
+    async fn status(&self) -> serde_json::Value;
+    /// Makes this node leave its own cluster of one and join the one `member`
+    /// (an RPC address) belongs to.
+    async fn join(&self, member: &str) -> Result<serde_json::Value, (StatusCode, String)>;
+}
+
 #[derive(Clone)]
 pub struct Admin {
     pub health: Health,
     pub metrics: PrometheusHandle,
+    /// Set once the node's metadata is open.
+    pub cluster: Arc<OnceLock<Arc<dyn ClusterAdmin>>>,
+    /// The admin token; set at start.
+    pub token: Arc<OnceLock<String>>,
+}
+
+/// Bodies of admin requests are small JSON documents.
+const MAX_BODY: usize = 64 << 10;
+
+fn json(status: StatusCode, v: &serde_json::Value) -> Response<Full<Bytes>> {
+    text(status, format!("{v}\n"), "application/json")
+}
+
+fn error_json(status: StatusCode, msg: &str) -> Response<Full<Bytes>> {
+    json(status, &serde_json::json!({ "error": msg }))
+}
+
+/// Compares in time independent of where the strings differ.
+fn same_secret(a: &str, b: &str) -> bool {
+    a.len() == b.len()
+        && a.bytes()
+            .zip(b.bytes())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
 }
 
 fn text(
@@ -58,7 +94,14 @@ fn text(
 }
 
 impl Admin {
-    pub async fn handle<B>(&self, req: Request<B>) -> Result<Response<Full<Bytes>>, Infallible> {
+    pub async fn handle<B>(&self, req: Request<B>) -> Result<Response<Full<Bytes>>, Infallible>
+    where
+        B: http_body::Body<Data = Bytes>,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        if req.uri().path().starts_with("/v1/cluster/") {
+            return Ok(self.cluster_api(req).await);
+        }
         if req.method() != Method::GET && req.method() != Method::HEAD {
             return Ok(text(
                 StatusCode::METHOD_NOT_ALLOWED,
@@ -82,5 +125,59 @@ impl Admin {
             ),
             _ => text(StatusCode::NOT_FOUND, "not found\n", "text/plain"),
         })
+    }
+
+    async fn cluster_api<B>(&self, req: Request<B>) -> Response<Full<Bytes>>
+    where
+        B: http_body::Body<Data = Bytes>,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        use http_body_util::BodyExt;
+        let Some(cluster) = self.cluster.get().cloned() else {
+            return error_json(StatusCode::SERVICE_UNAVAILABLE, "the node is starting");
+        };
+        let path = req.uri().path().to_string();
+        let method = req.method().clone();
+        match (method, path.as_str()) {
+            (Method::GET, "/v1/cluster/status") => json(StatusCode::OK, &cluster.status().await),
+            (Method::POST, "/v1/cluster/join") => {
+                let given = req
+                    .headers()
+                    .get(http::header::AUTHORIZATION)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.strip_prefix("Bearer "))
+                    .unwrap_or("")
+                    .to_string();
+                let ok = self.token.get().is_some_and(|t| same_secret(t, &given));
+                if !ok {
+                    tracing::warn!("admin request refused: missing or wrong admin token");
+                    return error_json(
+                        StatusCode::UNAUTHORIZED,
+                        "missing or wrong admin token (Authorization: Bearer TOKEN)",
+                    );
+                }
+                let body = match http_body_util::Limited::new(req.into_body(), MAX_BODY)
+                    .collect()
+                    .await
+                {
+                    Ok(b) => b.to_bytes(),
+                    Err(e) => return error_json(StatusCode::BAD_REQUEST, &format!("body: {e}")),
+                };
+                let member = serde_json::from_slice::<serde_json::Value>(&body)
+                    .ok()
+                    .and_then(|v| v.get("member").and_then(|m| m.as_str()).map(str::to_string));
+                let Some(member) = member else {
+                    return error_json(
+                        StatusCode::BAD_REQUEST,
+                        "the body must be JSON: {\"member\": \"HOST:PORT\"}",
+                    );
+                };
+                match cluster.join(&member).await {
+                    Ok(v) => json(StatusCode::OK, &v),
+                    Err((status, msg)) => error_json(status, &msg),
+                }
+            }
+            _ => error_json(StatusCode::NOT_FOUND, "no such cluster API"),
+        }
     }
 }

@@ -173,6 +173,24 @@ pub fn read_credentials(dir: &Path) -> Result<Option<KeyPair>> {
     }
 }
 
+const ADMIN_TOKEN_FILE: &str = "admin_token";
+
+/// The admin token (for the admin API's commands that change the cluster): read
+/// from `admin_token` (mode 0600), or generated and written there the first time.
+pub fn admin_token(dir: &Path) -> Result<String> {
+    let f = dir.join(ADMIN_TOKEN_FILE);
+    match fs::read_to_string(&f) {
+        Ok(t) if !t.trim().is_empty() => Ok(t.trim().to_string()),
+        Ok(_) => bail!("{} is empty", f.display()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let t = random_string(SECRET_CHARS, 40);
+            write_durably(&f, format!("{t}\n").as_bytes(), 0o600)?;
+            Ok(t)
+        }
+        Err(e) => Err(e).with_context(|| format!("reading {}", f.display())),
+    }
+}
+
 pub fn write_credentials(dir: &Path, k: &KeyPair) -> Result<()> {
     let text = format!(
         "access_key = {}\nsecret_key = {}\n",

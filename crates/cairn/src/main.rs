@@ -1,5 +1,6 @@
 //! The `cairn` binary: command line, configuration, process wiring.
 
+mod admin_cli;
 mod bench;
 mod config;
 mod datadir;
@@ -29,6 +30,9 @@ enum Cmd {
     /// Load-test any S3 endpoint (PUT, GET or mixed), or with --limits measure this
     /// machine's own bounds (hashing, fsynced disk writes) to compare with.
     Bench(BenchArgs),
+    /// Join a cluster, show its state (through a node's admin API)
+    #[command(subcommand)]
+    Cluster(admin_cli::ClusterCmd),
 }
 
 #[derive(Args)]
@@ -154,6 +158,7 @@ fn main() -> std::process::ExitCode {
     let result = match cli.cmd {
         Cmd::Serve(a) => run_serve(a),
         Cmd::Bench(a) => run_bench(a),
+        Cmd::Cluster(c) => admin_cli::run(c),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -16,7 +16,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tracing::Instrument;
 
-use cairn_api_admin::{Admin, Health};
+use cairn_api_admin::{Admin, ClusterAdmin, Health};
 use cairn_api_s3::{Cairn, S3Settings};
 use cairn_blocks::BlockStore;
 use cairn_meta::{Command, KeyRecord, MetaOptions, MetaStore};
@@ -42,6 +42,8 @@ pub async fn serve(cfg: Config) -> Result<()> {
     let admin = Admin {
         health: health.clone(),
         metrics,
+        cluster: Default::default(),
+        token: Default::default(),
     };
     let (stop_tx, stop_rx) = watch::channel(false);
     if let Ok(v) = std::env::var("CAIRN_UNSAFE_TEST_SKIP_FSYNC") {
@@ -81,13 +83,21 @@ pub async fn serve(cfg: Config) -> Result<()> {
     let dir = cfg.data_dir.clone();
     let meta_cache = cfg.meta_cache;
     let d = dir.clone();
-    let (blocks, node_id) = tokio::task::spawn_blocking(move || -> Result<(BlockStore, u64)> {
-        datadir::prepare(&d)?;
-        let node_id = datadir::node_id(&d)?;
-        let blocks = BlockStore::open(&d).context("opening the block store")?;
-        Ok((blocks, node_id))
-    })
-    .await??;
+    let (blocks, node_id, token) =
+        tokio::task::spawn_blocking(move || -> Result<(BlockStore, u64, String)> {
+            datadir::prepare(&d)?;
+            let node_id = datadir::node_id(&d)?;
+            // CAIRN_ADMIN_TOKEN sets it (one token for a whole cluster), else the
+            // data directory's.
+            let token = match std::env::var("CAIRN_ADMIN_TOKEN") {
+                Ok(t) if !t.is_empty() => t,
+                _ => datadir::admin_token(&d)?,
+            };
+            let blocks = BlockStore::open(&d).context("opening the block store")?;
+            Ok((blocks, node_id, token))
+        })
+        .await??;
+    let _ = admin.token.set(token);
     // The RPC listener is bound first: its address is this node's in the group.
     let rpc = match (cfg.rpc_address, &cfg.cluster_secret) {
         (Some(addr), Some(secret)) => {
@@ -117,6 +127,14 @@ pub async fn serve(cfg: Config) -> Result<()> {
     .await
     .context("opening the metadata store")?;
     let rpc_addr = rpc.as_ref().map(|r| r.1);
+    let _ = admin.cluster.set(Arc::new(NodeCluster {
+        meta: meta.clone(),
+        peers: rpc
+            .as_ref()
+            .map(|r| Peers::new(r.2.clone(), RPC_CONNECT_TIMEOUT)),
+        rpc: rpc_addr,
+        zone: cfg.zone.clone(),
+    }));
     let rpc_task = rpc.map(|(listener, addr, me)| {
         tracing::info!(rpc = %addr, node = format!("{node_id:016x}"), zone = %cfg.zone, "RPC listener open");
         let svc = Arc::new(NodeService { meta: meta.clone() });
@@ -209,6 +227,120 @@ impl cairn_net::Service for NodeService {
         } else {
             Err(format!("unknown service {service}"))
         }
+    }
+}
+
+/// The cluster operations of the admin API on this node.
+struct NodeCluster {
+    meta: MetaStore,
+    peers: Option<Peers>,
+    rpc: Option<SocketAddr>,
+    zone: String,
+}
+
+/// How long a joining node waits to have caught up with its new cluster.
+const JOIN_CATCH_UP: std::time::Duration = std::time::Duration::from_secs(60);
+
+#[async_trait::async_trait]
+impl ClusterAdmin for NodeCluster {
+    async fn status(&self) -> serde_json::Value {
+        let raft = self.meta.raft();
+        let m = raft.metrics().borrow().clone();
+        let voters: std::collections::BTreeSet<u64> =
+            m.membership_config.membership().voter_ids().collect();
+        let members: Vec<serde_json::Value> = m
+            .membership_config
+            .membership()
+            .nodes()
+            .map(|(id, n)| {
+                serde_json::json!({
+                    "id": format!("{id:016x}"),
+                    "rpc_address": n.rpc,
+                    "zone": n.zone,
+                    "voter": voters.contains(id),
+                })
+            })
+            .collect();
+        serde_json::json!({
+            "node": format!("{:016x}", m.id),
+            "rpc_address": self.rpc.map(|a| a.to_string()),
+            "zone": self.zone,
+            "raft_state": format!("{:?}", m.state),
+            "leader": m.current_leader.map(|l| format!("{l:016x}")),
+            "term": m.current_term,
+            "last_log_index": m.last_log_index,
+            "applied_index": m.last_applied.map(|l| l.index),
+            "members": members,
+        })
+    }
+
+    async fn join(&self, member: &str) -> Result<serde_json::Value, (http::StatusCode, String)> {
+        use http::StatusCode;
+        let (Some(peers), Some(rpc)) = (&self.peers, self.rpc) else {
+            return Err((
+                StatusCode::CONFLICT,
+                "this node has no RPC address: start it with --rpc-address (and the cluster secret) to join a cluster".into(),
+            ));
+        };
+        // The member must answer (and hold the secret) before this node gives up
+        // its own cluster.
+        peers.get(member).await.map_err(|e| {
+            (
+                StatusCode::BAD_GATEWAY,
+                format!("cannot join through {member}: {e}"),
+            )
+        })?;
+        self.meta
+            .reset_for_join()
+            .await
+            .map_err(|e| (StatusCode::CONFLICT, e.to_string()))?;
+        let me = self.meta.node_id();
+        let req = cairn_meta::raft::network::JoinRequest {
+            node_id: me,
+            member: cairn_meta::raft::Member {
+                rpc: rpc.to_string(),
+                zone: self.zone.clone(),
+            },
+        };
+        let body = cairn_meta::raft::network::encode(&req)
+            .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, e))?;
+        let answer = peers
+            .call(
+                member,
+                cairn_meta::raft::network::SVC_JOIN,
+                body,
+                JOIN_CATCH_UP,
+            )
+            .await
+            .map_err(|e| (StatusCode::BAD_GATEWAY, format!("{member}: {e}")))?;
+        let res: Result<(), String> =
+            cairn_meta::raft::network::decode(&answer).map_err(|e| (StatusCode::BAD_GATEWAY, e))?;
+        res.map_err(|e| (StatusCode::CONFLICT, e))?;
+        // Serve only once this node knows the cluster and has caught up.
+        let raft = self.meta.raft();
+        raft.wait(Some(JOIN_CATCH_UP))
+            .metrics(
+                |m| {
+                    m.current_leader.is_some()
+                        && m.membership_config.membership().get_node(&me).is_some()
+                },
+                "joined",
+            )
+            .await
+            .map_err(|e| {
+                (
+                    StatusCode::GATEWAY_TIMEOUT,
+                    format!("waiting to catch up: {e}"),
+                )
+            })?;
+        self.meta.read_barrier().await.map_err(|e| {
+            (
+                StatusCode::GATEWAY_TIMEOUT,
+                format!("waiting to catch up: {e}"),
+            )
+        })?;
+        tracing::info!(through = %member, "this node joined a cluster");
+        Ok(self.status().await)
     }
 }
 

@@ -86,3 +86,98 @@ fn a_peer_without_the_secret_is_refused_and_the_refusal_logged() {
     }
     assert!(srv.log_shows("RPC connection refused"));
 }
+
+fn cairn(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(binary())
+        .args(args)
+        .env_remove("CAIRN_ADMIN_TOKEN")
+        .output()
+        .unwrap()
+}
+
+/// Two real nodes: the second, which started as a cluster of its own, joins the
+/// first with `cairn cluster join`; then a PUT through one node reads back at once
+/// through the other.
+#[test]
+fn a_node_joins_with_cluster_join_and_serves_the_same_data() {
+    let d = tempfile::tempdir().unwrap();
+    let env = [("CAIRN_CLUSTER_SECRET", SECRET)];
+    let a = Server::try_start_in(
+        &d.path().join("a/data"),
+        &["--rpc-address", "127.0.0.1:0", "--zone", "z1"],
+        &env,
+    )
+    .unwrap();
+    let b = Server::try_start_in(
+        &d.path().join("b/data"),
+        &["--rpc-address", "127.0.0.1:0", "--zone", "z2"],
+        &env,
+    )
+    .unwrap();
+    let b_data = d.path().join("b/data");
+    let b_data = b_data.to_str().unwrap();
+    // A wrong admin token changes nothing.
+    let out = cairn(&[
+        "cluster",
+        "join",
+        &rpc_address(&a),
+        "--admin-endpoint",
+        &b.admin,
+        "--admin-token",
+        "wrong",
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("admin token"),
+        "{out:?}"
+    );
+    // The right one (read from the node's data directory) joins.
+    let out = cairn(&[
+        "cluster",
+        "join",
+        &rpc_address(&a),
+        "--admin-endpoint",
+        &b.admin,
+        "--data-dir",
+        b_data,
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = cairn(&["cluster", "status", "--json", "--admin-endpoint", &a.admin]);
+    assert!(out.status.success());
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(status["members"].as_array().unwrap().len(), 2, "{status}");
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let (ca, cb) = (a.client(), b.client());
+        ca.create_bucket().bucket("shared").send().await.unwrap();
+        for (i, (from, to)) in [(&ca, &cb), (&cb, &ca)].into_iter().enumerate() {
+            let key = format!("k{i}");
+            let body = bytes(3000, i as u64);
+            from.put_object()
+                .bucket("shared")
+                .key(&key)
+                .body(body.clone().into())
+                .send()
+                .await
+                .unwrap();
+            let got = to
+                .get_object()
+                .bucket("shared")
+                .key(&key)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(
+                got.body.collect().await.unwrap().into_bytes().as_ref(),
+                &body[..]
+            );
+        }
+        let listed = cb.list_objects_v2().bucket("shared").send().await.unwrap();
+        assert_eq!(listed.contents().len(), 2);
+    });
+}

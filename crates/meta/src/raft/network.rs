@@ -46,13 +46,13 @@ pub struct JoinRequest {
 /// Version of the bodies below.
 const BODY_VERSION: u8 = 1;
 
-pub(crate) fn encode<T: Serialize>(v: &T) -> Result<Bytes, String> {
+pub fn encode<T: Serialize>(v: &T) -> Result<Bytes, String> {
     let mut out = vec![BODY_VERSION];
     postcard::to_io(v, &mut out).map_err(|e| format!("encoding a Raft message: {e}"))?;
     Ok(Bytes::from(out))
 }
 
-pub(crate) fn decode<T: DeserializeOwned>(b: &[u8]) -> Result<T, String> {
+pub fn decode<T: DeserializeOwned>(b: &[u8]) -> Result<T, String> {
     match b.split_first() {
         Some((&BODY_VERSION, rest)) => {
             postcard::from_bytes(rest).map_err(|e| format!("decoding a Raft message: {e}"))

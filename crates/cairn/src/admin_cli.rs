@@ -1,0 +1,207 @@
+//! `cairn cluster ...`: commands that talk to a node's admin API.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::{Args, Subcommand};
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+
+#[derive(Args)]
+pub struct Endpoint {
+    /// The node's admin endpoint
+    #[arg(
+        long,
+        env = "CAIRN_ADMIN_ENDPOINT",
+        default_value = "http://127.0.0.1:9001"
+    )]
+    admin_endpoint: String,
+    /// The admin token [default: CAIRN_ADMIN_TOKEN, else DATA_DIR/admin_token]
+    #[arg(long)]
+    admin_token: Option<String>,
+    /// The node's data directory, where its admin token is
+    #[arg(long, env = "CAIRN_DATA_DIR", default_value = "cairn-data")]
+    data_dir: PathBuf,
+}
+
+#[derive(Subcommand)]
+pub enum ClusterCmd {
+    /// Make the node at --admin-endpoint (empty, with an RPC address) join the
+    /// cluster that MEMBER (a member's RPC address) belongs to
+    Join {
+        #[arg(value_name = "MEMBER")]
+        member: String,
+        #[command(flatten)]
+        endpoint: Endpoint,
+    },
+    /// Show the cluster as the node at --admin-endpoint sees it
+    Status {
+        /// Print JSON
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        endpoint: Endpoint,
+    },
+}
+
+impl Endpoint {
+    fn token(&self) -> Result<String> {
+        if let Some(t) = &self.admin_token {
+            return Ok(t.clone());
+        }
+        if let Ok(t) = std::env::var("CAIRN_ADMIN_TOKEN")
+            && !t.is_empty()
+        {
+            return Ok(t);
+        }
+        let f = self.data_dir.join("admin_token");
+        let t = std::fs::read_to_string(&f).with_context(|| {
+            format!(
+                "no admin token: give --admin-token, set CAIRN_ADMIN_TOKEN, or point --data-dir at the node's data directory (reading {})",
+                f.display()
+            )
+        })?;
+        Ok(t.trim().to_string())
+    }
+}
+
+/// One HTTP/1.1 request to the admin API; the status and the body as JSON.
+async fn request(
+    endpoint: &str,
+    method: http::Method,
+    path: &str,
+    token: Option<&str>,
+    body: Option<serde_json::Value>,
+) -> Result<(http::StatusCode, serde_json::Value)> {
+    let uri: http::Uri = format!("{}{path}", endpoint.trim_end_matches('/'))
+        .parse()
+        .with_context(|| format!("bad admin endpoint '{endpoint}'"))?;
+    let host = uri
+        .host()
+        .context("the admin endpoint has no host")?
+        .to_string();
+    let port = uri.port_u16().unwrap_or(80);
+    let tcp = tokio::net::TcpStream::connect((host.as_str(), port))
+        .await
+        .with_context(|| format!("connecting to {endpoint}"))?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
+    tokio::spawn(conn);
+    let mut b = http::Request::builder()
+        .method(method)
+        .uri(path)
+        .header(http::header::HOST, format!("{host}:{port}"));
+    if let Some(t) = token {
+        b = b.header(http::header::AUTHORIZATION, format!("Bearer {t}"));
+    }
+    let body = match body {
+        Some(v) => {
+            b = b.header(http::header::CONTENT_TYPE, "application/json");
+            Full::new(bytes::Bytes::from(v.to_string()))
+        }
+        None => Full::new(bytes::Bytes::new()),
+    };
+    let resp = sender.send_request(b.body(body)?).await?;
+    let status = resp.status();
+    let bytes = resp.into_body().collect().await?.to_bytes();
+    let v = serde_json::from_slice(&bytes)
+        .unwrap_or_else(|_| serde_json::json!({ "error": String::from_utf8_lossy(&bytes) }));
+    Ok((status, v))
+}
+
+fn fail(status: http::StatusCode, v: &serde_json::Value) -> anyhow::Error {
+    let msg = v
+        .get("error")
+        .and_then(|e| e.as_str())
+        .unwrap_or("no detail");
+    anyhow::anyhow!("{msg} (HTTP {status})")
+}
+
+pub fn run(cmd: ClusterCmd) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        match cmd {
+            ClusterCmd::Join { member, endpoint } => {
+                let token = endpoint.token()?;
+                let (status, v) = request(
+                    &endpoint.admin_endpoint,
+                    http::Method::POST,
+                    "/v1/cluster/join",
+                    Some(&token),
+                    Some(serde_json::json!({ "member": member })),
+                )
+                .await?;
+                if !status.is_success() {
+                    return Err(fail(status, &v));
+                }
+                println!(
+                    "node {} joined the cluster of {member}",
+                    v.get("node").and_then(|n| n.as_str()).unwrap_or("?")
+                );
+                Ok(())
+            }
+            ClusterCmd::Status { json, endpoint } => {
+                let (status, v) = request(
+                    &endpoint.admin_endpoint,
+                    http::Method::GET,
+                    "/v1/cluster/status",
+                    None,
+                    None,
+                )
+                .await?;
+                if !status.is_success() {
+                    return Err(fail(status, &v));
+                }
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&v)?);
+                    return Ok(());
+                }
+                let s = |k: &str| {
+                    v.get(k)
+                        .map(|x| x.to_string().trim_matches('"').to_string())
+                        .unwrap_or_default()
+                };
+                println!(
+                    "node {} ({}), zone {}, Raft {}",
+                    s("node"),
+                    s("rpc_address"),
+                    s("zone"),
+                    s("raft_state")
+                );
+                println!(
+                    "leader {}, term {}, last log {}, applied {}",
+                    s("leader"),
+                    s("term"),
+                    s("last_log_index"),
+                    s("applied_index")
+                );
+                println!("{:<18} {:<22} {:<10} role", "node", "rpc address", "zone");
+                for m in v
+                    .get("members")
+                    .and_then(|m| m.as_array())
+                    .into_iter()
+                    .flatten()
+                {
+                    let f = |k: &str| {
+                        m.get(k)
+                            .map(|x| x.to_string().trim_matches('"').to_string())
+                            .unwrap_or_default()
+                    };
+                    let role = if m.get("voter").and_then(|x| x.as_bool()) == Some(true) {
+                        "voter"
+                    } else {
+                        "learner"
+                    };
+                    println!(
+                        "{:<18} {:<22} {:<10} {role}",
+                        f("id"),
+                        f("rpc_address"),
+                        f("zone")
+                    );
+                }
+                Ok(())
+            }
+        }
+    })
+}
