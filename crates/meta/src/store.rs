@@ -82,8 +82,24 @@ impl Default for MetaOptions {
 
 type Reply = oneshot::Sender<Result<Outcome>>;
 
+/// Read barriers in progress (see [`MetaStore::read_barrier`]).
+struct Barriers {
+    state: std::sync::Mutex<BarrierState>,
+    /// The last finished round: its generation and result.
+    done: tokio::sync::watch::Sender<(u64, Result<()>)>,
+}
+
+struct BarrierState {
+    /// Number of the next round to start; a read arriving now waits for it.
+    next: u64,
+    /// Reads waiting for round `next`.
+    waiting: usize,
+    running: bool,
+}
+
 #[derive(Clone)]
 pub struct MetaStore {
+    barrier: Arc<Barriers>,
     shared: Arc<Shared>,
     /// The Raft node and what feeds it; replaced whole when the node leaves its
     /// cluster of one to join another (`reset_for_join`).
@@ -323,6 +339,14 @@ impl MetaStore {
         let shared = open_shared(path, &opts).await?;
         let node = start_node(shared.clone(), path, &opts).await?;
         Ok(MetaStore {
+            barrier: Arc::new(Barriers {
+                state: std::sync::Mutex::new(BarrierState {
+                    next: 1,
+                    waiting: 0,
+                    running: false,
+                }),
+                done: tokio::sync::watch::channel((0, Ok(()))).0,
+            }),
             shared,
             node: Arc::new(RwLock::new(node)),
             opts: Arc::new(opts),
@@ -499,8 +523,65 @@ impl MetaStore {
     /// (a linearizable read then sees every write acknowledged before it began).
     /// A cluster of one needs nothing: its writes return once applied here. The
     /// leader confirms it still leads (a heartbeat round); a follower asks the
-    /// leader for its read index and waits to have applied that far.
+    /// leader for its read index and waits to have applied that far. Concurrent
+    /// reads share rounds: a read waits for the first round that starts after it
+    /// arrived, so each round serves every read that came while the last one ran.
     pub async fn read_barrier(&self) -> Result<()> {
+        let raft = self.raft();
+        {
+            let m = raft.metrics();
+            let m = m.borrow();
+            if m.membership_config.membership().voter_ids().count() <= 1
+                && m.current_leader == Some(self.opts.node_id)
+            {
+                return Ok(());
+            }
+        }
+        // Subscribed before any round can finish: no result is missed.
+        let mut rx = self.barrier.done.subscribe();
+        let round = {
+            let mut st = self.barrier.state.lock().unwrap_or_else(|p| p.into_inner());
+            let round = st.next;
+            if st.running {
+                st.waiting += 1;
+            } else {
+                st.running = true;
+                st.next += 1;
+                let this = self.clone();
+                tokio::spawn(async move { this.barrier_rounds(round).await });
+            }
+            round
+        };
+        loop {
+            {
+                let done = rx.borrow_and_update();
+                if done.0 >= round {
+                    return done.1.clone();
+                }
+            }
+            rx.changed().await.map_err(|_| MetaError::Closed)?;
+        }
+    }
+
+    /// Runs barrier rounds, starting with `round`, while reads wait for one.
+    async fn barrier_rounds(&self, mut round: u64) {
+        loop {
+            let res = self.barrier_round().await;
+            // Stored even when no one is subscribed at this instant.
+            let _previous = self.barrier.done.send_replace((round, res));
+            let mut st = self.barrier.state.lock().unwrap_or_else(|p| p.into_inner());
+            if st.waiting > 0 {
+                round = st.next;
+                st.next += 1;
+                st.waiting = 0;
+            } else {
+                st.running = false;
+                return;
+            }
+        }
+    }
+
+    async fn barrier_round(&self) -> Result<()> {
         let raft = self.raft();
         let (voters, leader) = {
             let m = raft.metrics();
