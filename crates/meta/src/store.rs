@@ -480,25 +480,10 @@ impl MetaStore {
         tokio::task::spawn_blocking(move || -> Result<()> {
             let db = shared.get()?;
             let txn = db.begin_write()?;
-            for def in [BUCKETS, KEYS, RAFT_STATE] {
-                txn.delete_table(def)?;
-            }
-            for def in [OBJECTS, UPLOADS, PARTS] {
-                txn.delete_table(def)?;
-            }
-            txn.delete_table(BLOCK_REFS)?;
-            txn.delete_table(GC_QUEUE)?;
+            delete_data_tables(&txn)?;
+            txn.delete_table(RAFT_STATE)?;
             txn.commit()?;
-            let txn = db.begin_write()?;
-            txn.open_table(BUCKETS)?;
-            txn.open_table(OBJECTS)?;
-            txn.open_table(UPLOADS)?;
-            txn.open_table(PARTS)?;
-            txn.open_table(BLOCK_REFS)?;
-            txn.open_table(GC_QUEUE)?;
-            txn.open_table(KEYS)?;
-            txn.open_table(RAFT_STATE)?;
-            txn.commit()?;
+            create_tables(&db)?;
             shared.records.clear();
             shared.reload_caches(&db)?;
             // The old log's threads may still hold its files: move it aside whole.
@@ -1032,6 +1017,34 @@ pub(crate) async fn open_storage(
     Ok((shared, log, sm))
 }
 
+/// Creates the tables that do not exist yet.
+fn create_tables(db: &Database) -> Result<()> {
+    let txn = db.begin_write()?;
+    txn.open_table(BUCKETS)?;
+    txn.open_table(OBJECTS)?;
+    txn.open_table(UPLOADS)?;
+    txn.open_table(PARTS)?;
+    txn.open_table(BLOCK_REFS)?;
+    txn.open_table(GC_QUEUE)?;
+    txn.open_table(KEYS)?;
+    txn.open_table(RAFT_STATE)?;
+    txn.commit()?;
+    Ok(())
+}
+
+/// Deletes every table of metadata (not Raft's own state) in `txn`.
+pub(crate) fn delete_data_tables(txn: &redb::WriteTransaction) -> Result<()> {
+    for def in [BUCKETS, KEYS] {
+        txn.delete_table(def)?;
+    }
+    for def in [OBJECTS, UPLOADS, PARTS] {
+        txn.delete_table(def)?;
+    }
+    txn.delete_table(BLOCK_REFS)?;
+    txn.delete_table(GC_QUEUE)?;
+    Ok(())
+}
+
 /// Opens the tables, upgrading a format-2 command log.
 async fn open_shared(path: &Path, opts: &MetaOptions) -> Result<Arc<Shared>> {
     let memory = opts.memory;
@@ -1039,18 +1052,7 @@ async fn open_shared(path: &Path, opts: &MetaOptions) -> Result<Arc<Shared>> {
     let db_path = path.to_path_buf();
     tokio::task::spawn_blocking(move || -> Result<Arc<Shared>> {
         let db = open_db(&db_path, cache_bytes)?;
-        {
-            let txn = db.begin_write()?;
-            txn.open_table(BUCKETS)?;
-            txn.open_table(OBJECTS)?;
-            txn.open_table(UPLOADS)?;
-            txn.open_table(PARTS)?;
-            txn.open_table(BLOCK_REFS)?;
-            txn.open_table(GC_QUEUE)?;
-            txn.open_table(KEYS)?;
-            txn.open_table(RAFT_STATE)?;
-            txn.commit()?;
-        }
+        create_tables(&db)?;
         upgrade_command_log(&db, &db_path)?;
         let shared = Arc::new(Shared {
             path: db_path,

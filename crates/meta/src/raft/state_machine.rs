@@ -429,14 +429,7 @@ fn load_snapshot(db: &Database, path: &Path, meta: &SnapshotMeta) -> Result<()> 
     let mut rows = SnapshotRows::open(path).map_err(io)?;
     let txn = db.begin_write()?;
     {
-        for def in [BUCKETS, KEYS] {
-            txn.delete_table(def)?;
-        }
-        for def in [OBJECTS, UPLOADS, PARTS] {
-            txn.delete_table(def)?;
-        }
-        txn.delete_table(BLOCK_REFS)?;
-        txn.delete_table(GC_QUEUE)?;
+        crate::store::delete_data_tables(&txn)?;
         let mut buckets = txn.open_table(BUCKETS)?;
         let mut objects = txn.open_table(OBJECTS)?;
         let mut uploads = txn.open_table(UPLOADS)?;
