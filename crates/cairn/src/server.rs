@@ -129,9 +129,7 @@ pub async fn serve(cfg: Config) -> Result<()> {
     let rpc_addr = rpc.as_ref().map(|r| r.1);
     let _ = admin.cluster.set(Arc::new(NodeCluster {
         meta: meta.clone(),
-        peers: rpc
-            .as_ref()
-            .map(|r| Peers::new(r.2.clone(), RPC_CONNECT_TIMEOUT)),
+        peers: meta.peers().cloned(),
         rpc: rpc_addr,
         zone: cfg.zone.clone(),
     }));

@@ -113,6 +113,13 @@ async fn kill9_loses_no_acknowledged_write() {
         checked += 1;
     }
     assert_eq!(checked, 12);
+    // The writes since the last checkpoint were in the Raft log only: the restart
+    // applied them again.
+    assert!(
+        srv.log_shows("applied again from the Raft log"),
+        "{}",
+        srv.log()
+    );
     // A restart removes temp files of writes that were cut off.
     assert_eq!(std::fs::read_dir(data_dir.join("tmp")).unwrap().count(), 0);
 }

@@ -97,6 +97,22 @@ pub enum Command {
     },
 }
 
+impl Command {
+    /// Roughly how many bytes the command adds to a log entry (for batching and
+    /// checkpoint pacing).
+    pub fn approx_size(&self) -> usize {
+        match self {
+            Command::PutObject { record, .. } => {
+                256 + match &record.data {
+                    ObjectData::Inline(d) => d.len(),
+                    ObjectData::Blocks(b) => b.len() * 40,
+                }
+            }
+            _ => 256,
+        }
+    }
+}
+
 /// A condition checked atomically with an object write.
 #[derive(Clone, Debug, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub enum WriteCondition {

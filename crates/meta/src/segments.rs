@@ -191,9 +191,13 @@ fn parse_header(h: &[u8; HEADER_LEN as usize]) -> Result<(u64, Chain), String> {
     Ok((u64::from_le_bytes(first), seed))
 }
 
+/// What a reader of the log wants of each record as the log is opened (its index
+/// and payload), so that opening reads every record once.
+pub(crate) type OnRecord<'a> = &'a mut dyn FnMut(u64, &[u8]) -> io::Result<()>;
+
 /// Reads a segment's records: from the header while they are whole, chain and
 /// number consecutively.
-fn scan_segment(path: &Path, skip_sync: bool) -> io::Result<Segment> {
+fn scan_segment(path: &Path, skip_sync: bool, on_record: OnRecord<'_>) -> io::Result<Segment> {
     let file = open_rw(path, skip_sync).map_err(|e| with_path(path, e))?;
     let size = file.metadata()?.len();
     let mut h = [0u8; HEADER_LEN as usize];
@@ -218,9 +222,11 @@ fn scan_segment(path: &Path, skip_sync: bool) -> io::Result<Segment> {
     let mut payload = Vec::new();
     loop {
         let want = Some(Some(first + records.len() as u64));
-        let Some((_, c)) = next_record(&mut reader, want, &chain, MAX_RECORD, &mut payload)? else {
+        let Some((index, c)) = next_record(&mut reader, want, &chain, MAX_RECORD, &mut payload)?
+        else {
             break;
         };
+        on_record(index, &payload)?;
         records.push((end, payload.len() as u32, c));
         chain = c;
         end += (RECORD_HEAD + payload.len()) as u64;
@@ -241,10 +247,12 @@ impl SegmentLog {
     /// Returns the log and the location of every record, from the first retained.
     /// A log whose segments do not follow each other is refused with the file named.
     /// Segments are `segment_bytes` long (`SEGMENT_BYTES` but in tests).
+    /// `on_record` sees every record read, in order.
     pub(crate) fn open_sized(
         dir: &Path,
         skip_sync: bool,
         segment_bytes: u64,
+        on_record: OnRecord<'_>,
     ) -> io::Result<(SegmentLog, u64, Vec<Loc>)> {
         fs::create_dir_all(dir).map_err(|e| with_path(dir, e))?;
         let mut names: Vec<(u64, PathBuf)> = Vec::new();
@@ -266,7 +274,7 @@ impl SegmentLog {
         names.sort();
         let mut segments: Vec<Segment> = Vec::new();
         for (named, path) in names {
-            let seg = scan_segment(&path, skip_sync)?;
+            let seg = scan_segment(&path, skip_sync, &mut *on_record)?;
             let bad = |why: String| {
                 io::Error::new(
                     io::ErrorKind::InvalidData,

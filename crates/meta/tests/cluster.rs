@@ -63,6 +63,16 @@ fn obj(etag: &str) -> ObjectRecord {
     }
 }
 
+async fn create_bucket(store: &MetaStore, name: &str) {
+    store
+        .apply(Command::CreateBucket {
+            bucket: name.into(),
+            now: 1,
+        })
+        .await
+        .unwrap();
+}
+
 fn put(key: &str, etag: &str) -> Command {
     Command::PutObject {
         bucket: "b".into(),
@@ -105,14 +115,7 @@ async fn three() -> Vec<Node> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writes_on_any_node_are_read_at_once_on_every_node() {
     let nodes = three().await;
-    nodes[0]
-        .store
-        .apply(Command::CreateBucket {
-            bucket: "b".into(),
-            now: 1,
-        })
-        .await
-        .unwrap();
+    create_bucket(&nodes[0].store, "b").await;
     // At once, no retry: the bucket exists on the followers for a linearizable read.
     for n in &nodes[1..] {
         assert_eq!(n.store.object("b", "k").await.unwrap(), None);
@@ -157,14 +160,7 @@ async fn writes_on_any_node_are_read_at_once_on_every_node() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writes_resume_after_the_leader_stops() {
     let mut nodes = three().await;
-    nodes[0]
-        .store
-        .apply(Command::CreateBucket {
-            bucket: "b".into(),
-            now: 1,
-        })
-        .await
-        .unwrap();
+    create_bucket(&nodes[0].store, "b").await;
     for i in 0..20 {
         nodes[i % 3]
             .store
@@ -203,13 +199,7 @@ async fn writes_resume_after_the_leader_stops() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_of_its_own_joins_another_cluster() {
     let n1 = start(1, false).await;
-    n1.store
-        .apply(Command::CreateBucket {
-            bucket: "b".into(),
-            now: 1,
-        })
-        .await
-        .unwrap();
+    create_bucket(&n1.store, "b").await;
     n1.store.apply(put("k", "e1")).await.unwrap();
     let n2 = start(2, false).await;
     n2.store
@@ -225,13 +215,7 @@ async fn a_node_of_its_own_joins_another_cluster() {
         .unwrap();
     // A node with buckets cannot join.
     let n3 = start(3, false).await;
-    n3.store
-        .apply(Command::CreateBucket {
-            bucket: "mine".into(),
-            now: 1,
-        })
-        .await
-        .unwrap();
+    create_bucket(&n3.store, "mine").await;
     assert!(matches!(
         n3.store.reset_for_join().await,
         Err(MetaError::Refused(_))
@@ -257,14 +241,7 @@ async fn a_node_of_its_own_joins_another_cluster() {
 async fn concurrent_follower_reads_never_miss_an_acknowledged_write() {
     use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
     let nodes = three().await;
-    nodes[0]
-        .store
-        .apply(Command::CreateBucket {
-            bucket: "b".into(),
-            now: 1,
-        })
-        .await
-        .unwrap();
+    create_bucket(&nodes[0].store, "b").await;
     nodes[0].store.apply(put("k", "0")).await.unwrap();
     let acked = Arc::new(AtomicU64::new(0));
     let done = Arc::new(AtomicBool::new(false));

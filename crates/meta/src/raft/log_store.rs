@@ -69,6 +69,17 @@ pub(crate) fn decode_entry(bytes: &[u8]) -> io::Result<Entry> {
     }
 }
 
+/// The log id of an encoded entry, decoding nothing else (it is the entry's
+/// first field).
+fn decode_log_id(bytes: &[u8]) -> io::Result<LogId<NodeId>> {
+    match bytes.split_first() {
+        Some((&ENTRY_VERSION, rest)) => postcard::take_from_bytes::<LogId<NodeId>>(rest)
+            .map(|(id, _)| id)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("bad log entry: {e}"))),
+        _ => decode_entry(bytes).map(|e| e.log_id),
+    }
+}
+
 /// What survives restarts besides the entries.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 struct StateFile {
@@ -215,29 +226,37 @@ impl LogStore {
     ) -> io::Result<LogStore> {
         std::fs::create_dir_all(dir)?;
         let state = read_state(dir)?;
-        let (segments, first, locs) =
-            SegmentLog::open_sized(&dir.join("log"), skip_sync, segment_bytes)?;
         let purged_next = state.purged.map_or(0, |p| p.index + 1);
-        let mut slots = VecDeque::with_capacity(locs.len());
-        let mut index = first;
-        for loc in locs {
-            if index >= purged_next {
-                let entry = decode_entry(&loc.read()?)?;
-                if entry.log_id.index != index {
-                    return Err(io::Error::new(
-                        io::ErrorKind::InvalidData,
-                        format!("log record {index} holds entry {}", entry.log_id),
-                    ));
-                }
-                slots.push_back(Slot {
-                    log_id: entry.log_id,
-                    entry: None,
-                    bytes: loc.len as usize,
-                    loc: Some(loc),
-                });
+        // Each record's log id, read as the segments are scanned (the record was
+        // just read to check its chain): only the entry's first field is decoded.
+        let mut ids: Vec<LogId<NodeId>> = Vec::new();
+        let mut on_record = |index: u64, payload: &[u8]| -> io::Result<()> {
+            if index < purged_next {
+                return Ok(());
             }
-            index += 1;
+            let id = decode_log_id(payload)?;
+            if id.index != index {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("log record {index} holds entry {id}"),
+                ));
+            }
+            ids.push(id);
+            Ok(())
+        };
+        let (segments, first, locs) =
+            SegmentLog::open_sized(&dir.join("log"), skip_sync, segment_bytes, &mut on_record)?;
+        let skip = purged_next.saturating_sub(first) as usize;
+        let mut slots = VecDeque::with_capacity(ids.len());
+        for (log_id, loc) in ids.into_iter().zip(locs.into_iter().skip(skip)) {
+            slots.push_back(Slot {
+                log_id,
+                entry: None,
+                bytes: loc.len as usize,
+                loc: Some(loc),
+            });
         }
+        let index = first + (skip + slots.len()) as u64;
         let view_first = if slots.is_empty() {
             purged_next.max(index)
         } else {
@@ -411,22 +430,30 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I::IntoIter: Send,
     {
         let entries: Vec<Arc<Entry>> = entries.into_iter().map(Arc::new).collect();
+        let Some(start) = entries.first().map(|e| e.log_id.index) else {
+            callback.log_io_completed(Ok(()));
+            return Ok(());
+        };
         {
             let mut v = self.shared.view();
+            // An empty log continues wherever the first entry says (after a
+            // snapshot was installed, say); otherwise entries follow the last one.
+            let next = if v.slots.is_empty() {
+                start
+            } else {
+                v.next_index()
+            };
+            if let Some((i, e)) = (next..).zip(&entries).find(|(i, e)| e.log_id.index != *i) {
+                return Err(io_err(format!(
+                    "entry {} appended where {i} is next",
+                    e.log_id
+                )));
+            }
+            if v.slots.is_empty() {
+                v.first = start;
+                v.mem_from = start;
+            }
             for e in &entries {
-                if v.slots.is_empty() && e.log_id.index != v.next_index() {
-                    // An empty log continues wherever the first entry says (after
-                    // a snapshot was installed, say).
-                    v.first = e.log_id.index;
-                    v.mem_from = v.first;
-                }
-                if e.log_id.index != v.next_index() {
-                    return Err(io_err(format!(
-                        "entry {} appended where {} is next",
-                        e.log_id,
-                        v.next_index()
-                    )));
-                }
                 v.slots.push_back(Slot {
                     log_id: e.log_id,
                     entry: Some(e.clone()),

@@ -487,18 +487,9 @@ fn load_snapshot(db: &Database, path: &Path, meta: &SnapshotMeta) -> Result<()> 
 /// Roughly how many bytes an entry holds (for checkpoint pacing).
 fn entry_size(e: &Entry) -> u64 {
     match &e.payload {
-        EntryPayload::Normal(Request::Commands(cmds)) => cmds
-            .iter()
-            .map(|c| match c {
-                crate::Command::PutObject { record, .. } => {
-                    256 + match &record.data {
-                        crate::ObjectData::Inline(d) => d.len() as u64,
-                        crate::ObjectData::Blocks(b) => b.len() as u64 * 40,
-                    }
-                }
-                _ => 256,
-            })
-            .sum(),
+        EntryPayload::Normal(Request::Commands(cmds)) => {
+            cmds.iter().map(|c| c.approx_size() as u64).sum()
+        }
         _ => 64,
     }
 }
@@ -543,7 +534,8 @@ impl Applier {
                 Job::Tick => self.maybe_checkpoint(false),
             }
         }
-        let _ = self.checkpoint();
+        // No checkpoint on the way out: `MetaStore::close` makes one; after a drop
+        // without it, the next open applies the log again, as after a crash.
     }
 
     fn publish(&self) {
@@ -570,10 +562,9 @@ impl Applier {
 
     /// Applies entries in one transaction committed without an fsync.
     fn try_apply(&mut self, entries: &[Entry], answer: bool) -> Result<Vec<Response>> {
-        let (Some(first), Some(last)) = (entries.first(), entries.last()) else {
+        let Some(last) = entries.last() else {
             return Ok(Vec::new());
         };
-        let _ = first;
         let db = self.shared.get()?;
         let mut txn = db.begin_write()?;
         let _ = txn.set_durability(redb::Durability::None);
@@ -749,7 +740,7 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
             .await
             .map_err(snap_err)?
             .map_err(snap_err)?;
-        self.sm.set_current(meta.clone(), path.clone());
+        self.sm.set_current(meta.clone(), path.clone()).await;
         let file = tokio::fs::File::open(&path).await.map_err(snap_err)?;
         Ok(Snapshot {
             meta,
@@ -760,7 +751,7 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
 
 impl StateMachine {
     /// Records a new current snapshot and removes the previous one.
-    fn set_current(&self, meta: SnapshotMeta, path: PathBuf) {
+    async fn set_current(&self, meta: SnapshotMeta, path: PathBuf) {
         let old = self
             .sm
             .current
@@ -770,7 +761,7 @@ impl StateMachine {
         if let Some((_, old)) = old
             && old != path
         {
-            let _ = std::fs::remove_file(old);
+            let _ = tokio::fs::remove_file(old).await;
         }
     }
 }
@@ -836,16 +827,21 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         // Usually the data is in the file `begin_receiving_snapshot` made; if it is
         // another file, its bytes are copied into one of ours.
         let given = snapshot.metadata().await.map_err(snap_err)?;
-        let mut received = None;
-        for p in &incoming {
-            let same = std::fs::metadata(p)
-                .is_ok_and(|m| m.dev() == given.dev() && m.ino() == given.ino());
-            if same && received.is_none() {
-                received = Some(p.clone());
-            } else {
-                let _ = std::fs::remove_file(p);
+        let received = tokio::task::spawn_blocking(move || {
+            let mut received = None;
+            for p in incoming {
+                let same = std::fs::metadata(&p)
+                    .is_ok_and(|m| m.dev() == given.dev() && m.ino() == given.ino());
+                if same && received.is_none() {
+                    received = Some(p);
+                } else {
+                    let _ = std::fs::remove_file(&p);
+                }
             }
-        }
+            received
+        })
+        .await
+        .map_err(snap_err)?;
         let received = match received {
             Some(p) => {
                 snapshot.sync_all().await.map_err(snap_err)?;
@@ -900,7 +896,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             .await
             .map_err(snap_err)?
             .map_err(snap_err)?;
-        self.set_current(meta.clone(), path);
+        self.set_current(meta.clone(), path).await;
         Ok(())
     }
 

@@ -7,7 +7,7 @@ use super::*;
 const SMALL: u64 = 4096;
 
 fn open(dir: &Path) -> (SegmentLog, u64, Vec<Loc>) {
-    SegmentLog::open_sized(dir, true, SMALL).unwrap()
+    SegmentLog::open_sized(dir, true, SMALL, &mut |_, _| Ok(())).unwrap()
 }
 
 fn payload(index: u64, len: usize) -> Vec<u8> {
@@ -177,7 +177,9 @@ fn a_missing_middle_segment_is_refused() {
     }
     drop(log);
     fs::remove_file(d.path().join(segment_name(2))).unwrap();
-    let err = SegmentLog::open_sized(d.path(), true, SMALL).err().unwrap();
+    let err = SegmentLog::open_sized(d.path(), true, SMALL, &mut |_, _| Ok(()))
+        .err()
+        .unwrap();
     assert!(err.to_string().contains(&segment_name(3)), "{err}");
     assert!(err.to_string().contains("damaged"), "{err}");
 }
@@ -199,7 +201,9 @@ fn a_newer_segment_format_is_refused() {
         .unwrap()
         .write_all_at(&h, 0)
         .unwrap();
-    let err = SegmentLog::open_sized(d.path(), true, SMALL).err().unwrap();
+    let err = SegmentLog::open_sized(d.path(), true, SMALL, &mut |_, _| Ok(()))
+        .err()
+        .unwrap();
     assert!(err.to_string().contains("newer"), "{err}");
 }
 
