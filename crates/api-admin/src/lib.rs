@@ -1,5 +1,6 @@
 //! The admin endpoint: `GET /health`, `GET /metrics` (Prometheus text), and the
-//! cluster's API: `GET /v1/cluster/status`, `POST /v1/cluster/join`.
+//! cluster's API: `GET /v1/cluster/status`, `POST /v1/cluster/join`,
+//! `POST /v1/cluster/remove`.
 //!
 //! `/health` answers 200 `ok` once the node serves S3, and 503 with the reason while
 //! it starts or shuts down. What changes the cluster needs the admin token
@@ -47,6 +48,14 @@ pub trait ClusterAdmin: Send + Sync {
     /// Makes this node leave its own cluster of one and join the one `member`
     /// (an RPC address) belongs to.
     async fn join(&self, member: &str) -> Result<serde_json::Value, (StatusCode, String)>;
+    /// Removes a node (id in hex): drains it (its blocks move to their new places,
+    /// then it leaves), or with `force` takes it out at once (a dead node; its
+    /// blocks are copied again from the other copies).
+    async fn remove(
+        &self,
+        node: &str,
+        force: bool,
+    ) -> Result<serde_json::Value, (StatusCode, String)>;
 }
 
 #[derive(Clone)]
@@ -140,7 +149,7 @@ impl Admin {
         let method = req.method().clone();
         match (method, path.as_str()) {
             (Method::GET, "/v1/cluster/status") => json(StatusCode::OK, &cluster.status().await),
-            (Method::POST, "/v1/cluster/join") => {
+            (Method::POST, p @ ("/v1/cluster/join" | "/v1/cluster/remove")) => {
                 let given = req
                     .headers()
                     .get(http::header::AUTHORIZATION)
@@ -163,16 +172,36 @@ impl Admin {
                     Ok(b) => b.to_bytes(),
                     Err(e) => return error_json(StatusCode::BAD_REQUEST, &format!("body: {e}")),
                 };
-                let member = serde_json::from_slice::<serde_json::Value>(&body)
-                    .ok()
-                    .and_then(|v| v.get("member").and_then(|m| m.as_str()).map(str::to_string));
-                let Some(member) = member else {
-                    return error_json(
-                        StatusCode::BAD_REQUEST,
-                        "the body must be JSON: {\"member\": \"HOST:PORT\"}",
-                    );
+                let doc = serde_json::from_slice::<serde_json::Value>(&body).ok();
+                let field = |name: &str| {
+                    doc.as_ref()
+                        .and_then(|v| v.get(name))
+                        .and_then(|m| m.as_str())
+                        .map(str::to_string)
                 };
-                match cluster.join(&member).await {
+                let res = if p == "/v1/cluster/join" {
+                    let Some(member) = field("member") else {
+                        return error_json(
+                            StatusCode::BAD_REQUEST,
+                            "the body must be JSON: {\"member\": \"HOST:PORT\"}",
+                        );
+                    };
+                    cluster.join(&member).await
+                } else {
+                    let Some(node) = field("node") else {
+                        return error_json(
+                            StatusCode::BAD_REQUEST,
+                            "the body must be JSON: {\"node\": \"NODE ID\", \"force\": false}",
+                        );
+                    };
+                    let force = doc
+                        .as_ref()
+                        .and_then(|v| v.get("force"))
+                        .and_then(|f| f.as_bool())
+                        .unwrap_or(false);
+                    cluster.remove(&node, force).await
+                };
+                match res {
                     Ok(v) => json(StatusCode::OK, &v),
                     Err((status, msg)) => error_json(status, &msg),
                 }

@@ -77,6 +77,19 @@ pub fn block(e: BlockError) -> S3Error {
     }
 }
 
+pub fn data(e: cairn_cluster::DataError) -> S3Error {
+    match e {
+        cairn_cluster::DataError::Block(e) => block(e),
+        cairn_cluster::DataError::Unavailable(detail) => {
+            tracing::error!(%detail, "too few nodes could serve a block");
+            s3_error!(
+                ServiceUnavailable,
+                "Too few storage nodes are reachable to serve this now; retry shortly"
+            )
+        }
+    }
+}
+
 pub fn join(e: tokio::task::JoinError) -> S3Error {
     tracing::error!(error = %e, "blocking task failed");
     s3_error!(InternalError, "Internal error")

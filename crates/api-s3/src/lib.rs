@@ -19,7 +19,7 @@ use s3s::auth::{S3Auth, SecretKey};
 use s3s::service::{S3Service, S3ServiceBuilder};
 use s3s::{S3Result, s3_error};
 
-use cairn_blocks::BlockStore;
+use cairn_cluster::Blocks;
 use cairn_meta::MetaStore;
 
 /// S3's own limits, enforced with S3's errors.
@@ -77,14 +77,15 @@ impl Default for S3Settings {
 #[derive(Clone)]
 pub struct Cairn {
     pub meta: MetaStore,
-    pub blocks: BlockStore,
+    /// The cluster's blocks (this node's store, and the others' over RPC).
+    pub blocks: Blocks,
     pub settings: Arc<S3Settings>,
     /// Block buffers of all requests (see [`S3Settings::block_memory`]).
     pub buffers: Arc<buffers::BlockBuffers>,
 }
 
 impl Cairn {
-    pub fn new(meta: MetaStore, blocks: BlockStore, settings: S3Settings) -> Self {
+    pub fn new(meta: MetaStore, blocks: Blocks, settings: S3Settings) -> Self {
         let permits = (settings.block_memory / settings.block_size.max(1)).max(2);
         Cairn {
             meta,
@@ -147,6 +148,12 @@ struct KeyAuth {
 #[async_trait::async_trait]
 impl S3Auth for KeyAuth {
     async fn get_secret_key(&self, access_key: &str) -> S3Result<SecretKey> {
+        if let Some(k) = self.meta.key(access_key) {
+            return Ok(SecretKey::from(k.secret));
+        }
+        // A key created through another node, or before this node restarted, may not
+        // be applied here yet: wait for every write acknowledged so far, then look again.
+        self.meta.read_barrier().await.map_err(error::meta)?;
         match self.meta.key(access_key) {
             Some(k) => Ok(SecretKey::from(k.secret)),
             None => Err(s3_error!(

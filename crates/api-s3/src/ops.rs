@@ -335,13 +335,16 @@ impl Cairn {
     /// can name them without rewriting them. (The checks touch the disk: they run on a
     /// blocking thread.)
     async fn pin_existing(&self, rec: &ObjectRecord) -> S3Result<cairn_blocks::PinGuard> {
-        let store = self.blocks.clone();
+        let store = self.blocks.store().clone();
+        // In a cluster the blocks may be on other nodes: their garbage collection
+        // waits a grace period after the last reference goes, far longer than a copy.
+        let check = self.blocks.local_only();
         let blocks: Vec<_> = rec.data.blocks().iter().map(|b| b.hash).collect();
         tokio::task::spawn_blocking(move || {
             let mut pin = store.pin();
             for h in blocks {
                 pin.add(h);
-                if !store.contains(&h) {
+                if check && !store.contains(&h) {
                     return Err(s3_error!(
                         NoSuchKey,
                         "The copy source was deleted while it was being copied"

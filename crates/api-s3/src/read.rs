@@ -16,7 +16,7 @@ use futures::{StreamExt, TryStreamExt, stream};
 use s3s::S3Result;
 use s3s::dto::StreamingBlob;
 
-use cairn_blocks::{BlockError, BlockStore};
+use cairn_cluster::{Blocks, DataError};
 use cairn_meta::{ObjectData, ObjectRecord};
 use cairn_types::BlockRef;
 
@@ -44,33 +44,25 @@ pub fn plan(blocks: &[BlockRef], range: &Range<u64>) -> Vec<(BlockRef, Range<usi
 }
 
 async fn read_block(
-    store: BlockStore,
+    store: Blocks,
     buffers: Arc<BlockBuffers>,
     b: BlockRef,
-) -> Result<Bytes, BlockError> {
-    let path = store.path_of(&b.hash);
-    let failed = |op: &'static str, why: String| BlockError::Io {
-        op,
-        path: path.clone(),
-        source: std::io::Error::other(why),
-    };
-    let mut buf = buffers
+) -> Result<Bytes, DataError> {
+    let buf = buffers
         .take()
         .await
-        .map_err(|_| failed("wait for a buffer", "shutting down".into()))?;
-    let data = tokio::task::spawn_blocking(move || store.get_into(&b.hash, &mut buf).map(|()| buf))
-        .await
-        .map_err(|e| failed("read task", e.to_string()))??;
+        .map_err(|_| DataError::Unavailable("shutting down".into()))?;
+    let data = store.read(b.hash, buf).await?;
     if data.len() != b.len as usize {
-        return Err(BlockError::Corrupt {
+        return Err(DataError::Block(cairn_blocks::BlockError::Corrupt {
             hash: b.hash,
-            path,
+            path: store.store().path_of(&b.hash),
             reason: format!(
                 "length {} differs from the manifest's {}",
                 data.len(),
                 b.len
             ),
-        });
+        }));
     }
     // The buffer returns to the pool when the last slice of it has been sent.
     Ok(Bytes::from_owner(data))
@@ -78,7 +70,7 @@ async fn read_block(
 
 /// A stream of the object's bytes in `range`. Reads the first block before returning.
 pub async fn body(
-    store: &BlockStore,
+    store: &Blocks,
     buffers: &Arc<BlockBuffers>,
     rec: &ObjectRecord,
     range: Range<u64>,
@@ -106,7 +98,7 @@ pub async fn body(
                 Some(Ok(head)) => head,
                 Some(Err(e)) => {
                     tracing::error!(error = %e, "GET refused before sending: a block failed its check");
-                    return Err(error::block(e));
+                    return Err(error::data(e));
                 }
             };
             let rest = reads

@@ -16,7 +16,8 @@ use s3s::checksum::ChecksumHasher;
 use s3s::dto::StreamingBlob;
 use s3s::{S3Error, S3Result, s3_error};
 
-use cairn_blocks::{BlockStore, PinGuard};
+use cairn_blocks::PinGuard;
+use cairn_cluster::{Blocks, DataError};
 
 use crate::buffers::{BlockBuf, BlockBuffers};
 use cairn_meta::{Checksums, ObjectData};
@@ -50,7 +51,7 @@ struct Hashing {
 type Block = BlockBuf;
 
 type HashTask = tokio::task::JoinHandle<(Hashing, Block)>;
-type WriteTask = tokio::task::JoinHandle<Result<(BlockRef, PinGuard), cairn_blocks::BlockError>>;
+type WriteTask = tokio::task::JoinHandle<Result<(BlockRef, PinGuard), DataError>>;
 
 /// Block writes (fsyncs) of one request that may be in flight at once.
 const WRITES_IN_FLIGHT: usize = 2;
@@ -60,7 +61,7 @@ const WRITES_IN_FLIGHT: usize = 2;
 /// [`WRITES_IN_FLIGHT`] at once). Receiving, the MD5 of one block and the writes of the
 /// ones before overlap.
 struct Pipeline {
-    store: BlockStore,
+    store: Blocks,
     state: Option<Hashing>,
     hashing: Option<HashTask>,
     writing: std::collections::VecDeque<WriteTask>,
@@ -99,28 +100,43 @@ impl Pipeline {
         if self.writing.len() >= WRITES_IN_FLIGHT {
             self.finish_write().await?;
         }
-        let store = self.store.clone();
-        self.writing.push_back(tokio::task::spawn_blocking(move || {
-            // BLAKE3 is independent of the MD5 chain: it runs here, beside the next
-            // block's MD5.
-            let hash = BlockHash::of(&block);
-            let mut pin = store.pin();
-            pin.add(hash);
-            store.put(&hash, &block)?;
-            Ok((
-                BlockRef {
-                    hash,
-                    len: block.len() as u32,
-                },
-                pin,
-            ))
-        }));
+        let blocks = self.store.clone();
+        // BLAKE3 is independent of the MD5 chain: it runs beside the next block's MD5.
+        let task = if blocks.local_only() {
+            // One blocking task hashes, writes and fsyncs.
+            tokio::task::spawn_blocking(move || {
+                let store = blocks.store();
+                let hash = BlockHash::of(&block);
+                let mut pin = store.pin();
+                pin.add(hash);
+                store.put(&hash, &block)?;
+                let len = block.len() as u32;
+                Ok((BlockRef { hash, len }, pin))
+            })
+        } else {
+            // Hashed on a blocking thread, then written to the block's nodes.
+            tokio::spawn(async move {
+                let store = blocks.store().clone();
+                let (hash, pin, block) = tokio::task::spawn_blocking(move || {
+                    let hash = BlockHash::of(&block);
+                    let mut pin = store.pin();
+                    pin.add(hash);
+                    (hash, pin, block)
+                })
+                .await
+                .map_err(|e| DataError::Unavailable(format!("hashing task: {e}")))?;
+                let len = block.len() as u32;
+                blocks.put(hash, bytes::Bytes::from_owner(block)).await?;
+                Ok((BlockRef { hash, len }, pin))
+            })
+        };
+        self.writing.push_back(task);
         Ok(())
     }
 
     async fn finish_write(&mut self) -> S3Result<()> {
         if let Some(task) = self.writing.pop_front() {
-            let (br, pin) = task.await.map_err(error::join)?.map_err(error::block)?;
+            let (br, pin) = task.await.map_err(error::join)?.map_err(error::data)?;
             self.blocks.push(br);
             self.pins.push(pin);
         }
@@ -216,7 +232,7 @@ fn body_error(e: impl std::fmt::Display) -> S3Error {
 
 /// Streams `body` into blocks (or inline data). See the module docs.
 pub async fn ingest(
-    store: &BlockStore,
+    store: &Blocks,
     buffers: &std::sync::Arc<BlockBuffers>,
     body: Option<StreamingBlob>,
     wanted: Wanted,

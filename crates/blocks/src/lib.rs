@@ -305,21 +305,42 @@ impl BlockStore {
         Ok(removed)
     }
 
+    /// Removes this node's copy of a block whatever pins it: only for a copy that
+    /// every node placement names for the block is known to hold (the block stays
+    /// available, so a writer's pin, which guards against its loss, is not needed
+    /// here). Returns whether a file was removed.
+    pub fn remove_surplus_copy(&self, hash: &BlockHash) -> Result<bool> {
+        let path = self.path_of(hash);
+        match fs::remove_file(&path) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(BlockError::io("remove", &path, e)),
+        }
+    }
+
     /// Every block address present on disk (for scrub and orphan sweeps).
     pub fn list(&self) -> Result<Vec<BlockHash>> {
         let mut out = Vec::new();
         for i in 0..=255u8 {
-            let d = self.inner.blocks.join(format!("{i:02x}"));
-            let rd = match fs::read_dir(&d) {
-                Ok(rd) => rd,
-                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-                Err(e) => return Err(BlockError::io("read dir", &d, e)),
-            };
-            for entry in rd {
-                let entry = entry.map_err(|e| BlockError::io("read dir", &d, e))?;
-                if let Some(h) = entry.file_name().to_str().and_then(BlockHash::from_hex) {
-                    out.push(h);
-                }
+            out.extend(self.list_group(i)?);
+        }
+        Ok(out)
+    }
+
+    /// The block addresses on disk that start with the byte `group` (one of 256
+    /// fan-out directories: a walk over all blocks in bounded memory).
+    pub fn list_group(&self, group: u8) -> Result<Vec<BlockHash>> {
+        let mut out = Vec::new();
+        let d = self.inner.blocks.join(format!("{group:02x}"));
+        let rd = match fs::read_dir(&d) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(out),
+            Err(e) => return Err(BlockError::io("read dir", &d, e)),
+        };
+        for entry in rd {
+            let entry = entry.map_err(|e| BlockError::io("read dir", &d, e))?;
+            if let Some(h) = entry.file_name().to_str().and_then(BlockHash::from_hex) {
+                out.push(h);
             }
         }
         Ok(out)

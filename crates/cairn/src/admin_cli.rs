@@ -34,6 +34,18 @@ pub enum ClusterCmd {
         #[command(flatten)]
         endpoint: Endpoint,
     },
+    /// Remove NODE (its id, as `cluster status` shows it): it drains (its blocks
+    /// are copied to their new places) and then leaves the cluster
+    Remove {
+        #[arg(value_name = "NODE")]
+        node: String,
+        /// Take the node out at once, without draining (a node that is dead for
+        /// good): its blocks are copied again from the other copies
+        #[arg(long)]
+        force: bool,
+        #[command(flatten)]
+        endpoint: Endpoint,
+    },
     /// Show the cluster as the node at --admin-endpoint sees it
     Status {
         /// Print JSON
@@ -66,7 +78,7 @@ impl Endpoint {
 }
 
 /// One HTTP/1.1 request to the admin API; the status and the body as JSON.
-async fn request(
+pub async fn request(
     endpoint: &str,
     method: http::Method,
     path: &str,
@@ -141,6 +153,31 @@ pub fn run(cmd: ClusterCmd) -> Result<()> {
                 );
                 Ok(())
             }
+            ClusterCmd::Remove {
+                node,
+                force,
+                endpoint,
+            } => {
+                let token = endpoint.token()?;
+                let (status, v) = request(
+                    &endpoint.admin_endpoint,
+                    http::Method::POST,
+                    "/v1/cluster/remove",
+                    Some(&token),
+                    Some(serde_json::json!({ "node": node, "force": force })),
+                )
+                .await?;
+                if !status.is_success() {
+                    return Err(fail(status, &v));
+                }
+                match v.get("state").and_then(|s| s.as_str()) {
+                    Some("draining") => println!(
+                        "node {node} is draining: its blocks move to their new places, then it leaves (follow with `cairn cluster status`)"
+                    ),
+                    _ => println!("node {node} was removed from the cluster"),
+                }
+                Ok(())
+            }
             ClusterCmd::Status { json, endpoint } => {
                 let (status, v) = request(
                     &endpoint.admin_endpoint,
@@ -176,9 +213,19 @@ pub fn run(cmd: ClusterCmd) -> Result<()> {
                     s("last_log_index"),
                     s("applied_index")
                 );
-                println!("{:<18} {:<22} {:<10} role", "node", "rpc address", "zone");
+                let layout = v.get("layout").cloned().unwrap_or_default();
+                println!(
+                    "layout version {}, {} copies per block, {} to acknowledge a write",
+                    layout.get("version").cloned().unwrap_or_default(),
+                    layout.get("copies").cloned().unwrap_or_default(),
+                    layout.get("quorum").cloned().unwrap_or_default(),
+                );
+                println!(
+                    "{:<18} {:<22} {:<8} {:<9} {:<8} {:>10} {:>10}  rebalance",
+                    "node", "rpc address", "zone", "state", "role", "capacity", "used"
+                );
                 for m in v
-                    .get("members")
+                    .get("nodes")
                     .and_then(|m| m.as_array())
                     .into_iter()
                     .flatten()
@@ -193,11 +240,40 @@ pub fn run(cmd: ClusterCmd) -> Result<()> {
                     } else {
                         "learner"
                     };
+                    let gib = |k: &str| {
+                        m.get(k)
+                            .and_then(|x| x.as_u64())
+                            .map(|b| format!("{:.1}G", b as f64 / (1u64 << 30) as f64))
+                            .unwrap_or_else(|| "?".into())
+                    };
+                    let state = if m.get("reachable").and_then(|x| x.as_bool()) == Some(false) {
+                        format!("{}!", f("state"))
+                    } else {
+                        f("state")
+                    };
+                    let rebalance = match m.get("rebalance") {
+                        Some(r) if r.get("running").and_then(|x| x.as_bool()) == Some(true) => {
+                            format!(
+                                "{}% ({} copied)",
+                                r.get("percent").cloned().unwrap_or_default(),
+                                r.get("blocks_copied").cloned().unwrap_or_default()
+                            )
+                        }
+                        Some(r) => match r.get("blocks_left").and_then(|x| x.as_u64()) {
+                            Some(0) | None => "done".into(),
+                            Some(n) => format!("{n} blocks waiting"),
+                        },
+                        None => "unreachable".into(),
+                    };
                     println!(
-                        "{:<18} {:<22} {:<10} {role}",
+                        "{:<18} {:<22} {:<8} {:<9} {:<8} {:>10} {:>10}  {rebalance}",
                         f("id"),
                         f("rpc_address"),
-                        f("zone")
+                        f("zone"),
+                        state,
+                        role,
+                        gib("capacity"),
+                        gib("used_bytes"),
                     );
                 }
                 Ok(())

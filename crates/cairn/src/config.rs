@@ -30,6 +30,8 @@ pub struct FileConfig {
     pub zone: Option<String>,
     pub capacity: Option<String>,
     pub cluster_secret: Option<String>,
+    pub rebalance_rate: Option<String>,
+    pub move_interval: Option<String>,
 }
 
 /// The shortest cluster secret accepted: it is all that keeps strangers out.
@@ -59,6 +61,10 @@ pub struct Config {
     pub capacity: Option<u64>,
     /// Shared by every node of the cluster; never sent over the wire.
     pub cluster_secret: Option<String>,
+    /// Bytes per second this node copies at most when moving blocks to their places.
+    pub rebalance_rate: u64,
+    /// How often blocks stored outside their placement are looked at again.
+    pub move_interval: Duration,
 }
 
 impl std::fmt::Debug for Config {
@@ -132,6 +138,8 @@ pub struct Overrides {
     pub zone: Option<String>,
     pub capacity: Option<String>,
     pub cluster_secret: Option<String>,
+    pub rebalance_rate: Option<String>,
+    pub move_interval: Option<String>,
 }
 
 impl Config {
@@ -163,6 +171,7 @@ impl Config {
         };
         let s3d = cairn_api_s3::S3Settings::default();
         let opsd = cairn_ops::OpsSettings::default();
+        let moverd = cairn_cluster::mover::MoverSettings::default();
         let cfg = Config {
             data_dir: o
                 .data_dir
@@ -207,6 +216,16 @@ impl Config {
                 .map(|v| parse_size(&v).map(|n| n as u64).context("capacity"))
                 .transpose()?,
             cluster_secret: pick(o.cluster_secret, fc.cluster_secret),
+            rebalance_rate: size(
+                "rebalance_rate",
+                pick(o.rebalance_rate, fc.rebalance_rate),
+                moverd.rate as usize,
+            )? as u64,
+            move_interval: dur(
+                "move_interval",
+                pick(o.move_interval, fc.move_interval),
+                moverd.interval,
+            )?,
         };
         if cfg.zone.is_empty() || cfg.zone.len() > 64 {
             bail!("zone: must be 1 to 64 characters");

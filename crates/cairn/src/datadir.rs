@@ -178,7 +178,12 @@ const ADMIN_TOKEN_FILE: &str = "admin_token";
 /// The admin token (for the admin API's commands that change the cluster): read
 /// from `admin_token` (mode 0600), or generated and written there the first time.
 pub fn admin_token(dir: &Path) -> Result<String> {
-    let f = dir.join(ADMIN_TOKEN_FILE);
+    secret_file(&dir.join(ADMIN_TOKEN_FILE))
+}
+
+/// A random secret kept in file `f` (mode 0600): read, or generated the first time.
+pub fn secret_file(f: &Path) -> Result<String> {
+    let f = f.to_path_buf();
     match fs::read_to_string(&f) {
         Ok(t) if !t.trim().is_empty() => Ok(t.trim().to_string()),
         Ok(_) => bail!("{} is empty", f.display()),

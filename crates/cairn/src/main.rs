@@ -4,6 +4,7 @@ mod admin_cli;
 mod bench;
 mod config;
 mod datadir;
+mod dev_cluster;
 mod logwriter;
 mod server;
 mod sigv4;
@@ -30,9 +31,13 @@ enum Cmd {
     /// Load-test any S3 endpoint (PUT, GET or mixed), or with --limits measure this
     /// machine's own bounds (hashing, fsynced disk writes) to compare with.
     Bench(BenchArgs),
-    /// Join a cluster, show its state (through a node's admin API)
+    /// Join a cluster, remove a node, show the cluster's state (through a node's
+    /// admin API)
     #[command(subcommand)]
     Cluster(admin_cli::ClusterCmd),
+    /// Start a local N-node cluster on loopback (separate `cairn serve` processes)
+    /// to try cairn; writes DIR/cluster.json once it serves
+    DevCluster(dev_cluster::DevClusterArgs),
 }
 
 #[derive(Args)]
@@ -128,6 +133,14 @@ struct ServeArgs {
     /// Space this node offers for data, e.g. 2TiB [default: its file system's size]
     #[arg(long, env = "CAIRN_CAPACITY", value_name = "SIZE")]
     capacity: Option<String>,
+    /// Bytes per second this node copies at most when moving blocks to their places
+    /// after a layout change or a node's return [default: 64MiB]
+    #[arg(long, value_name = "SIZE")]
+    rebalance_rate: Option<String>,
+    /// How often blocks written here while their nodes were down are looked at
+    /// again [default: 30s]
+    #[arg(long, value_name = "DURATION")]
+    move_interval: Option<String>,
 }
 
 /// Logs go to stderr through a background writer thread (`logwriter.rs`), so that a
@@ -159,6 +172,7 @@ fn main() -> std::process::ExitCode {
         Cmd::Serve(a) => run_serve(a),
         Cmd::Bench(a) => run_bench(a),
         Cmd::Cluster(c) => admin_cli::run(c),
+        Cmd::DevCluster(a) => dev_cluster::run(a),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -184,6 +198,8 @@ fn run_serve(a: ServeArgs) -> anyhow::Result<()> {
             rpc_address: a.rpc_address,
             zone: a.zone,
             capacity: a.capacity,
+            rebalance_rate: a.rebalance_rate,
+            move_interval: a.move_interval,
             // From the environment only: a secret on the command line shows in `ps`.
             cluster_secret: std::env::var("CAIRN_CLUSTER_SECRET").ok(),
         },

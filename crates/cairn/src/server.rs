@@ -19,7 +19,8 @@ use tracing::Instrument;
 use cairn_api_admin::{Admin, ClusterAdmin, Health};
 use cairn_api_s3::{Cairn, S3Settings};
 use cairn_blocks::BlockStore;
-use cairn_meta::{Command, KeyRecord, MetaOptions, MetaStore};
+use cairn_cluster::{Blocks, DataSettings};
+use cairn_meta::{Command, KeyRecord, LayoutNode, MetaOptions, MetaStore, NodeState};
 use cairn_net::{Identity, Peers};
 use cairn_types::now_millis;
 
@@ -127,22 +128,60 @@ pub async fn serve(cfg: Config) -> Result<()> {
     .await
     .context("opening the metadata store")?;
     let rpc_addr = rpc.as_ref().map(|r| r.1);
+    let data = Blocks::new(
+        blocks.clone(),
+        &meta,
+        meta.peers().cloned(),
+        DataSettings::default(),
+    )
+    .await;
+    let capacity = match cfg.capacity {
+        Some(c) => c,
+        None => {
+            let d = dir.clone();
+            tokio::task::spawn_blocking(move || file_system_size(&d)).await??
+        }
+    };
+    let entry = LayoutNode {
+        id: node_id,
+        zone: cfg.zone.clone(),
+        capacity,
+        rpc: rpc_addr.map(|a| a.to_string()).unwrap_or_default(),
+        state: NodeState::Active,
+    };
     let _ = admin.cluster.set(Arc::new(NodeCluster {
         meta: meta.clone(),
+        data: data.clone(),
         peers: meta.peers().cloned(),
         rpc: rpc_addr,
         zone: cfg.zone.clone(),
+        entry: entry.clone(),
     }));
+    let mover = cairn_cluster::mover::Mover::new(
+        data.clone(),
+        meta.clone(),
+        cairn_cluster::mover::MoverSettings {
+            rate: cfg.rebalance_rate,
+            interval: cfg.move_interval,
+        },
+    );
+    let mover_task = tokio::spawn(mover.run(stop_rx.clone()));
+    // The layout learns this node's zone, capacity and address (again, if they
+    // changed); without a quorum now, it keeps trying in the background.
+    tokio::spawn(keep_in_layout(meta.clone(), entry));
     let rpc_task = rpc.map(|(listener, addr, me)| {
         tracing::info!(rpc = %addr, node = format!("{node_id:016x}"), zone = %cfg.zone, "RPC listener open");
-        let svc = Arc::new(NodeService { meta: meta.clone() });
+        let svc = Arc::new(NodeService {
+            meta: meta.clone(),
+            data: data.clone(),
+        });
         tokio::spawn(cairn_net::serve(listener, me, svc, stop_rx.clone()))
     });
     let key = ensure_root_key(&cfg, &meta).await?;
 
     let cairn = Cairn::new(
         meta.clone(),
-        blocks.clone(),
+        data.clone(),
         S3Settings {
             region: cfg.region.clone(),
             block_size: cfg.block_size,
@@ -196,6 +235,8 @@ pub async fn serve(cfg: Config) -> Result<()> {
         let _ = t.await;
     }
     let _ = ops_task.await;
+    // A copy in flight is abandoned: the mover resumes from its saved place.
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), mover_task).await;
     // So that the next start has little to apply again from the Raft log.
     if let Err(e) = meta.close().await {
         tracing::warn!(error = %e, "final metadata checkpoint failed; the next start applies the log");
@@ -210,6 +251,7 @@ const RPC_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(
 /// The RPC services this node offers its peers.
 struct NodeService {
     meta: MetaStore,
+    data: Blocks,
 }
 
 #[async_trait::async_trait]
@@ -222,6 +264,8 @@ impl cairn_net::Service for NodeService {
     ) -> Result<bytes::Bytes, String> {
         if cairn_meta::raft::network::is_meta_service(service) {
             cairn_meta::raft::network::handle(&self.meta, service, body).await
+        } else if cairn_cluster::is_block_service(service) {
+            self.data.handle(service, body).await
         } else {
             Err(format!("unknown service {service}"))
         }
@@ -231,9 +275,62 @@ impl cairn_net::Service for NodeService {
 /// The cluster operations of the admin API on this node.
 struct NodeCluster {
     meta: MetaStore,
+    data: Blocks,
     peers: Option<Peers>,
     rpc: Option<SocketAddr>,
     zone: String,
+    /// This node's entry in the layout.
+    entry: LayoutNode,
+}
+
+/// The size of the file system holding `dir`: a node's capacity unless configured.
+fn file_system_size(dir: &std::path::Path) -> Result<u64> {
+    let st = rustix::fs::statvfs(dir)
+        .with_context(|| format!("reading the size of the file system of {}", dir.display()))?;
+    Ok((st.f_blocks.saturating_mul(st.f_frsize)).max(1))
+}
+
+/// Puts this node's entry in the layout (keeping a drain under way), retrying until
+/// the cluster answers.
+async fn keep_in_layout(meta: MetaStore, entry: LayoutNode) {
+    let mut delay = std::time::Duration::from_millis(200);
+    loop {
+        match register(&meta, &entry).await {
+            Ok(()) => return,
+            Err(e @ cairn_meta::MetaError::Refused(_)) => {
+                tracing::warn!(error = %e, "this node stays out of the layout");
+                return;
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot update this node's layout entry yet; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(std::time::Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+async fn register(meta: &MetaStore, entry: &LayoutNode) -> Result<(), cairn_meta::MetaError> {
+    meta.read_barrier().await?;
+    let member = meta
+        .raft()
+        .metrics()
+        .borrow()
+        .membership_config
+        .membership()
+        .get_node(&entry.id)
+        .is_some();
+    if !member {
+        // Removed from its cluster: it must not put itself back.
+        return Err(cairn_meta::MetaError::Refused(
+            "this node is not a member of its cluster (it was removed)".into(),
+        ));
+    }
+    let mut entry = entry.clone();
+    if let Some(cur) = meta.layout().node(entry.id) {
+        entry.state = cur.state;
+    }
+    meta.set_layout_node(entry).await
 }
 
 /// How long a joining node waits to have caught up with its new cluster.
@@ -259,6 +356,47 @@ impl ClusterAdmin for NodeCluster {
                 })
             })
             .collect();
+        let layout = self.meta.layout();
+        let reports = futures::future::join_all(layout.nodes.iter().map(|n| {
+            tokio::time::timeout(std::time::Duration::from_secs(2), self.data.report_of(n.id))
+        }))
+        .await;
+        let nodes: Vec<serde_json::Value> = layout
+            .nodes
+            .iter()
+            .zip(reports)
+            .map(|(n, r)| {
+                let mut v = serde_json::json!({
+                    "id": format!("{:016x}", n.id),
+                    "zone": n.zone,
+                    "capacity": n.capacity,
+                    "rpc_address": n.rpc,
+                    "state": match n.state {
+                        NodeState::Active => "active",
+                        NodeState::Draining => "draining",
+                    },
+                    "voter": voters.contains(&n.id),
+                    "reachable": matches!(r, Ok(Ok(_))),
+                });
+                if let Ok(Ok(r)) = r {
+                    let mv = &r.mover;
+                    v["fs_bytes"] = r.fs_bytes.into();
+                    v["used_bytes"] = r.used_bytes.into();
+                    v["rebalance"] = serde_json::json!({
+                        "layout_version": mv.layout_version,
+                        "running": mv.running,
+                        "full_pass": mv.full,
+                        "percent": (f64::from(mv.groups_done) * 100.0 / 256.0).round(),
+                        "blocks_checked": mv.blocks_checked,
+                        "blocks_copied": mv.blocks_copied,
+                        "bytes_copied": mv.bytes_copied,
+                        "blocks_removed": mv.blocks_removed,
+                        "blocks_left": mv.blocks_left,
+                    });
+                }
+                v
+            })
+            .collect();
         serde_json::json!({
             "node": format!("{:016x}", m.id),
             "rpc_address": self.rpc.map(|a| a.to_string()),
@@ -269,6 +407,14 @@ impl ClusterAdmin for NodeCluster {
             "last_log_index": m.last_log_index,
             "applied_index": m.last_applied.map(|l| l.index),
             "members": members,
+            "layout": {
+                "version": layout.version,
+                "replication": layout.replication,
+                "write_quorum": layout.write_quorum,
+                "copies": layout.copies(),
+                "quorum": layout.quorum(),
+            },
+            "nodes": nodes,
         })
     }
 
@@ -337,8 +483,100 @@ impl ClusterAdmin for NodeCluster {
                 format!("waiting to catch up: {e}"),
             )
         })?;
+        register(&self.meta, &self.entry).await.map_err(|e| {
+            (
+                StatusCode::GATEWAY_TIMEOUT,
+                format!("adding this node to the layout: {e}"),
+            )
+        })?;
         tracing::info!(through = %member, "this node joined a cluster");
         Ok(self.status().await)
+    }
+
+    async fn remove(
+        &self,
+        node: &str,
+        force: bool,
+    ) -> Result<serde_json::Value, (http::StatusCode, String)> {
+        self.remove_node(node, force).await
+    }
+}
+
+impl NodeCluster {
+    async fn remove_node(
+        &self,
+        node: &str,
+        force: bool,
+    ) -> Result<serde_json::Value, (http::StatusCode, String)> {
+        use http::StatusCode;
+        let id = u64::from_str_radix(node.trim(), 16).map_err(|_| {
+            (
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "'{node}' is not a node id (16 hex digits, as `cairn cluster status` shows)"
+                ),
+            )
+        })?;
+        let unavailable =
+            |e: cairn_meta::MetaError| (StatusCode::SERVICE_UNAVAILABLE, e.to_string());
+        self.meta.read_barrier().await.map_err(unavailable)?;
+        let layout = self.meta.layout();
+        let member = self
+            .meta
+            .raft()
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .get_node(&id)
+            .is_some();
+        let Some(entry) = layout.node(id).cloned().or_else(|| {
+            member.then(|| LayoutNode {
+                id,
+                zone: String::new(),
+                capacity: 0,
+                rpc: String::new(),
+                state: NodeState::Draining,
+            })
+        }) else {
+            return Err((
+                StatusCode::NOT_FOUND,
+                format!("no node {id:016x} in the cluster"),
+            ));
+        };
+        let others = layout
+            .nodes
+            .iter()
+            .filter(|n| n.id != id && n.state == NodeState::Active && n.capacity > 0)
+            .count();
+        if others == 0 {
+            return Err((
+                StatusCode::CONFLICT,
+                "this is the last node that holds data: add another before removing it".into(),
+            ));
+        }
+        if force || layout.node(id).is_none() {
+            self.meta
+                .remove_member(id)
+                .await
+                .map_err(|e| (StatusCode::CONFLICT, e.to_string()))?;
+            tracing::warn!(
+                node = format!("{id:016x}"),
+                "node removed without draining; its blocks are copied again from the other copies"
+            );
+            return Ok(serde_json::json!({"node": format!("{id:016x}"), "state": "removed"}));
+        }
+        let mut entry = entry;
+        entry.state = NodeState::Draining;
+        self.meta
+            .set_layout_node(entry)
+            .await
+            .map_err(|e| (StatusCode::CONFLICT, e.to_string()))?;
+        tracing::info!(
+            node = format!("{id:016x}"),
+            "node draining: its blocks move to their new places, then it leaves"
+        );
+        Ok(serde_json::json!({"node": format!("{id:016x}"), "state": "draining"}))
     }
 }
 

@@ -179,5 +179,51 @@ fn a_node_joins_with_cluster_join_and_serves_the_same_data() {
         }
         let listed = cb.list_objects_v2().bucket("shared").send().await.unwrap();
         assert_eq!(listed.contents().len(), 2);
+
+        // Objects in blocks: with two nodes, each block has a copy on both.
+        let big = bytes(10 << 20, 7);
+        ca.put_object()
+            .bucket("shared")
+            .key("big")
+            .body(big.clone().into())
+            .send()
+            .await
+            .unwrap();
+        let got = cb
+            .get_object()
+            .bucket("shared")
+            .key("big")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            got.body.collect().await.unwrap().into_bytes().as_ref(),
+            &big[..]
+        );
     });
+    let expect = block_hashes(&bytes(10 << 20, 7), 4 << 20);
+    for node in ["a", "b"] {
+        let on_disk = block_files(&d.path().join(node).join("data"));
+        for h in &expect {
+            assert!(on_disk.contains(h), "node {node} lacks block {h}");
+        }
+    }
+}
+
+/// The BLAKE3 addresses of `data` cut into blocks.
+fn block_hashes(data: &[u8], block: usize) -> Vec<String> {
+    data.chunks(block)
+        .map(|c| blake3::hash(c).to_hex().to_string())
+        .collect()
+}
+
+/// The block files under a data directory, by address.
+fn block_files(data_dir: &std::path::Path) -> std::collections::HashSet<String> {
+    let mut out = std::collections::HashSet::new();
+    for d in std::fs::read_dir(data_dir.join("blocks")).unwrap() {
+        for f in std::fs::read_dir(d.unwrap().path()).unwrap() {
+            out.insert(f.unwrap().file_name().to_string_lossy().into_owned());
+        }
+    }
+    out
 }

@@ -9,9 +9,10 @@ use redb::{ReadableTable, Table, WriteTransaction};
 use cairn_types::{BlockHash, BlockRef, UnixMillis};
 
 use crate::records::{
-    BucketRecord, KeyRecord, ObjectData, ObjectRecord, PartRecord, UploadRecord, decode, encode,
+    BucketRecord, KeyRecord, Layout, ObjectData, ObjectRecord, PartRecord, UploadRecord, decode,
+    encode,
 };
-use crate::store::{BLOCK_REFS, BUCKETS, GC_QUEUE, KEYS, OBJECTS, PARTS, UPLOADS};
+use crate::store::{BLOCK_REFS, BUCKETS, CLUSTER, GC_QUEUE, KEYS, LAYOUT, OBJECTS, PARTS, UPLOADS};
 use crate::{Command, MetaError, Outcome, Result, WriteCondition, keys};
 
 /// The tables a command may change, opened once per transaction (opening a table
@@ -24,6 +25,7 @@ pub(crate) struct Tables<'t> {
     refs: Table<'t, &'static [u8], u64>,
     gc: Table<'t, &'static [u8], i64>,
     keys: Table<'t, &'static str, &'static [u8]>,
+    cluster: Table<'t, &'static str, &'static [u8]>,
 }
 
 impl<'t> Tables<'t> {
@@ -36,6 +38,7 @@ impl<'t> Tables<'t> {
             refs: txn.open_table(BLOCK_REFS)?,
             gc: txn.open_table(GC_QUEUE)?,
             keys: txn.open_table(KEYS)?,
+            cluster: txn.open_table(CLUSTER)?,
         })
     }
 }
@@ -80,6 +83,37 @@ pub(crate) fn apply(tb: &mut Tables<'_>, cmd: &Command) -> Result<Outcome> {
         } => abort_upload(tb, bucket, key, upload_id, *now),
         Command::PutKey { access_key, record } => put_key(tb, access_key, record),
         Command::GcForget { entries } => gc_forget(tb, entries),
+        Command::SetLayoutNode { node } => change_layout(tb, |l| {
+            match l.nodes.iter_mut().find(|n| n.id == node.id) {
+                Some(n) => *n = node.clone(),
+                None => {
+                    if l.nodes.is_empty() && l.replication == 0 {
+                        l.replication = crate::DEFAULT_REPLICATION;
+                    }
+                    l.nodes.push(node.clone());
+                    l.nodes.sort_by_key(|n| n.id);
+                }
+            }
+            Ok(())
+        }),
+        Command::RemoveLayoutNode { id } => change_layout(tb, |l| {
+            l.nodes.retain(|n| n.id != *id);
+            Ok(())
+        }),
+        Command::SetReplication {
+            replication,
+            write_quorum,
+        } => change_layout(tb, |l| {
+            if *replication == 0 || write_quorum > replication {
+                return Err(MetaError::Refused(format!(
+                    "replication {replication} with write quorum {write_quorum}: \
+                     the replication factor must be at least 1 and the quorum at most it"
+                )));
+            }
+            l.replication = *replication;
+            l.write_quorum = *write_quorum;
+            Ok(())
+        }),
     }
 }
 
@@ -314,6 +348,29 @@ fn remove_upload(
 
 fn put_key(tb: &mut Tables<'_>, access_key: &str, record: &KeyRecord) -> Result<Outcome> {
     tb.keys.insert(access_key, encode(record)?.as_slice())?;
+    Ok(Outcome::Done)
+}
+
+/// The layout as stored (the default, empty, before the first node is set).
+pub(crate) fn read_layout(t: &impl ReadableTable<&'static str, &'static [u8]>) -> Result<Layout> {
+    match t.get(LAYOUT)? {
+        Some(v) => decode(v.value()),
+        None => Ok(Layout::default()),
+    }
+}
+
+/// Applies `change` to the layout; stores it with the next version if it changed.
+fn change_layout(
+    tb: &mut Tables<'_>,
+    change: impl FnOnce(&mut Layout) -> Result<()>,
+) -> Result<Outcome> {
+    let old = read_layout(&tb.cluster)?;
+    let mut new = old.clone();
+    change(&mut new)?;
+    if new != old {
+        new.version = old.version + 1;
+        tb.cluster.insert(LAYOUT, encode(&new)?.as_slice())?;
+    }
     Ok(Outcome::Done)
 }
 

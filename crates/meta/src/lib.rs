@@ -26,8 +26,8 @@ mod segments;
 mod store;
 
 pub use records::{
-    BucketRecord, Checksums, KeyRecord, ObjectData, ObjectRecord, PartRecord, RECORD_VERSION,
-    StoredHeaders, UploadRecord,
+    BucketRecord, Checksums, DEFAULT_REPLICATION, KeyRecord, Layout, LayoutNode, NodeState,
+    ObjectData, ObjectRecord, PartRecord, RECORD_VERSION, StoredHeaders, UploadRecord,
 };
 pub use store::{
     DEFAULT_CACHE_BYTES, ListEntry, ListPage, ListQuery, MetaOptions, MetaStore, UploadEntry,
@@ -95,9 +95,33 @@ pub enum Command {
     GcForget {
         entries: Vec<(BlockHash, UnixMillis)>,
     },
+    /// Adds a node to the layout or replaces its entry (a new version only if
+    /// something changed). The first node of a layout sets the replication factor.
+    SetLayoutNode {
+        node: LayoutNode,
+    },
+    /// Takes a node out of the layout.
+    RemoveLayoutNode {
+        id: u64,
+    },
+    /// Replication factor and write quorum (0: a majority of the copies).
+    SetReplication {
+        replication: u8,
+        write_quorum: u8,
+    },
 }
 
 impl Command {
+    /// Whether the command changes the layout.
+    pub fn is_layout(&self) -> bool {
+        matches!(
+            self,
+            Command::SetLayoutNode { .. }
+                | Command::RemoveLayoutNode { .. }
+                | Command::SetReplication { .. }
+        )
+    }
+
     /// Roughly how many bytes the command adds to a log entry (for batching and
     /// checkpoint pacing).
     pub fn approx_size(&self) -> usize {

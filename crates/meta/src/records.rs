@@ -116,6 +116,66 @@ pub struct KeyRecord {
     pub created: UnixMillis,
 }
 
+/// Where the cluster keeps data: its nodes and how many copies of each block.
+/// Versioned: every change bumps `version` (the placement of blocks follows it).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Layout {
+    pub version: u64,
+    /// Copies of each block wanted (capped by the number of nodes holding data).
+    pub replication: u8,
+    /// Copies fsynced before a write is acknowledged; 0: a majority of the copies.
+    pub write_quorum: u8,
+    pub nodes: Vec<LayoutNode>,
+}
+
+/// The replication factor of a new cluster.
+pub const DEFAULT_REPLICATION: u8 = 3;
+
+impl Layout {
+    pub fn node(&self, id: u64) -> Option<&LayoutNode> {
+        self.nodes.iter().find(|n| n.id == id)
+    }
+
+    /// Copies each block gets: the replication factor, capped by the nodes that take
+    /// data.
+    pub fn copies(&self) -> usize {
+        let holders = self
+            .nodes
+            .iter()
+            .filter(|n| n.state == NodeState::Active && n.capacity > 0)
+            .count();
+        usize::from(self.replication.max(1)).min(holders.max(1))
+    }
+
+    /// Copies that must be fsynced before a write is acknowledged.
+    pub fn quorum(&self) -> usize {
+        let copies = self.copies();
+        match self.write_quorum {
+            0 => copies / 2 + 1,
+            w => usize::from(w).min(copies),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LayoutNode {
+    pub id: u64,
+    pub zone: String,
+    /// Bytes this node offers; placement gives it a share of the blocks in proportion.
+    pub capacity: u64,
+    /// Where the other nodes reach it.
+    pub rpc: String,
+    pub state: NodeState,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NodeState {
+    /// Holds its share of the blocks.
+    Active,
+    /// Being removed: takes no new blocks, its blocks move to their new places.
+    Draining,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

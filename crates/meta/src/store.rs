@@ -16,7 +16,9 @@ use crate::raft::log_store::LogStore;
 use crate::raft::network::{NetNetwork, SVC_READ_INDEX, SVC_WRITE};
 use crate::raft::state_machine::{RAFT_STATE, StateMachine};
 use crate::raft::{LogId, Member, NodeId, Raft, Request, Response};
-use crate::records::{BucketRecord, KeyRecord, ObjectRecord, PartRecord, UploadRecord, decode};
+use crate::records::{
+    BucketRecord, KeyRecord, Layout, LayoutNode, ObjectRecord, PartRecord, UploadRecord, decode,
+};
 use crate::{Command, MetaError, Outcome, Result, keys};
 use cairn_net::Peers;
 
@@ -29,6 +31,9 @@ pub(crate) const BLOCK_REFS: TableDefinition<&[u8], u64> = TableDefinition::new(
 /// Unreferenced block address -> when it lost its last reference.
 pub(crate) const GC_QUEUE: TableDefinition<&[u8], i64> = TableDefinition::new("gc_queue");
 pub(crate) const KEYS: TableDefinition<&str, &[u8]> = TableDefinition::new("keys");
+/// Cluster-wide records: the layout.
+pub(crate) const CLUSTER: TableDefinition<&str, &[u8]> = TableDefinition::new("cluster");
+pub(crate) const LAYOUT: &str = "layout";
 /// Before the Raft log (data directory format 2): `applied`, the sequence number of
 /// the last command of the old command log (`meta.log`) these tables hold. Read
 /// only to upgrade such a directory.
@@ -138,6 +143,8 @@ pub(crate) struct Shared {
     db: RwLock<Option<Arc<Database>>>,
     keys: KeyCache,
     buckets: BucketCache,
+    /// The layout as last committed; watchers learn of every change.
+    layout: tokio::sync::watch::Sender<Arc<Layout>>,
 }
 
 impl Shared {
@@ -201,6 +208,21 @@ impl Shared {
         }
         *self.keys.write().unwrap_or_else(|p| p.into_inner()) = keys;
         *self.buckets.write().unwrap_or_else(|p| p.into_inner()) = buckets;
+        drop(txn);
+        self.reload_layout(db)
+    }
+
+    /// Loads the layout from its table; watchers are told if it changed.
+    pub(crate) fn reload_layout(&self, db: &Database) -> Result<()> {
+        let txn = db.begin_read()?;
+        let layout = crate::apply::read_layout(&txn.open_table(CLUSTER)?)?;
+        self.layout.send_if_modified(|cur| {
+            if **cur == layout {
+                return false;
+            }
+            *cur = Arc::new(layout);
+            true
+        });
         Ok(())
     }
 }
@@ -399,6 +421,29 @@ impl MetaStore {
         self.opts.node_id
     }
 
+    /// The layout as last applied on this node.
+    pub fn layout(&self) -> Arc<Layout> {
+        self.shared.layout.borrow().clone()
+    }
+
+    /// Follows the layout: the receiver sees each version applied on this node.
+    pub fn watch_layout(&self) -> tokio::sync::watch::Receiver<Arc<Layout>> {
+        self.shared.layout.subscribe()
+    }
+
+    /// Makes the layout's entry for `node.id` equal to `node` (nothing is proposed
+    /// when it already is). Reads the layout after a read barrier, so that an entry
+    /// committed elsewhere is seen.
+    pub async fn set_layout_node(&self, node: LayoutNode) -> Result<()> {
+        self.read_barrier().await?;
+        if self.layout().node(node.id) == Some(&node) {
+            return Ok(());
+        }
+        self.apply(Command::SetLayoutNode { node })
+            .await
+            .map(|_| ())
+    }
+
     /// Adds a node to the group (on the leader; elsewhere the request goes to the
     /// leader): as a learner that catches up first, then as a voter if the group's
     /// voters (an odd number, at most `MAX_VOTERS`, spread over zones) include it.
@@ -412,26 +457,13 @@ impl MetaStore {
                     Some(n) => Some(n),
                     None => wait_for_leader(&raft).await,
                 };
-                let (Some(node), Some(peers)) = (node, &self.opts.peers) else {
-                    return Err(MetaError::Unavailable);
-                };
                 let req = crate::raft::network::JoinRequest {
                     node_id: id,
                     member,
                 };
-                let body = crate::raft::network::encode(&req).map_err(MetaError::Storage)?;
-                let answer = peers
-                    .call(
-                        &node.rpc,
-                        crate::raft::network::SVC_JOIN,
-                        body,
-                        FORWARD_TIMEOUT,
-                    )
-                    .await
-                    .map_err(|e| MetaError::Refused(format!("the leader at {}: {e}", node.rpc)))?;
-                let res: std::result::Result<(), String> =
-                    crate::raft::network::decode(&answer).map_err(MetaError::Storage)?;
-                return res.map_err(MetaError::Refused);
+                return self
+                    .ask_leader(node, crate::raft::network::SVC_JOIN, &req)
+                    .await;
             }
             Err(e) => return Err(MetaError::Refused(format!("adding node {id:016x}: {e}"))),
         }
@@ -453,6 +485,101 @@ impl MetaStore {
                 .map_err(|e| MetaError::Refused(format!("changing the voters: {e}")))?;
         }
         tracing::info!(node = format!("{id:016x}"), rpc = %member.rpc, zone = %member.zone, "node added to the cluster");
+        Ok(())
+    }
+
+    /// Sends a membership request to the leader `node` (if known), which answers
+    /// `Result<(), String>`.
+    async fn ask_leader<T: serde::Serialize>(
+        &self,
+        node: Option<Member>,
+        svc: u8,
+        req: &T,
+    ) -> Result<()> {
+        let (Some(node), Some(peers)) = (node, &self.opts.peers) else {
+            return Err(MetaError::Unavailable);
+        };
+        let body = crate::raft::network::encode(req).map_err(MetaError::Storage)?;
+        let answer = peers
+            .call(&node.rpc, svc, body, FORWARD_TIMEOUT)
+            .await
+            .map_err(|e| MetaError::Refused(format!("the leader at {}: {e}", node.rpc)))?;
+        let res: std::result::Result<(), String> =
+            crate::raft::network::decode(&answer).map_err(MetaError::Storage)?;
+        res.map_err(MetaError::Refused)
+    }
+
+    /// Takes a node out of the layout and out of the group (the voters are chosen
+    /// again among the rest). Done by the leader; elsewhere the request goes to it.
+    /// The caller has made sure the node's blocks are elsewhere.
+    pub async fn remove_member(&self, id: NodeId) -> Result<()> {
+        use openraft::ChangeMembers;
+        use openraft::error::{ClientWriteError, RaftError};
+        let raft = self.raft();
+        let leader = raft.metrics().borrow().current_leader;
+        if leader != Some(self.opts.node_id) {
+            let node = match leader.and_then(|l| {
+                raft.metrics()
+                    .borrow()
+                    .membership_config
+                    .membership()
+                    .get_node(&l)
+                    .cloned()
+            }) {
+                Some(n) => Some(n),
+                None => wait_for_leader(&raft).await,
+            };
+            return self
+                .ask_leader(node, crate::raft::network::SVC_LEAVE, &id)
+                .await;
+        }
+        self.apply(Command::RemoveLayoutNode { id }).await?;
+        let (members, current) = {
+            let m = raft.metrics();
+            let m = m.borrow();
+            let cfg = m.membership_config.membership();
+            let members: Vec<(NodeId, String)> = cfg
+                .nodes()
+                .filter(|(i, _)| **i != id)
+                .map(|(i, n)| (*i, n.zone.clone()))
+                .collect();
+            (
+                members,
+                cfg.voter_ids().collect::<std::collections::BTreeSet<_>>(),
+            )
+        };
+        let changed = |e: RaftError<NodeId, ClientWriteError<NodeId, Member>>| {
+            MetaError::Refused(format!("removing node {id:016x}: {e}"))
+        };
+        if current.contains(&id) {
+            let mut rest = current.clone();
+            rest.remove(&id);
+            let voters = crate::raft::choose_voters(&members, &rest, crate::raft::MAX_VOTERS);
+            if voters.is_empty() {
+                return Err(MetaError::Refused(
+                    "the last member of a cluster cannot leave it".into(),
+                ));
+            }
+            raft.change_membership(ChangeMembers::ReplaceAllVoters(voters), false)
+                .await
+                .map_err(changed)?;
+        }
+        let still = raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .get_node(&id)
+            .is_some();
+        if still {
+            raft.change_membership(
+                ChangeMembers::RemoveNodes(std::iter::once(id).collect()),
+                false,
+            )
+            .await
+            .map_err(changed)?;
+        }
+        tracing::info!(node = format!("{id:016x}"), "node removed from the cluster");
         Ok(())
     }
 
@@ -575,28 +702,44 @@ impl MetaStore {
     /// then this node waits to have applied that far.
     async fn barrier_round(&self) -> Result<()> {
         let raft = self.raft();
-        let read_index: Option<LogId> = match raft.ensure_linearizable().await {
-            Ok(l) => l,
-            Err(openraft::error::RaftError::APIError(
-                openraft::error::CheckIsLeaderError::ForwardToLeader(f),
-            )) => {
-                let node = match f.leader_node {
-                    Some(n) => Some(n),
-                    None => wait_for_leader(&raft).await,
-                };
-                let (Some(node), Some(peers)) = (node, &self.opts.peers) else {
-                    return Err(MetaError::Unavailable);
-                };
-                let body = crate::raft::network::encode(&()).map_err(MetaError::Storage)?;
-                let answer = peers
-                    .call(&node.rpc, SVC_READ_INDEX, body, READ_BARRIER_TIMEOUT)
-                    .await
-                    .map_err(|_| MetaError::Unavailable)?;
-                let res: std::result::Result<Option<LogId>, String> =
-                    crate::raft::network::decode(&answer).map_err(MetaError::Storage)?;
-                res.map_err(|_| MetaError::Unavailable)?
+        let mut attempts = 0;
+        let read_index: Option<LogId> = loop {
+            attempts += 1;
+            match raft.ensure_linearizable().await {
+                Ok(l) => break l,
+                Err(openraft::error::RaftError::APIError(
+                    openraft::error::CheckIsLeaderError::ForwardToLeader(f),
+                )) => {
+                    let node = match f.leader_node {
+                        Some(n) => Some(n),
+                        None => wait_for_leader(&raft).await,
+                    };
+                    let (Some(node), Some(peers)) = (node, &self.opts.peers) else {
+                        return Err(MetaError::Unavailable);
+                    };
+                    let body = crate::raft::network::encode(&()).map_err(MetaError::Storage)?;
+                    match peers
+                        .call(&node.rpc, SVC_READ_INDEX, body, READ_BARRIER_TIMEOUT)
+                        .await
+                    {
+                        Ok(answer) => {
+                            let res: std::result::Result<Option<LogId>, String> =
+                                crate::raft::network::decode(&answer)
+                                    .map_err(MetaError::Storage)?;
+                            break res.map_err(|_| MetaError::Unavailable)?;
+                        }
+                        // The leader this node knows is gone: once another is
+                        // elected, ask it (a read changes nothing: asking again is safe).
+                        Err(_) if attempts < 3 && f.leader_id.is_some() => {
+                            if !wait_for_other_leader(&raft, f.leader_id).await {
+                                return Err(MetaError::Unavailable);
+                            }
+                        }
+                        Err(_) => return Err(MetaError::Unavailable),
+                    }
+                }
+                Err(_) => return Err(MetaError::Unavailable),
             }
-            Err(_) => return Err(MetaError::Unavailable),
         };
         if let Some(index) = read_index {
             raft.wait(Some(READ_BARRIER_TIMEOUT))
@@ -1033,6 +1176,7 @@ fn create_tables(db: &Database) -> Result<()> {
     txn.open_table(BLOCK_REFS)?;
     txn.open_table(GC_QUEUE)?;
     txn.open_table(KEYS)?;
+    txn.open_table(CLUSTER)?;
     txn.open_table(RAFT_STATE)?;
     txn.commit()?;
     Ok(())
@@ -1040,7 +1184,7 @@ fn create_tables(db: &Database) -> Result<()> {
 
 /// Deletes every table of metadata (not Raft's own state) in `txn`.
 pub(crate) fn delete_data_tables(txn: &redb::WriteTransaction) -> Result<()> {
-    for def in [BUCKETS, KEYS] {
+    for def in [BUCKETS, KEYS, CLUSTER] {
         txn.delete_table(def)?;
     }
     for def in [OBJECTS, UPLOADS, PARTS] {
@@ -1067,6 +1211,7 @@ async fn open_shared(path: &Path, opts: &MetaOptions) -> Result<Arc<Shared>> {
             db: RwLock::new(Some(Arc::new(db))),
             keys: RwLock::new(Default::default()),
             buckets: RwLock::new(Default::default()),
+            layout: tokio::sync::watch::channel(Arc::new(Layout::default())).0,
         });
         shared.reload_caches(&*shared.get()?)?;
         Ok(shared)
@@ -1172,40 +1317,77 @@ const LEADER_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 /// Proposes an entry: here if this node leads, else through the leader.
 async fn propose(raft: &Raft, peers: Option<&Peers>, req: Request) -> Result<Response> {
     use openraft::error::{ClientWriteError, RaftError};
-    match raft.client_write(req.clone()).await {
-        Ok(r) => Ok(r.data),
-        Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
-            let node = match f.leader_node {
-                Some(n) => Some(n),
-                None => wait_for_leader(raft).await,
-            };
-            let (Some(node), Some(peers)) = (node, peers) else {
-                return Err(MetaError::Unavailable);
-            };
-            let body = crate::raft::network::encode(&req).map_err(MetaError::Storage)?;
-            // An error here may come after the leader committed the entry: the
-            // caller cannot tell, as with any write whose answer was lost.
-            let answer = peers
-                .call(&node.rpc, SVC_WRITE, body, FORWARD_TIMEOUT)
-                .await
-                .map_err(|e| {
-                    tracing::warn!(leader = %node.rpc, error = %e, "forwarding a metadata write failed");
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        match raft.client_write(req.clone()).await {
+            Ok(r) => return Ok(r.data),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+                let node = match f.leader_node {
+                    Some(n) => Some(n),
+                    None => wait_for_leader(raft).await,
+                };
+                let (Some(node), Some(peers)) = (node, peers) else {
+                    return Err(MetaError::Unavailable);
+                };
+                let body = crate::raft::network::encode(&req).map_err(MetaError::Storage)?;
+                let answer = match peers
+                    .call(&node.rpc, SVC_WRITE, body, FORWARD_TIMEOUT)
+                    .await
+                {
+                    Ok(a) => a,
+                    // Not sent at all (the leader this node knows is gone): once
+                    // another is elected, send it there.
+                    Err(cairn_net::RpcError::Connect { .. })
+                        if attempts < 3 && f.leader_id.is_some() =>
+                    {
+                        if !wait_for_other_leader(raft, f.leader_id).await {
+                            return Err(MetaError::Unavailable);
+                        }
+                        continue;
+                    }
+                    // An error here may come after the leader committed the entry:
+                    // the caller cannot tell, as with any write whose answer was lost.
+                    Err(e) => {
+                        tracing::warn!(leader = %node.rpc, error = %e, "forwarding a metadata write failed");
+                        return Err(MetaError::Unavailable);
+                    }
+                };
+                let res: std::result::Result<Response, String> =
+                    crate::raft::network::decode(&answer).map_err(MetaError::Storage)?;
+                return res.map_err(|e| {
+                    tracing::warn!(error = %e, "the leader did not commit a forwarded write");
                     MetaError::Unavailable
-                })?;
-            let res: std::result::Result<Response, String> =
-                crate::raft::network::decode(&answer).map_err(MetaError::Storage)?;
-            res.map_err(|e| {
-                tracing::warn!(error = %e, "the leader did not commit a forwarded write");
-                MetaError::Unavailable
-            })
+                });
+            }
+            Err(RaftError::Fatal(e)) => {
+                tracing::error!(error = %e, "the metadata Raft node stopped");
+                return Err(MetaError::Closed);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "a metadata write was not committed");
+                return Err(MetaError::Unavailable);
+            }
         }
-        Err(RaftError::Fatal(e)) => {
-            tracing::error!(error = %e, "the metadata Raft node stopped");
-            Err(MetaError::Closed)
+    }
+}
+
+/// Waits (up to `LEADER_WAIT`) for a leader other than `failed`; whether one came.
+async fn wait_for_other_leader(raft: &Raft, failed: Option<NodeId>) -> bool {
+    let mut rx = raft.metrics();
+    let deadline = tokio::time::Instant::now() + LEADER_WAIT;
+    loop {
+        {
+            let m = rx.borrow_and_update();
+            if m.current_leader.is_some() && m.current_leader != failed {
+                return true;
+            }
         }
-        Err(e) => {
-            tracing::warn!(error = %e, "a metadata write was not committed");
-            Err(MetaError::Unavailable)
+        if tokio::time::timeout_at(deadline, rx.changed())
+            .await
+            .is_err()
+        {
+            return false;
         }
     }
 }

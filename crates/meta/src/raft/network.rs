@@ -31,9 +31,11 @@ pub const SVC_WRITE: u8 = 4;
 pub const SVC_READ_INDEX: u8 = 5;
 /// A node asks to be added to the group ([`JoinRequest`]).
 pub const SVC_JOIN: u8 = 6;
+/// A node is to leave the group (its id, postcard `u64`).
+pub const SVC_LEAVE: u8 = 7;
 /// Whether a service id belongs to the metadata group.
 pub fn is_meta_service(svc: u8) -> bool {
-    (SVC_APPEND..=SVC_JOIN).contains(&svc)
+    (SVC_APPEND..=SVC_LEAVE).contains(&svc)
 }
 
 /// A node that asks to be added: who it is and where it is reached.
@@ -74,6 +76,11 @@ pub async fn handle(store: &crate::MetaStore, service: u8, body: Bytes) -> Resul
                 .add_member(req.node_id, req.member)
                 .await
                 .map_err(|e| e.to_string());
+            encode(&res)
+        }
+        SVC_LEAVE => {
+            let id: NodeId = decode(&body)?;
+            let res: Result<(), String> = store.remove_member(id).await.map_err(|e| e.to_string());
             encode(&res)
         }
         SVC_APPEND => encode(&raft.append_entries(decode(&body)?).await),

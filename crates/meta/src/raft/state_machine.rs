@@ -30,7 +30,7 @@ use tokio::sync::oneshot;
 use super::log_store::LogReader;
 use super::{Entry, LogId, NodeId, Request, Response, SnapshotMeta, StoredMembership, TypeConfig};
 use crate::store::{
-    BLOCK_REFS, BUCKETS, GC_QUEUE, KEYS, OBJECTS, PARTS, Shared, UPLOADS, changed_object,
+    BLOCK_REFS, BUCKETS, CLUSTER, GC_QUEUE, KEYS, OBJECTS, PARTS, Shared, UPLOADS, changed_object,
     checkpoint,
 };
 use crate::{MetaError, Result};
@@ -281,7 +281,7 @@ impl<R: Read> Read for CrcRead<R> {
 }
 
 /// The tables a snapshot holds, with their ids in the file.
-const TABLE_IDS: [(u8, &str); 7] = [
+const TABLE_IDS: [(u8, &str); 8] = [
     (1, "buckets"),
     (2, "objects"),
     (3, "uploads"),
@@ -289,6 +289,7 @@ const TABLE_IDS: [(u8, &str); 7] = [
     (5, "block_refs"),
     (6, "gc_queue"),
     (7, "keys"),
+    (8, "cluster"),
 ];
 
 fn put_row(w: &mut impl Write, table: u8, key: &[u8], value: &[u8]) -> io::Result<()> {
@@ -336,6 +337,10 @@ fn write_snapshot(txn: &redb::ReadTransaction, meta: &SnapshotMeta, path: &Path)
         for item in txn.open_table(KEYS)?.iter()? {
             let (k, v) = item?;
             put_row(&mut w, 7, k.value().as_bytes(), v.value()).map_err(io)?;
+        }
+        for item in txn.open_table(CLUSTER)?.iter()? {
+            let (k, v) = item?;
+            put_row(&mut w, 8, k.value().as_bytes(), v.value()).map_err(io)?;
         }
         w.write_all(&[END_OF_ROWS]).map_err(io)?;
         let crc = w.digest.finalize();
@@ -437,6 +442,7 @@ fn load_snapshot(db: &Database, path: &Path, meta: &SnapshotMeta) -> Result<()> 
         let mut refs = txn.open_table(BLOCK_REFS)?;
         let mut gc = txn.open_table(GC_QUEUE)?;
         let mut keys = txn.open_table(KEYS)?;
+        let mut cluster = txn.open_table(CLUSTER)?;
         let text = |b: &[u8]| {
             std::str::from_utf8(b)
                 .map(str::to_string)
@@ -465,8 +471,11 @@ fn load_snapshot(db: &Database, path: &Path, meta: &SnapshotMeta) -> Result<()> 
                 6 => {
                     gc.insert(k, i64::from_le_bytes(num(v)?))?;
                 }
-                _ => {
+                7 => {
                     keys.insert(text(k)?.as_str(), v)?;
+                }
+                _ => {
+                    cluster.insert(text(k)?.as_str(), v)?;
                 }
             }
         }
@@ -616,8 +625,12 @@ impl Applier {
         let res = txn.commit();
         records.end_change(changed.iter().map(|k| k.as_slice()));
         res?;
+        let layout_changed = committed.iter().any(|c| c.is_layout());
         for cmd in committed {
             self.shared.note_committed(cmd);
+        }
+        if layout_changed {
+            self.shared.reload_layout(&db)?;
         }
         self.applied = Some(last.log_id);
         if let Some(m) = membership {

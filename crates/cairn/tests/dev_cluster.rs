@@ -1,0 +1,560 @@
+//! Real clusters of `cairn serve` processes started with `cairn dev-cluster`: reads
+//! after writes on every node, nodes stopped and restarted, blocks counted on disk
+//! where placement puts them, nodes added and removed.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{bytes, client_for, err_of};
+
+/// A `cairn dev-cluster` process and what its cluster.json says.
+struct Dev {
+    child: Child,
+    dir: tempfile::TempDir,
+    doc: serde_json::Value,
+    /// Nodes started again by the test (index → process).
+    restarted: HashMap<usize, Child>,
+}
+
+impl Dev {
+    fn start(nodes: usize, zones: usize, serve_args: &[&str]) -> Dev {
+        for attempt in 0..5 {
+            let dir = tempfile::Builder::new()
+                .prefix("cairn-dev-")
+                .tempdir()
+                .unwrap();
+            let base = 20000 + (rand_u16() % 400) * 100 + attempt * 7;
+            let mut cmd = Command::new(common::binary());
+            cmd.args([
+                "dev-cluster",
+                "--nodes",
+                &nodes.to_string(),
+                "--zones",
+                &zones.to_string(),
+                "--data-dir",
+                dir.path().to_str().unwrap(),
+                "--base-port",
+                &base.to_string(),
+            ]);
+            for a in serve_args {
+                cmd.arg(format!("--serve-arg={a}"));
+            }
+            cmd.env("CAIRN_ACCESS_KEY", common::ACCESS_KEY)
+                .env("CAIRN_SECRET_KEY", common::SECRET_KEY)
+                .env("RUST_LOG", "info,openraft=warn")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null());
+            let mut child = cmd.spawn().unwrap();
+            let json = dir.path().join("cluster.json");
+            let deadline = Instant::now() + Duration::from_secs(90);
+            loop {
+                if let Ok(text) = std::fs::read_to_string(&json) {
+                    let doc = serde_json::from_str(&text).unwrap();
+                    return Dev {
+                        child,
+                        dir,
+                        doc,
+                        restarted: HashMap::new(),
+                    };
+                }
+                if let Ok(Some(_)) = child.try_wait() {
+                    break; // a port in use: try other ports
+                }
+                assert!(Instant::now() < deadline, "dev-cluster did not start");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        panic!("dev-cluster failed to start five times");
+    }
+
+    fn node(&self, i: usize) -> &serde_json::Value {
+        &self.doc["nodes"][i]
+    }
+
+    fn client(&self, i: usize) -> aws_sdk_s3::Client {
+        client_for(
+            self.node(i)["s3_endpoint"].as_str().unwrap(),
+            common::ACCESS_KEY,
+            common::SECRET_KEY,
+        )
+    }
+
+    fn data_dir(&self, i: usize) -> PathBuf {
+        PathBuf::from(self.node(i)["data_dir"].as_str().unwrap())
+    }
+
+    fn id(&self, i: usize) -> u64 {
+        u64::from_str_radix(self.node(i)["id"].as_str().unwrap(), 16).unwrap()
+    }
+
+    fn kill9(&mut self, i: usize) {
+        if let Some(mut c) = self.restarted.remove(&i) {
+            let _ = c.kill();
+            let _ = c.wait();
+            return;
+        }
+        let pid = self.node(i)["pid"].as_u64().unwrap();
+        Command::new("kill")
+            .args(["-9", &pid.to_string()])
+            .status()
+            .unwrap();
+        wait_gone(pid);
+    }
+
+    /// Starts node `i` again with its argv from cluster.json.
+    fn restart(&mut self, i: usize) {
+        let argv: Vec<String> = self.node(i)["argv"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap().to_string())
+            .collect();
+        let log =
+            std::fs::File::create(self.dir.path().join(format!("node{i}.restart.log"))).unwrap();
+        let child = Command::new(&argv[0])
+            .args(&argv[1..])
+            .envs(self.env())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.restarted.insert(i, child);
+        wait_healthy(self.node(i)["admin_endpoint"].as_str().unwrap());
+    }
+
+    fn env(&self) -> Vec<(String, String)> {
+        let secret = std::fs::read_to_string(self.dir.path().join("cluster_secret")).unwrap();
+        vec![
+            ("CAIRN_ACCESS_KEY".into(), common::ACCESS_KEY.into()),
+            ("CAIRN_SECRET_KEY".into(), common::SECRET_KEY.into()),
+            ("CAIRN_CLUSTER_SECRET".into(), secret.trim().to_string()),
+            (
+                "CAIRN_ADMIN_TOKEN".into(),
+                self.doc["admin_token"].as_str().unwrap().to_string(),
+            ),
+        ]
+    }
+
+    fn status(&self, i: usize) -> serde_json::Value {
+        let out = Command::new(common::binary())
+            .args([
+                "cluster",
+                "status",
+                "--json",
+                "--admin-endpoint",
+                self.node(i)["admin_endpoint"].as_str().unwrap(),
+            ])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    /// Index of the node that is the Raft leader.
+    fn leader(&self) -> usize {
+        let st = self.status(0);
+        let leader = st["leader"].as_str().unwrap().to_string();
+        (0..self.doc["nodes"].as_array().unwrap().len())
+            .find(|i| self.node(*i)["id"].as_str() == Some(leader.as_str()))
+            .unwrap()
+    }
+}
+
+impl Drop for Dev {
+    fn drop(&mut self) {
+        for (_, mut c) in self.restarted.drain() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(40);
+        while matches!(self.child.try_wait(), Ok(None)) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn rand_u16() -> u16 {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    ((t ^ std::process::id().wrapping_mul(2654435761)) % 65521) as u16
+}
+
+fn wait_gone(pid: u64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Path::new(&format!("/proc/{pid}")).exists() {
+        // A zombie child of dev-cluster is gone for our purposes.
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        if stat.contains(") Z ") {
+            return;
+        }
+        assert!(Instant::now() < deadline, "process {pid} did not die");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn wait_healthy(admin: &str) {
+    let addr = admin.trim_start_matches("http://");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        use std::io::{Read, Write};
+        if let Ok(mut s) = std::net::TcpStream::connect(addr) {
+            let _ = write!(
+                s,
+                "GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+            );
+            let mut out = String::new();
+            let _ = s.read_to_string(&mut out);
+            if out.starts_with("HTTP/1.1 200") {
+                return;
+            }
+        }
+        assert!(Instant::now() < deadline, "{admin} did not become healthy");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The block files under a data directory, by address.
+fn block_files(data_dir: &Path) -> HashSet<String> {
+    let mut out = HashSet::new();
+    for d in std::fs::read_dir(data_dir.join("blocks")).unwrap() {
+        for f in std::fs::read_dir(d.unwrap().path()).unwrap() {
+            out.insert(f.unwrap().file_name().to_string_lossy().into_owned());
+        }
+    }
+    out
+}
+
+fn hash_hex(data: &[u8]) -> String {
+    blake3::hash(data).to_hex().to_string()
+}
+
+async fn put(c: &aws_sdk_s3::Client, key: &str, body: &[u8]) {
+    c.put_object()
+        .bucket("bkt")
+        .key(key)
+        .body(body.to_vec().into())
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("PUT {key}: {e:?}"));
+}
+
+async fn get(c: &aws_sdk_s3::Client, key: &str) -> Vec<u8> {
+    let got = c
+        .get_object()
+        .bucket("bkt")
+        .key(key)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("GET {key}: {e:?}"));
+    got.body.collect().await.unwrap().into_bytes().to_vec()
+}
+
+/// 64 KiB objects: one block each.
+fn object(i: usize) -> Vec<u8> {
+    bytes(64 << 10, i as u64 + 1)
+}
+
+/// Test 1: a PUT through one node is read at once (no sleep, no retry) through the
+/// others, objects in blocks and inline alike, and listed the same everywhere; every
+/// block has a copy on each of the three nodes.
+#[test]
+fn a_write_on_one_node_is_read_at_once_on_the_others() {
+    let dev = Dev::start(3, 3, &[]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let c: Vec<_> = (0..3).map(|i| dev.client(i)).collect();
+        c[0].create_bucket().bucket("bkt").send().await.unwrap();
+        for i in 0..12 {
+            let body = if i % 3 == 0 {
+                bytes(100, i as u64)
+            } else {
+                object(i)
+            };
+            let key = format!("k{i}");
+            put(&c[i % 3], &key, &body).await;
+            for (j, other) in c.iter().enumerate() {
+                assert_eq!(get(other, &key).await, body, "{key} through node {j}");
+            }
+        }
+        let mut listings = Vec::new();
+        for other in &c {
+            let l = other.list_objects_v2().bucket("bkt").send().await.unwrap();
+            listings.push(
+                l.contents()
+                    .iter()
+                    .map(|o| (o.key().unwrap().to_string(), o.e_tag().unwrap().to_string()))
+                    .collect::<Vec<_>>(),
+            );
+        }
+        assert_eq!(listings[0].len(), 12);
+        assert_eq!(listings[0], listings[1]);
+        assert_eq!(listings[0], listings[2]);
+    });
+    for i in 0..3 {
+        let files = block_files(&dev.data_dir(i));
+        for k in (0..12).filter(|k| k % 3 != 0) {
+            assert!(
+                files.contains(&hash_hex(&object(k))),
+                "node {i} lacks the block of k{k}"
+            );
+        }
+    }
+}
+
+/// Test 3: three nodes, three copies. With any one node stopped every object is
+/// readable and writable; with two stopped, requests fail with 503 (never stale
+/// data, never a partial object); restarted, everything is served again.
+#[test]
+fn three_nodes_survive_one_down_and_refuse_cleanly_with_two_down() {
+    let mut dev = Dev::start(3, 3, &[]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let c: Vec<_> = (0..3).map(|i| dev.client(i)).collect();
+    rt.block_on(async {
+        c[0].create_bucket().bucket("bkt").send().await.unwrap();
+        for i in 0..6 {
+            put(&c[i % 3], &format!("k{i}"), &object(i)).await;
+        }
+    });
+    let mut n = 6;
+    for down in 0..3 {
+        dev.kill9(down);
+        let up: Vec<usize> = (0..3).filter(|i| *i != down).collect();
+        rt.block_on(async {
+            for &u in &up {
+                // Writes: new objects, through each live node.
+                put(&c[u], &format!("k{n}"), &object(n)).await;
+                n += 1;
+                for k in 0..n {
+                    assert_eq!(
+                        get(&c[u], &format!("k{k}")).await,
+                        object(k),
+                        "k{k} via node {u} with node {down} down"
+                    );
+                }
+            }
+        });
+        dev.restart(down);
+    }
+    // Two down: 503, and nothing half-written.
+    dev.kill9(1);
+    dev.kill9(2);
+    rt.block_on(async {
+        let t = Instant::now();
+        let e = c[0]
+            .put_object()
+            .bucket("bkt")
+            .key("refused")
+            .body(object(99).into())
+            .send()
+            .await
+            .expect_err("a write succeeded with two of three nodes down");
+        assert_eq!(err_of(&e), ("ServiceUnavailable".into(), 503), "{e:?}");
+        let e = c[0]
+            .get_object()
+            .bucket("bkt")
+            .key("k0")
+            .send()
+            .await
+            .expect_err("a read was served without a quorum");
+        assert_eq!(err_of(&e), ("ServiceUnavailable".into(), 503), "{e:?}");
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "took {:?}",
+            t.elapsed()
+        );
+    });
+    dev.restart(1);
+    dev.restart(2);
+    rt.block_on(async {
+        for cu in &c {
+            for k in 0..n {
+                assert_eq!(get(cu, &format!("k{k}")).await, object(k));
+            }
+            let e = cu.head_object().bucket("bkt").key("refused").send().await;
+            assert!(e.is_err(), "the refused write became visible");
+        }
+    });
+}
+
+/// The placement the cluster uses, computed from its status.
+fn placement(st: &serde_json::Value) -> cairn_placement::Placement {
+    let specs: Vec<cairn_placement::NodeSpec> = st["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| cairn_placement::NodeSpec {
+            id: u64::from_str_radix(n["id"].as_str().unwrap(), 16).unwrap(),
+            zone: n["zone"].as_str().unwrap().to_string(),
+            capacity: if n["state"] == "active" {
+                n["capacity"].as_u64().unwrap()
+            } else {
+                0
+            },
+        })
+        .collect();
+    cairn_placement::Placement::new(&specs, st["layout"]["copies"].as_u64().unwrap() as usize)
+}
+
+/// Waits (up to `limit`) for `check` to hold; panics with its last message otherwise.
+fn eventually(limit: Duration, mut check: impl FnMut() -> Result<(), String>) {
+    let deadline = Instant::now() + limit;
+    loop {
+        match check() {
+            Ok(()) => return,
+            Err(e) if Instant::now() > deadline => panic!("{e}"),
+            Err(_) => std::thread::sleep(Duration::from_millis(250)),
+        }
+    }
+}
+
+/// Where each block is, by node index.
+fn holders(dev: &Dev, nodes: usize) -> Vec<HashSet<String>> {
+    (0..nodes).map(|i| block_files(&dev.data_dir(i))).collect()
+}
+
+/// Test 4: five nodes, three copies. With two nodes stopped every object stays
+/// readable and writable (blocks go to the next nodes in placement order); once they
+/// are back, the blocks written meanwhile are moved to their placement nodes and the
+/// stand-in copies removed.
+#[test]
+fn five_nodes_survive_two_down_and_blocks_return_to_their_places() {
+    let mut dev = Dev::start(5, 3, &["--move-interval=1s"]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let c: Vec<_> = (0..5).map(|i| dev.client(i)).collect();
+    rt.block_on(async {
+        c[0].create_bucket().bucket("bkt").send().await.unwrap();
+        for i in 0..10 {
+            put(&c[i % 5], &format!("k{i}"), &object(i)).await;
+        }
+    });
+    let leader = dev.leader();
+    // Two nodes other than the leader (the leader's death is test 2's).
+    let down: Vec<usize> = (0..5).filter(|i| *i != leader).take(2).collect();
+    for &d in &down {
+        dev.kill9(d);
+    }
+    let up: Vec<usize> = (0..5).filter(|i| !down.contains(i)).collect();
+    rt.block_on(async {
+        for i in 10..40 {
+            put(&c[up[i % 3]], &format!("k{i}"), &object(i)).await;
+        }
+        for &u in &up {
+            for k in 0..40 {
+                assert_eq!(
+                    get(&c[u], &format!("k{k}")).await,
+                    object(k),
+                    "k{k} via node {u}"
+                );
+            }
+        }
+    });
+    for &d in &down {
+        dev.restart(d);
+    }
+    let st = dev.status(leader);
+    let p = placement(&st);
+    let index_of: HashMap<u64, usize> = (0..5).map(|i| (dev.id(i), i)).collect();
+    eventually(Duration::from_secs(60), || {
+        let on_disk = holders(&dev, 5);
+        for k in 10..40 {
+            let h = hash_hex(&object(k));
+            let want: HashSet<usize> = p
+                .nodes(&cairn_types::BlockHash::from_hex(&h).unwrap())
+                .iter()
+                .map(|id| index_of[id])
+                .collect();
+            let have: HashSet<usize> = (0..5).filter(|i| on_disk[*i].contains(&h)).collect();
+            if have != want {
+                return Err(format!(
+                    "block of k{k} is on nodes {have:?}, placement says {want:?}"
+                ));
+            }
+        }
+        Ok(())
+    });
+    rt.block_on(async {
+        for k in 0..40 {
+            assert_eq!(get(&c[down[0]], &format!("k{k}")).await, object(k));
+        }
+    });
+}
+
+/// Test 6: a removed node drains first: its blocks are copied to their new places,
+/// so that every block again has its three copies (counted on disk) before the node
+/// leaves; nothing is lost.
+#[test]
+fn a_removed_node_drains_before_it_leaves() {
+    let dev = Dev::start(4, 4, &["--move-interval=1s"]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let c: Vec<_> = (0..4).map(|i| dev.client(i)).collect();
+    rt.block_on(async {
+        c[0].create_bucket().bucket("bkt").send().await.unwrap();
+        for i in 0..40 {
+            put(&c[i % 4], &format!("k{i}"), &object(i)).await;
+        }
+    });
+    let before = holders(&dev, 4);
+    let on_3 = (0..40)
+        .filter(|k| before[3].contains(&hash_hex(&object(*k))))
+        .count();
+    assert!(on_3 > 20, "node 3 held only {on_3} of 40 blocks before");
+    let gone = dev.node(3)["id"].as_str().unwrap().to_string();
+    let out = Command::new(common::binary())
+        .args([
+            "cluster",
+            "remove",
+            &gone,
+            "--admin-endpoint",
+            dev.node(0)["admin_endpoint"].as_str().unwrap(),
+            "--admin-token",
+            dev.doc["admin_token"].as_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eventually(Duration::from_secs(60), || {
+        let st = dev.status(0);
+        let n = st["nodes"].as_array().unwrap().len();
+        let members = st["members"].as_array().unwrap().len();
+        (n == 3 && members == 3)
+            .then_some(())
+            .ok_or_else(|| format!("the node has not left: {st}"))
+    });
+    let after = holders(&dev, 4);
+    for k in 0..40 {
+        let h = hash_hex(&object(k));
+        let copies = (0..3).filter(|i| after[*i].contains(&h)).count();
+        assert_eq!(
+            copies, 3,
+            "block of k{k} has {copies} copies on the remaining nodes"
+        );
+    }
+    assert!(
+        after[3].is_empty(),
+        "the drained node still holds {} blocks",
+        after[3].len()
+    );
+    rt.block_on(async {
+        for cu in &c[..3] {
+            for k in 0..40 {
+                assert_eq!(get(cu, &format!("k{k}")).await, object(k));
+            }
+        }
+    });
+}

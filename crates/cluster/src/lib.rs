@@ -1,0 +1,759 @@
+//! Blocks across the cluster: where each block goes, writing its copies, and reading
+//! it from whichever node has it.
+//!
+//! The layout (nodes, zones, capacities, replication factor; in the metadata, so
+//! versioned by Raft) gives a [`Placement`]: each block's preference order of nodes.
+//! A write sends the block to the first `copies` nodes of that order at once and is
+//! acknowledged once `quorum` of them have fsynced it; a node that fails or does not
+//! answer is replaced by the next node in the order (so a minority of nodes down
+//! stops no write), and the remaining copies are finished in the background. A read
+//! takes the local copy if there is one, else asks the nodes in preference order,
+//! and checks the bytes against their BLAKE3 before using them. A block written to a
+//! node outside its placement (a fallback) is noted as misplaced; the mover
+//! ([`mover`]) takes such blocks, and those a layout change moved, to their places.
+//!
+//! A node without peers, or alone in its layout, keeps every block locally: the
+//! single-node path is the same store with no network in it.
+
+pub mod mover;
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::ops::DerefMut;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
+
+use cairn_blocks::{BlockError, BlockStore, PinGuard};
+use cairn_meta::{Layout, MetaStore, NodeState};
+use cairn_net::{Peers, RpcError};
+use cairn_placement::{NodeSpec, Placement};
+use cairn_types::BlockHash;
+
+/// RPC services of the block layer (`cairn-net` dispatches on them).
+/// Stores the body as a block; answers its BLAKE3 once fsynced.
+pub const SVC_BLOCK_PUT: u8 = 16;
+/// Answers the block named by the body (32 bytes), or [`NOT_FOUND`].
+pub const SVC_BLOCK_GET: u8 = 17;
+/// For each 32-byte address in the body, one byte: 1 if the block is here.
+pub const SVC_BLOCK_HAS: u8 = 18;
+/// The node's [`Report`]: disk usage and the mover's progress.
+pub const SVC_REPORT: u8 = 19;
+
+/// Whether a service id belongs to the block layer.
+pub fn is_block_service(svc: u8) -> bool {
+    (SVC_BLOCK_PUT..=SVC_REPORT).contains(&svc)
+}
+
+/// A node's disk and the mover's progress, as `cairn cluster status` shows them.
+#[derive(Clone, Debug, Default)]
+pub struct Report {
+    /// Size of the file system holding the node's data, and the bytes used on it.
+    pub fs_bytes: u64,
+    pub used_bytes: u64,
+    pub mover: mover::Progress,
+}
+
+impl Report {
+    fn encode(&self) -> Bytes {
+        let m = &self.mover;
+        let fields = [
+            self.fs_bytes,
+            self.used_bytes,
+            m.layout_version,
+            u64::from(m.running),
+            u64::from(m.full),
+            u64::from(m.groups_done),
+            m.blocks_checked,
+            m.blocks_copied,
+            m.bytes_copied,
+            m.blocks_removed,
+            m.blocks_left,
+            m.passes,
+        ];
+        let mut out = Vec::with_capacity(1 + fields.len() * 8);
+        out.push(1u8);
+        for f in fields {
+            out.extend_from_slice(&f.to_le_bytes());
+        }
+        Bytes::from(out)
+    }
+
+    fn decode(b: &[u8]) -> Option<Report> {
+        let (&1, rest) = b.split_first()? else {
+            return None;
+        };
+        let f: Vec<u64> = rest
+            .chunks_exact(8)
+            .map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
+            .collect();
+        if f.len() < 12 {
+            return None;
+        }
+        Some(Report {
+            fs_bytes: f[0],
+            used_bytes: f[1],
+            mover: mover::Progress {
+                layout_version: f[2],
+                running: f[3] != 0,
+                full: f[4] != 0,
+                groups_done: f[5] as u32,
+                blocks_checked: f[6],
+                blocks_copied: f[7],
+                bytes_copied: f[8],
+                blocks_removed: f[9],
+                blocks_left: f[10],
+                passes: f[11],
+            },
+        })
+    }
+}
+
+/// The error a node answers for a block it does not have.
+const NOT_FOUND: &str = "block not found";
+/// Addresses one `SVC_BLOCK_HAS` call may ask about.
+pub const MAX_HAS: usize = 4096;
+/// Blocks received from peers being stored at once on this node.
+const RECEIVING: usize = 16;
+/// Blocks received from peers that stay pinned (see [`DataSettings::recent_pin`]),
+/// at most.
+const MAX_RECENT_PINS: usize = 1 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DataError {
+    #[error(transparent)]
+    Block(#[from] BlockError),
+    /// Too few nodes could take or give the block.
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+/// Settings of the block layer.
+#[derive(Clone, Debug)]
+pub struct DataSettings {
+    /// How long one block write or read to a peer may take.
+    pub block_timeout: Duration,
+    /// How long a node that failed a call is tried last (a coarse failure detector).
+    pub down_for: Duration,
+    /// How long a block received from a peer stays pinned against garbage
+    /// collection: the writer commits the metadata that names it well within this.
+    pub recent_pin: Duration,
+}
+
+impl Default for DataSettings {
+    fn default() -> Self {
+        DataSettings {
+            // 4 MiB at a slow 10 MB/s with room to spare.
+            block_timeout: Duration::from_secs(30),
+            down_for: Duration::from_secs(2),
+            recent_pin: Duration::from_secs(600),
+        }
+    }
+}
+
+/// A layout and the placement computed from it.
+pub struct Placed {
+    pub layout: Arc<Layout>,
+    placement: Option<Placement>,
+    rpc: HashMap<u64, String>,
+}
+
+impl Placed {
+    fn new(layout: Arc<Layout>) -> Placed {
+        let specs: Vec<NodeSpec> = layout
+            .nodes
+            .iter()
+            .map(|n| NodeSpec {
+                id: n.id,
+                zone: n.zone.clone(),
+                capacity: if n.state == NodeState::Active {
+                    n.capacity
+                } else {
+                    0
+                },
+            })
+            .collect();
+        let placement = specs
+            .iter()
+            .any(|s| s.capacity > 0)
+            .then(|| Placement::new(&specs, layout.copies()));
+        let rpc = layout.nodes.iter().map(|n| (n.id, n.rpc.clone())).collect();
+        Placed {
+            layout,
+            placement,
+            rpc,
+        }
+    }
+
+    /// Every node that takes data, in the block's preference order: its placement
+    /// nodes first, then the fallbacks.
+    pub fn preference(&self, hash: &BlockHash) -> Vec<u64> {
+        self.placement
+            .as_ref()
+            .map(|p| p.preference(hash))
+            .unwrap_or_default()
+    }
+
+    /// The nodes that should hold the block.
+    pub fn nodes(&self, hash: &BlockHash) -> Vec<u64> {
+        self.placement
+            .as_ref()
+            .map(|p| p.nodes(hash))
+            .unwrap_or_default()
+    }
+
+    /// Every node of the layout in the block's preference order, the nodes that
+    /// take no data (draining) last: where a reader looks.
+    fn read_order(&self, hash: &BlockHash) -> Vec<u64> {
+        let mut order = self.preference(hash);
+        for n in &self.layout.nodes {
+            if !order.contains(&n.id) {
+                order.push(n.id);
+            }
+        }
+        order
+    }
+}
+
+/// The cluster's blocks as seen from this node. Cheap to clone.
+#[derive(Clone)]
+pub struct Blocks {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    local: BlockStore,
+    me: u64,
+    peers: Option<Peers>,
+    settings: DataSettings,
+    placed: RwLock<Arc<Placed>>,
+    /// Nodes whose last call failed, and when.
+    down: Mutex<HashMap<u64, Instant>>,
+    /// Pins of blocks received from peers, oldest first.
+    recent: Mutex<VecDeque<(Instant, PinGuard)>>,
+    receiving: tokio::sync::Semaphore,
+    /// A block was stored here outside its placement since the mover last looked.
+    misplaced: AtomicBool,
+    /// Placement recomputed for a new layout; the mover waits on it.
+    changed: tokio::sync::watch::Sender<u64>,
+    /// The mover's progress.
+    progress: Arc<Mutex<mover::Progress>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn task_failed(e: tokio::task::JoinError) -> DataError {
+    DataError::Block(BlockError::Io {
+        op: "block task",
+        path: Default::default(),
+        source: std::io::Error::other(e.to_string()),
+    })
+}
+
+impl Blocks {
+    /// The block layer of a node with no peers: every block is local.
+    pub fn local(local: BlockStore) -> Blocks {
+        Self::build(local, 0, None, DataSettings::default(), Arc::default())
+    }
+
+    fn build(
+        local: BlockStore,
+        me: u64,
+        peers: Option<Peers>,
+        settings: DataSettings,
+        layout: Arc<Layout>,
+    ) -> Blocks {
+        Blocks {
+            inner: Arc::new(Inner {
+                local,
+                me,
+                peers,
+                settings,
+                placed: RwLock::new(Arc::new(Placed::new(layout))),
+                down: Mutex::default(),
+                recent: Mutex::default(),
+                receiving: tokio::sync::Semaphore::new(RECEIVING),
+                misplaced: AtomicBool::new(false),
+                changed: tokio::sync::watch::channel(0).0,
+                progress: Arc::default(),
+            }),
+        }
+    }
+
+    /// The block layer of a node, following the layout in `meta`: the placement is
+    /// computed again (on a blocking thread) whenever the layout changes.
+    pub async fn new(
+        local: BlockStore,
+        meta: &MetaStore,
+        peers: Option<Peers>,
+        settings: DataSettings,
+    ) -> Blocks {
+        let mut watch = meta.watch_layout();
+        let layout = watch.borrow_and_update().clone();
+        let placed = tokio::task::spawn_blocking(move || Placed::new(layout))
+            .await
+            .unwrap_or_else(|_| Placed::new(Arc::default()));
+        let b = Self::build(local, meta.node_id(), peers, settings, Arc::default());
+        b.set_placed(placed);
+        let weak = Arc::downgrade(&b.inner);
+        tokio::spawn(follow_layout(weak, watch));
+        b
+    }
+
+    fn set_placed(&self, placed: Placed) {
+        let version = placed.layout.version;
+        *self.inner.placed.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(placed);
+        self.inner.changed.send_replace(version);
+    }
+
+    /// The local block store.
+    pub fn store(&self) -> &BlockStore {
+        &self.inner.local
+    }
+
+    /// The layout and placement in use.
+    pub fn placed(&self) -> Arc<Placed> {
+        self.inner
+            .placed
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    pub fn node_id(&self) -> u64 {
+        self.inner.me
+    }
+
+    /// Whether every block is kept on this node only (no peers, or alone in the
+    /// layout).
+    pub fn local_only(&self) -> bool {
+        let placed = self.placed();
+        self.local_only_in(&placed)
+    }
+
+    fn local_only_in(&self, placed: &Placed) -> bool {
+        self.inner.peers.is_none() || placed.layout.nodes.iter().all(|n| n.id == self.inner.me)
+    }
+
+    fn down_nodes(&self) -> HashSet<u64> {
+        let mut down = lock(&self.inner.down);
+        let for_ = self.inner.settings.down_for;
+        down.retain(|_, t| t.elapsed() < for_);
+        down.keys().copied().collect()
+    }
+
+    fn note_result(&self, node: u64, res: &Result<Bytes, RpcError>) {
+        match res {
+            Err(RpcError::Connect { .. } | RpcError::Timeout(_) | RpcError::Closed) => {
+                lock(&self.inner.down).insert(node, Instant::now());
+            }
+            Ok(_) => {
+                lock(&self.inner.down).remove(&node);
+            }
+            Err(_) => {}
+        }
+    }
+
+    /// `order` with the nodes that failed recently moved to the end.
+    fn live_first(&self, mut order: Vec<u64>) -> Vec<u64> {
+        let down = self.down_nodes();
+        if !down.is_empty() {
+            order.sort_by_key(|n| down.contains(n));
+        }
+        order
+    }
+
+    async fn call(
+        &self,
+        placed: &Placed,
+        node: u64,
+        svc: u8,
+        body: Bytes,
+    ) -> Result<Bytes, RpcError> {
+        let (Some(peers), Some(addr)) = (&self.inner.peers, placed.rpc.get(&node)) else {
+            return Err(RpcError::Connect {
+                addr: format!("node {node:016x}"),
+                reason: "no RPC address known".into(),
+            });
+        };
+        let res = peers
+            .call(addr, svc, body, self.inner.settings.block_timeout)
+            .await;
+        self.note_result(node, &res);
+        res
+    }
+
+    /// Stores one copy on `node`.
+    async fn put_to(
+        &self,
+        placed: &Placed,
+        node: u64,
+        hash: BlockHash,
+        data: Bytes,
+    ) -> Result<(), DataError> {
+        if node == self.inner.me {
+            let local = self.inner.local.clone();
+            return tokio::task::spawn_blocking(move || local.put(&hash, &data))
+                .await
+                .map_err(task_failed)?
+                .map_err(DataError::Block);
+        }
+        let answer = self
+            .call(placed, node, SVC_BLOCK_PUT, data)
+            .await
+            .map_err(|e| DataError::Unavailable(e.to_string()))?;
+        if answer[..] != hash.0 {
+            return Err(DataError::Unavailable(format!(
+                "node {node:016x} stored a block of another address"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Stores a block (`hash` is `BlockHash::of(data)`): returns once the layout's
+    /// write quorum of copies is fsynced; the other copies follow in the background.
+    /// The caller pins `hash` on this node until the metadata naming it commits.
+    pub async fn put(&self, hash: BlockHash, data: Bytes) -> Result<(), DataError> {
+        let placed = self.placed();
+        if self.local_only_in(&placed) {
+            let local = self.inner.local.clone();
+            return tokio::task::spawn_blocking(move || local.put(&hash, &data))
+                .await
+                .map_err(task_failed)?
+                .map_err(DataError::Block);
+        }
+        let order = self.live_first(placed.preference(&hash));
+        if order.is_empty() {
+            return Err(DataError::Unavailable(
+                "no node of the layout takes data".into(),
+            ));
+        }
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let this = self.clone();
+        tokio::spawn(async move { this.replicate(placed, hash, data, order, tx).await });
+        rx.await
+            .unwrap_or_else(|_| Err(DataError::Unavailable("block write abandoned".into())))
+    }
+
+    /// Writes copies to the nodes of `order`, starting with as many as the layout
+    /// wants and replacing each that fails with the next one; answers `done` once the
+    /// quorum is reached (or cannot be), and goes on until every copy is written.
+    async fn replicate(
+        &self,
+        placed: Arc<Placed>,
+        hash: BlockHash,
+        data: Bytes,
+        order: Vec<u64>,
+        done: tokio::sync::oneshot::Sender<Result<(), DataError>>,
+    ) {
+        let copies = placed.layout.copies().min(order.len());
+        let quorum = placed.layout.quorum().min(copies).max(1);
+        let wanted: HashSet<u64> = placed.nodes(&hash).into_iter().collect();
+        let mut next = 0;
+        let mut running = FuturesUnordered::new();
+        let start = |node: u64| {
+            let (this, placed, data) = (self.clone(), placed.clone(), data.clone());
+            async move { (node, this.put_to(&placed, node, hash, data).await) }
+        };
+        while next < order.len() && running.len() < copies {
+            running.push(start(order[next]));
+            next += 1;
+        }
+        let mut done = Some(done);
+        let mut written = 0;
+        let mut errors = Vec::new();
+        while let Some((node, res)) = running.next().await {
+            match res {
+                Ok(()) => {
+                    written += 1;
+                    if !wanted.contains(&node) {
+                        metrics::counter!("cairn_block_fallback_writes_total").increment(1);
+                        if node == self.inner.me {
+                            self.inner.misplaced.store(true, Ordering::Relaxed);
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(node = format!("{node:016x}"), block = %hash, error = %e, "writing a block copy failed; trying the next node");
+                    errors.push(format!("node {node:016x}: {e}"));
+                    if next < order.len() {
+                        running.push(start(order[next]));
+                        next += 1;
+                    }
+                }
+            }
+            if written >= quorum
+                && let Some(d) = done.take()
+            {
+                let _ = d.send(Ok(()));
+            }
+        }
+        if written < copies {
+            metrics::counter!("cairn_block_copies_missing_total")
+                .increment((copies - written) as u64);
+        }
+        if let Some(d) = done.take() {
+            // Only the local store failing for want of space is a full disk; any
+            // other shortfall is the cluster's.
+            let _ = d.send(Err(DataError::Unavailable(format!(
+                "{written} of {quorum} block copies needed could be written: {}",
+                errors.join("; ")
+            ))));
+        }
+    }
+
+    /// Reads the block into `buf` (replacing its contents) and checks it against its
+    /// address: the local copy if there is a good one, else one from the first node
+    /// in preference order that has it.
+    pub async fn read<B>(&self, hash: BlockHash, mut buf: B) -> Result<B, DataError>
+    where
+        B: DerefMut<Target = Vec<u8>> + Send + 'static,
+    {
+        let placed = self.placed();
+        let local = self.inner.local.clone();
+        let (res, back) = tokio::task::spawn_blocking(move || {
+            let r = local.get_into(&hash, &mut buf);
+            (r, buf)
+        })
+        .await
+        .map_err(task_failed)?;
+        buf = back;
+        let local_err = match res {
+            Ok(()) => return Ok(buf),
+            Err(e) if self.local_only_in(&placed) => return Err(DataError::Block(e)),
+            Err(BlockError::NotFound(_)) => None,
+            Err(e) => {
+                tracing::error!(error = %e, "the local copy of a block failed its check; reading another copy");
+                Some(e)
+            }
+        };
+        let order = self.live_first(placed.read_order(&hash));
+        let mut errors = Vec::new();
+        for node in order.into_iter().filter(|n| *n != self.inner.me) {
+            let got = match self
+                .call(
+                    &placed,
+                    node,
+                    SVC_BLOCK_GET,
+                    Bytes::copy_from_slice(&hash.0),
+                )
+                .await
+            {
+                Ok(got) => got,
+                Err(RpcError::Remote(m)) if m == NOT_FOUND => continue,
+                Err(e) => {
+                    errors.push(format!("node {node:016x}: {e}"));
+                    continue;
+                }
+            };
+            let (ok, got) = tokio::task::spawn_blocking(move || (BlockHash::of(&got) == hash, got))
+                .await
+                .map_err(task_failed)?;
+            if !ok {
+                tracing::error!(node = format!("{node:016x}"), block = %hash, "a peer sent a block that fails its check");
+                errors.push(format!("node {node:016x}: corrupt copy"));
+                continue;
+            }
+            metrics::counter!("cairn_block_remote_reads_total").increment(1);
+            buf.clear();
+            buf.extend_from_slice(&got);
+            return Ok(buf);
+        }
+        if errors.is_empty() {
+            return Err(DataError::Block(
+                local_err.unwrap_or(BlockError::NotFound(hash)),
+            ));
+        }
+        Err(DataError::Unavailable(format!(
+            "no copy of block {hash} could be read: {}",
+            errors.join("; ")
+        )))
+    }
+
+    /// Which of `hashes` (at most [`MAX_HAS`]) `node` holds.
+    pub async fn has(
+        &self,
+        placed: &Placed,
+        node: u64,
+        hashes: &[BlockHash],
+    ) -> Result<Vec<bool>, DataError> {
+        if node == self.inner.me {
+            let local = self.inner.local.clone();
+            let hashes = hashes.to_vec();
+            return tokio::task::spawn_blocking(move || {
+                hashes.iter().map(|h| local.contains(h)).collect()
+            })
+            .await
+            .map_err(task_failed);
+        }
+        let mut body = Vec::with_capacity(hashes.len() * 32);
+        for h in hashes {
+            body.extend_from_slice(&h.0);
+        }
+        let answer = self
+            .call(placed, node, SVC_BLOCK_HAS, Bytes::from(body))
+            .await
+            .map_err(|e| DataError::Unavailable(e.to_string()))?;
+        if answer.len() != hashes.len() {
+            return Err(DataError::Unavailable(format!(
+                "node {node:016x} answered {} of {} block questions",
+                answer.len(),
+                hashes.len()
+            )));
+        }
+        Ok(answer.iter().map(|b| *b == 1).collect())
+    }
+
+    /// This node's report (disk usage, the mover's progress).
+    pub async fn report(&self) -> Report {
+        let root = self.inner.local.root().to_path_buf();
+        let (fs_bytes, used_bytes) = tokio::task::spawn_blocking(move || {
+            rustix::fs::statvfs(&root)
+                .map(|s| {
+                    (
+                        s.f_blocks.saturating_mul(s.f_frsize),
+                        s.f_blocks
+                            .saturating_sub(s.f_bfree)
+                            .saturating_mul(s.f_frsize),
+                    )
+                })
+                .unwrap_or((0, 0))
+        })
+        .await
+        .unwrap_or((0, 0));
+        Report {
+            fs_bytes,
+            used_bytes,
+            mover: lock(&self.inner.progress).clone(),
+        }
+    }
+
+    /// The report of node `id` (this one, or another over RPC).
+    pub async fn report_of(&self, id: u64) -> Result<Report, DataError> {
+        if id == self.inner.me {
+            return Ok(self.report().await);
+        }
+        let placed = self.placed();
+        let answer = self
+            .call(&placed, id, SVC_REPORT, Bytes::new())
+            .await
+            .map_err(|e| DataError::Unavailable(e.to_string()))?;
+        Report::decode(&answer)
+            .ok_or_else(|| DataError::Unavailable(format!("node {id:016x} sent a bad report")))
+    }
+
+    /// Keeps a block received from a peer pinned for a while (see
+    /// [`DataSettings::recent_pin`]).
+    fn pin_recent(&self, pin: PinGuard) {
+        let mut recent = lock(&self.inner.recent);
+        let keep = self.inner.settings.recent_pin;
+        while recent
+            .front()
+            .is_some_and(|(t, _)| t.elapsed() > keep || recent.len() >= MAX_RECENT_PINS)
+        {
+            recent.pop_front();
+        }
+        recent.push_back((Instant::now(), pin));
+    }
+
+    /// Serves one block RPC from a peer.
+    pub async fn handle(&self, service: u8, body: Bytes) -> Result<Bytes, String> {
+        match service {
+            SVC_BLOCK_PUT => {
+                let _permit = self
+                    .inner
+                    .receiving
+                    .acquire()
+                    .await
+                    .map_err(|_| "shutting down".to_string())?;
+                let local = self.inner.local.clone();
+                let (hash, pin) = tokio::task::spawn_blocking(move || {
+                    let hash = BlockHash::of(&body);
+                    let mut pin = local.pin();
+                    pin.add(hash);
+                    local.put(&hash, &body).map(|()| (hash, pin))
+                })
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| {
+                    tracing::error!(error = %e, "storing a block for a peer failed");
+                    e.to_string()
+                })?;
+                self.pin_recent(pin);
+                if !self.placed().nodes(&hash).contains(&self.inner.me) {
+                    self.inner.misplaced.store(true, Ordering::Relaxed);
+                }
+                Ok(Bytes::copy_from_slice(&hash.0))
+            }
+            SVC_BLOCK_GET => {
+                let hash = <[u8; 32]>::try_from(&body[..])
+                    .map(BlockHash)
+                    .map_err(|_| "a block address is 32 bytes".to_string())?;
+                let local = self.inner.local.clone();
+                match tokio::task::spawn_blocking(move || local.get(&hash))
+                    .await
+                    .map_err(|e| e.to_string())?
+                {
+                    Ok(data) => Ok(Bytes::from(data)),
+                    Err(BlockError::NotFound(_)) => Err(NOT_FOUND.into()),
+                    Err(e) => {
+                        tracing::error!(error = %e, "a block asked for by a peer failed its check");
+                        Err(e.to_string())
+                    }
+                }
+            }
+            SVC_BLOCK_HAS => {
+                if !body.len().is_multiple_of(32) || body.len() / 32 > MAX_HAS {
+                    return Err(format!(
+                        "a block question is up to {MAX_HAS} addresses of 32 bytes"
+                    ));
+                }
+                let local = self.inner.local.clone();
+                tokio::task::spawn_blocking(move || {
+                    let answer: Vec<u8> = body
+                        .chunks_exact(32)
+                        .map(|c| {
+                            let mut h = [0u8; 32];
+                            h.copy_from_slice(c);
+                            u8::from(local.contains(&BlockHash(h)))
+                        })
+                        .collect();
+                    Bytes::from(answer)
+                })
+                .await
+                .map_err(|e| e.to_string())
+            }
+            SVC_REPORT => Ok(self.report().await.encode()),
+            _ => Err(format!("unknown block service {service}")),
+        }
+    }
+}
+
+/// Recomputes the placement whenever the layout changes, while the block layer lives.
+async fn follow_layout(inner: Weak<Inner>, mut watch: tokio::sync::watch::Receiver<Arc<Layout>>) {
+    while watch.changed().await.is_ok() {
+        let layout = watch.borrow_and_update().clone();
+        let Some(strong) = inner.upgrade() else {
+            return;
+        };
+        drop(strong);
+        let version = layout.version;
+        let placed = match tokio::task::spawn_blocking(move || Placed::new(layout)).await {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::error!(error = %e, "computing the placement failed");
+                continue;
+            }
+        };
+        let Some(strong) = inner.upgrade() else {
+            return;
+        };
+        Blocks { inner: strong }.set_placed(placed);
+        tracing::info!(version, "layout changed; placement updated");
+    }
+}

@@ -1,0 +1,443 @@
+//! The mover: takes the blocks on this node to the nodes placement names for them.
+//!
+//! It walks the local block files one fan-out directory at a time (bounded memory)
+//! and, for each block:
+//! - held here but placed elsewhere (written here as a fallback, placed elsewhere by
+//!   a new layout, or this node is draining): copies it to each placement node that
+//!   lacks it, then removes the local copy, once every placement node has it;
+//! - placed here, on a pass after a layout change: sends it to the placement nodes
+//!   that lack it if no placement node ranked before this one holds it (so that one
+//!   holder, not all, sends each copy).
+//!
+//! A pass runs after each layout change (a full pass), and every `interval` while a
+//! block was stored here outside its placement (a short pass, which looks only at
+//! such blocks). Progress is saved in `mover.state` after each directory, so a pass
+//! resumes after a restart. Copies are throttled to `rate` bytes per second. A
+//! draining node that has nothing left after a full pass leaves the cluster.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::StreamExt;
+
+use cairn_blocks::BlockError;
+use cairn_meta::{MetaStore, NodeState};
+use cairn_types::BlockHash;
+
+use crate::{Blocks, Placed, lock};
+
+/// Settings of the mover.
+#[derive(Clone, Debug)]
+pub struct MoverSettings {
+    /// Bytes per second the mover copies at most.
+    pub rate: u64,
+    /// How often blocks stored outside their placement are looked at again.
+    pub interval: Duration,
+}
+
+impl Default for MoverSettings {
+    fn default() -> Self {
+        MoverSettings {
+            // A fraction of a disk's or a link's bandwidth: client traffic first.
+            rate: 64 << 20,
+            interval: Duration::from_secs(30),
+        }
+    }
+}
+
+/// What the mover did, for status and metrics.
+#[derive(Clone, Debug, Default)]
+pub struct Progress {
+    /// The layout version the last full pass was for.
+    pub layout_version: u64,
+    /// A pass is running.
+    pub running: bool,
+    /// Whether the running (or last) pass is a full one.
+    pub full: bool,
+    /// Fan-out directories (of 256) the running or last pass has done.
+    pub groups_done: u32,
+    pub blocks_checked: u64,
+    pub blocks_copied: u64,
+    pub bytes_copied: u64,
+    pub blocks_removed: u64,
+    /// Blocks the last pass could not take to all their nodes (a node down).
+    pub blocks_left: u64,
+    pub passes: u64,
+}
+
+/// Where a pass stands, saved after each directory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Cursor {
+    /// Layout version of the last full pass begun.
+    version: u64,
+    /// Next directory of that pass; 256 once it is done.
+    next: u32,
+}
+
+const GROUPS: u32 = 256;
+/// Blocks asked about in one round of questions to the other nodes.
+const CHUNK: usize = 512;
+/// Blocks copied at once.
+const PARALLEL: usize = 4;
+
+fn state_path(blocks: &Blocks) -> PathBuf {
+    blocks.store().root().join("mover.state")
+}
+
+fn load_cursor(path: &std::path::Path) -> Cursor {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let mut it = text.split_whitespace();
+    match (it.next(), it.next(), it.next()) {
+        (Some("v1"), Some(v), Some(n)) => match (v.parse(), n.parse::<u32>()) {
+            (Ok(version), Ok(next)) => Cursor {
+                version,
+                next: next.min(GROUPS),
+            },
+            _ => Cursor {
+                version: 0,
+                next: GROUPS,
+            },
+        },
+        _ => Cursor {
+            version: 0,
+            next: GROUPS,
+        },
+    }
+}
+
+fn save_cursor(path: &std::path::Path, c: Cursor) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, format!("v1 {} {}\n", c.version, c.next))?;
+    std::fs::rename(&tmp, path)
+}
+
+/// Paces copies to a rate.
+struct Throttle {
+    rate: u64,
+    start: Instant,
+    sent: u64,
+}
+
+impl Throttle {
+    /// How long to wait after sending `n` more bytes.
+    fn pause(&mut self, n: u64) -> Duration {
+        self.sent += n;
+        if self.rate == 0 {
+            return Duration::ZERO;
+        }
+        let due = Duration::from_secs_f64(self.sent as f64 / self.rate as f64);
+        due.saturating_sub(self.start.elapsed())
+    }
+}
+
+/// The mover of one node; see the module docs.
+pub struct Mover {
+    blocks: Blocks,
+    meta: MetaStore,
+    settings: MoverSettings,
+    progress: Arc<Mutex<Progress>>,
+    path: PathBuf,
+}
+
+impl Mover {
+    pub fn new(blocks: Blocks, meta: MetaStore, settings: MoverSettings) -> Mover {
+        let path = state_path(&blocks);
+        let progress = blocks.inner.progress.clone();
+        Mover {
+            blocks,
+            meta,
+            settings,
+            progress,
+            path,
+        }
+    }
+
+    /// Runs until `stop` turns true.
+    pub async fn run(self, mut stop: tokio::sync::watch::Receiver<bool>) {
+        let path = self.path.clone();
+        let mut cursor = tokio::task::spawn_blocking(move || load_cursor(&path))
+            .await
+            .unwrap_or(Cursor {
+                version: 0,
+                next: GROUPS,
+            });
+        lock(&self.progress).layout_version = cursor.version;
+        // Blocks stored outside their placement before a restart are looked at once.
+        self.blocks.inner.misplaced.store(true, Ordering::Relaxed);
+        let mut changed = self.blocks.inner.changed.subscribe();
+        let mut last_short: Option<Instant> = None;
+        loop {
+            if *stop.borrow() {
+                return;
+            }
+            let placed = self.blocks.placed();
+            let version = placed.layout.version;
+            let idle = self.blocks.local_only_in(&placed);
+            if !idle && (cursor.version != version || cursor.next < GROUPS) {
+                if cursor.version != version {
+                    cursor = Cursor { version, next: 0 };
+                }
+                cursor = self.pass(&placed, Some(cursor), &stop).await;
+                last_short = Some(Instant::now());
+                self.maybe_leave(&placed, cursor).await;
+                continue;
+            }
+            let due = last_short.is_none_or(|t| t.elapsed() >= self.settings.interval);
+            if !idle && due && self.blocks.inner.misplaced.swap(false, Ordering::Relaxed) {
+                self.pass(&placed, None, &stop).await;
+                last_short = Some(Instant::now());
+                continue;
+            }
+            tokio::select! {
+                _ = changed.changed() => {}
+                _ = tokio::time::sleep(self.settings.interval) => {}
+                _ = stop.changed() => {}
+            }
+        }
+    }
+
+    /// A draining node with nothing left leaves the cluster.
+    async fn maybe_leave(&self, placed: &Placed, cursor: Cursor) {
+        let me = self.blocks.node_id();
+        let draining = placed
+            .layout
+            .node(me)
+            .is_some_and(|n| n.state == NodeState::Draining);
+        if !draining || cursor.next < GROUPS || cursor.version != placed.layout.version {
+            return;
+        }
+        let store = self.blocks.store().clone();
+        let empty = tokio::task::spawn_blocking(move || store.list().map(|l| l.is_empty()))
+            .await
+            .ok()
+            .and_then(|r| r.ok())
+            .unwrap_or(false);
+        if !empty {
+            // Written here during the pass, or a copy failed: the next pass retries.
+            self.blocks.inner.misplaced.store(true, Ordering::Relaxed);
+            return;
+        }
+        match self.meta.remove_member(me).await {
+            Ok(()) => tracing::info!(
+                "this node is drained: every block is at its new place; it left the cluster"
+            ),
+            Err(e) => {
+                tracing::warn!(error = %e, "this node is drained but could not leave the cluster yet; retrying");
+                self.blocks.inner.misplaced.store(true, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// One pass: full (from `cursor`, saving it as it goes) or short (`None`: only
+    /// blocks placed elsewhere). Returns where a full pass stopped.
+    async fn pass(
+        &self,
+        placed: &Arc<Placed>,
+        cursor: Option<Cursor>,
+        stop: &tokio::sync::watch::Receiver<bool>,
+    ) -> Cursor {
+        let full = cursor.is_some();
+        let mut cur = cursor.unwrap_or(Cursor {
+            version: placed.layout.version,
+            next: 0,
+        });
+        {
+            let mut p = lock(&self.progress);
+            *p = Progress {
+                layout_version: if full { cur.version } else { p.layout_version },
+                running: true,
+                full,
+                groups_done: cur.next,
+                passes: p.passes,
+                ..Default::default()
+            };
+        }
+        if full {
+            tracing::info!(
+                version = cur.version,
+                from = cur.next,
+                "moving blocks to their places for a new layout"
+            );
+        }
+        let throttle = Arc::new(Mutex::new(Throttle {
+            rate: self.settings.rate,
+            start: Instant::now(),
+            sent: 0,
+        }));
+        let mut left = 0;
+        while cur.next < GROUPS {
+            if *stop.borrow() || self.blocks.placed().layout.version != placed.layout.version {
+                break;
+            }
+            let group = cur.next as u8;
+            let store = self.blocks.store().clone();
+            let hashes = match tokio::task::spawn_blocking(move || store.list_group(group)).await {
+                Ok(Ok(h)) => h,
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "listing blocks failed; the mover retries later");
+                    left += 1;
+                    break;
+                }
+                Err(_) => break,
+            };
+            for chunk in hashes.chunks(CHUNK) {
+                left += self.chunk(placed, chunk, full, &throttle).await;
+            }
+            cur.next += 1;
+            lock(&self.progress).groups_done = cur.next;
+            if full {
+                let (path, c) = (self.path.clone(), cur);
+                let _ = tokio::task::spawn_blocking(move || save_cursor(&path, c)).await;
+            }
+        }
+        if left > 0 {
+            self.blocks.inner.misplaced.store(true, Ordering::Relaxed);
+        }
+        let mut p = lock(&self.progress);
+        p.running = false;
+        p.blocks_left = left;
+        p.passes += 1;
+        if full && cur.next >= GROUPS {
+            tracing::info!(
+                version = cur.version,
+                copied = p.blocks_copied,
+                removed = p.blocks_removed,
+                left,
+                "blocks moved for the new layout"
+            );
+        }
+        cur
+    }
+
+    /// Handles one chunk of local blocks; returns how many could not be completed.
+    async fn chunk(
+        &self,
+        placed: &Arc<Placed>,
+        hashes: &[BlockHash],
+        full: bool,
+        throttle: &Arc<Mutex<Throttle>>,
+    ) -> u64 {
+        let me = self.blocks.node_id();
+        // The blocks to look at, with their placement nodes.
+        let work: Vec<(BlockHash, Vec<u64>)> = hashes
+            .iter()
+            .map(|h| (*h, placed.nodes(h)))
+            .filter(|(_, nodes)| full || !nodes.contains(&me))
+            .collect();
+        lock(&self.progress).blocks_checked += hashes.len() as u64;
+        if work.is_empty() {
+            return 0;
+        }
+        // Ask each other node which of its blocks it has.
+        let mut asks: HashMap<u64, Vec<BlockHash>> = HashMap::new();
+        for (h, nodes) in &work {
+            for n in nodes.iter().filter(|n| **n != me) {
+                asks.entry(*n).or_default().push(*h);
+            }
+        }
+        let mut has: HashMap<(u64, BlockHash), bool> = HashMap::new();
+        for (node, hs) in asks {
+            if let Ok(answer) = self.blocks.has(placed, node, &hs).await {
+                for (h, yes) in hs.into_iter().zip(answer) {
+                    has.insert((node, h), yes);
+                }
+            }
+        }
+        let has = Arc::new(has);
+        let results = futures::stream::iter(work)
+            .map(|(h, nodes)| {
+                let has = has.clone();
+                let throttle = throttle.clone();
+                async move { self.one(placed, h, &nodes, &has, &throttle).await }
+            })
+            .buffer_unordered(PARALLEL)
+            .collect::<Vec<bool>>()
+            .await;
+        results.into_iter().filter(|done| !done).count() as u64
+    }
+
+    /// Takes one block where it belongs; returns whether it is done.
+    async fn one(
+        &self,
+        placed: &Arc<Placed>,
+        h: BlockHash,
+        nodes: &[u64],
+        has: &HashMap<(u64, BlockHash), bool>,
+        throttle: &Arc<Mutex<Throttle>>,
+    ) -> bool {
+        let me = self.blocks.node_id();
+        let mine = nodes.contains(&me);
+        let holds = |n: u64| n == me || has.get(&(n, h)) == Some(&true);
+        let unknown: Vec<u64> = nodes
+            .iter()
+            .copied()
+            .filter(|n| *n != me && !has.contains_key(&(*n, h)))
+            .collect();
+        let missing: Vec<u64> = nodes
+            .iter()
+            .copied()
+            .filter(|n| *n != me && has.get(&(*n, h)) == Some(&false))
+            .collect();
+        if mine {
+            // One holder sends: the first placement node that has the block.
+            let first_holder = nodes.iter().copied().find(|n| holds(*n));
+            if first_holder != Some(me) || missing.is_empty() {
+                return unknown.is_empty();
+            }
+        }
+        let mut ok = unknown.is_empty();
+        if !missing.is_empty() {
+            let store = self.blocks.store().clone();
+            let data = match tokio::task::spawn_blocking(move || store.get(&h)).await {
+                Ok(Ok(d)) => Bytes::from(d),
+                Ok(Err(BlockError::NotFound(_))) => return true, // collected meanwhile
+                Ok(Err(e)) => {
+                    tracing::error!(error = %e, "a block to move failed its check; left for repair");
+                    return false;
+                }
+                Err(_) => return false,
+            };
+            let len = data.len() as u64;
+            for n in missing {
+                match self.blocks.put_to(placed, n, h, data.clone()).await {
+                    Ok(()) => {
+                        let mut p = lock(&self.progress);
+                        p.blocks_copied += 1;
+                        p.bytes_copied += len;
+                        metrics::counter!("cairn_mover_bytes_copied_total").increment(len);
+                    }
+                    Err(e) => {
+                        tracing::debug!(node = format!("{n:016x}"), error = %e, "copying a block to its place failed; retried later");
+                        ok = false;
+                    }
+                }
+                let pause = lock(throttle).pause(len);
+                if !pause.is_zero() {
+                    tokio::time::sleep(pause).await;
+                }
+            }
+        }
+        if mine || !ok {
+            return ok;
+        }
+        // Every placement node has it: this copy is surplus.
+        let store = self.blocks.store().clone();
+        match tokio::task::spawn_blocking(move || store.remove_surplus_copy(&h)).await {
+            Ok(Ok(removed)) => {
+                if removed {
+                    lock(&self.progress).blocks_removed += 1;
+                }
+                true
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "removing a moved block failed");
+                false
+            }
+            Err(_) => false,
+        }
+    }
+}
