@@ -558,3 +558,133 @@ fn a_removed_node_drains_before_it_leaves() {
         }
     });
 }
+
+/// Test 5: a node added to a loaded cluster takes its share: once the mover is done
+/// every block is exactly at its placement nodes (counted on disk), the new node
+/// holds within 10 points of the share placement predicts, and every object reads
+/// back during the move and after it.
+#[test]
+fn an_added_node_takes_its_share() {
+    let mut dev = Dev::start(3, 4, &["--move-interval=1s"]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let c: Vec<_> = (0..3).map(|i| dev.client(i)).collect();
+    let small = |i: usize| bytes(16 << 10, i as u64 + 1000);
+    const N: usize = 200;
+    rt.block_on(async {
+        c[0].create_bucket().bucket("bkt").send().await.unwrap();
+        for i in 0..N {
+            put(&c[i % 3], &format!("k{i}"), &small(i)).await;
+        }
+    });
+    // A fourth node, in a zone of its own, started like the others and joined.
+    let base: u16 = dev.node(0)["s3_endpoint"]
+        .as_str()
+        .unwrap()
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let data = dev.dir.path().join("node3");
+    let (s3, admin, rpc) = (
+        format!("127.0.0.1:{}", base + 9),
+        format!("127.0.0.1:{}", base + 10),
+        format!("127.0.0.1:{}", base + 11),
+    );
+    let log = std::fs::File::create(dev.dir.path().join("node3.log")).unwrap();
+    let child = Command::new(common::binary())
+        .args([
+            "serve",
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--s3-address",
+            &s3,
+            "--admin-address",
+            &admin,
+            "--rpc-address",
+            &rpc,
+            "--zone",
+            "z4",
+            "--move-interval=1s",
+        ])
+        .envs(dev.env())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    dev.restarted.insert(3, child);
+    let admin = format!("http://{admin}");
+    wait_healthy(&admin);
+    let out = Command::new(common::binary())
+        .args([
+            "cluster",
+            "join",
+            dev.node(0)["rpc_address"].as_str().unwrap(),
+            "--admin-endpoint",
+            &admin,
+            "--admin-token",
+            dev.doc["admin_token"].as_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Reads while blocks move.
+    rt.block_on(async {
+        for i in 0..N {
+            assert_eq!(get(&c[i % 3], &format!("k{i}")).await, small(i));
+        }
+    });
+    let st = dev.status(0);
+    assert_eq!(st["nodes"].as_array().unwrap().len(), 4, "{st}");
+    let p = placement(&st);
+    let mut ids: Vec<u64> = (0..3).map(|i| dev.id(i)).collect();
+    let new_id = st["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| u64::from_str_radix(n["id"].as_str().unwrap(), 16).unwrap())
+        .find(|id| !ids.contains(id))
+        .unwrap();
+    ids.push(new_id);
+    let dirs: Vec<PathBuf> = (0..3)
+        .map(|i| dev.data_dir(i))
+        .chain([data.clone()])
+        .collect();
+    eventually(Duration::from_secs(90), || {
+        let on_disk: Vec<HashSet<String>> = dirs.iter().map(|d| block_files(d)).collect();
+        for k in 0..N {
+            let h = hash_hex(&small(k));
+            let want: HashSet<u64> = p
+                .nodes(&cairn_types::BlockHash::from_hex(&h).unwrap())
+                .into_iter()
+                .collect();
+            let have: HashSet<u64> = (0..4)
+                .filter(|i| on_disk[*i].contains(&h))
+                .map(|i| ids[i])
+                .collect();
+            if have != want {
+                return Err(format!(
+                    "block of k{k} is on {have:x?}, placement says {want:x?}"
+                ));
+            }
+        }
+        Ok(())
+    });
+    let moved = block_files(&data).len() as f64 / N as f64;
+    let predicted = p.share(new_id) * p.copies() as f64;
+    assert!(
+        (moved - predicted).abs() <= 0.10,
+        "the new node holds {:.1}% of the blocks, placement predicts {:.1}%",
+        moved * 100.0,
+        predicted * 100.0
+    );
+    rt.block_on(async {
+        for i in 0..N {
+            assert_eq!(get(&c[(i + 1) % 3], &format!("k{i}")).await, small(i));
+        }
+    });
+}
