@@ -312,15 +312,7 @@ async fn keep_in_layout(meta: MetaStore, entry: LayoutNode) {
 
 async fn register(meta: &MetaStore, entry: &LayoutNode) -> Result<(), cairn_meta::MetaError> {
     meta.read_barrier().await?;
-    let member = meta
-        .raft()
-        .metrics()
-        .borrow()
-        .membership_config
-        .membership()
-        .get_node(&entry.id)
-        .is_some();
-    if !member {
+    if !meta.is_member(entry.id) {
         // Removed from its cluster: it must not put itself back.
         return Err(cairn_meta::MetaError::Refused(
             "this node is not a member of its cluster (it was removed)".into(),
@@ -521,15 +513,7 @@ impl NodeCluster {
             |e: cairn_meta::MetaError| (StatusCode::SERVICE_UNAVAILABLE, e.to_string());
         self.meta.read_barrier().await.map_err(unavailable)?;
         let layout = self.meta.layout();
-        let member = self
-            .meta
-            .raft()
-            .metrics()
-            .borrow()
-            .membership_config
-            .membership()
-            .get_node(&id)
-            .is_some();
+        let member = self.meta.is_member(id);
         let Some(entry) = layout.node(id).cloned().or_else(|| {
             member.then(|| LayoutNode {
                 id,

@@ -419,6 +419,34 @@ fn eventually(limit: Duration, mut check: impl FnMut() -> Result<(), String>) {
     }
 }
 
+/// Whether each object's block is on exactly the nodes placement names (node `i`
+/// has id `ids[i]` and data directory `dirs[i]`), counted on disk.
+fn at_placement(
+    p: &cairn_placement::Placement,
+    ids: &[u64],
+    dirs: &[PathBuf],
+    objects: &[Vec<u8>],
+) -> Result<(), String> {
+    let on_disk: Vec<HashSet<String>> = dirs.iter().map(|d| block_files(d)).collect();
+    for (k, body) in objects.iter().enumerate() {
+        let h = hash_hex(body);
+        let want: HashSet<u64> = p
+            .nodes(&cairn_types::BlockHash::from_hex(&h).unwrap())
+            .into_iter()
+            .collect();
+        let have: HashSet<u64> = (0..ids.len())
+            .filter(|i| on_disk[*i].contains(&h))
+            .map(|i| ids[i])
+            .collect();
+        if have != want {
+            return Err(format!(
+                "object {k}'s block is on {have:x?}, placement says {want:x?}"
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Where each block is, by node index.
 fn holders(dev: &Dev, nodes: usize) -> Vec<HashSet<String>> {
     (0..nodes).map(|i| block_files(&dev.data_dir(i))).collect()
@@ -465,24 +493,11 @@ fn five_nodes_survive_two_down_and_blocks_return_to_their_places() {
     }
     let st = dev.status(leader);
     let p = placement(&st);
-    let index_of: HashMap<u64, usize> = (0..5).map(|i| (dev.id(i), i)).collect();
+    let ids: Vec<u64> = (0..5).map(|i| dev.id(i)).collect();
+    let dirs: Vec<PathBuf> = (0..5).map(|i| dev.data_dir(i)).collect();
+    let written: Vec<Vec<u8>> = (10..40).map(object).collect();
     eventually(Duration::from_secs(60), || {
-        let on_disk = holders(&dev, 5);
-        for k in 10..40 {
-            let h = hash_hex(&object(k));
-            let want: HashSet<usize> = p
-                .nodes(&cairn_types::BlockHash::from_hex(&h).unwrap())
-                .iter()
-                .map(|id| index_of[id])
-                .collect();
-            let have: HashSet<usize> = (0..5).filter(|i| on_disk[*i].contains(&h)).collect();
-            if have != want {
-                return Err(format!(
-                    "block of k{k} is on nodes {have:?}, placement says {want:?}"
-                ));
-            }
-        }
-        Ok(())
+        at_placement(&p, &ids, &dirs, &written)
     });
     rt.block_on(async {
         for k in 0..40 {
@@ -654,25 +669,9 @@ fn an_added_node_takes_its_share() {
         .map(|i| dev.data_dir(i))
         .chain([data.clone()])
         .collect();
+    let all: Vec<Vec<u8>> = (0..N).map(small).collect();
     eventually(Duration::from_secs(90), || {
-        let on_disk: Vec<HashSet<String>> = dirs.iter().map(|d| block_files(d)).collect();
-        for k in 0..N {
-            let h = hash_hex(&small(k));
-            let want: HashSet<u64> = p
-                .nodes(&cairn_types::BlockHash::from_hex(&h).unwrap())
-                .into_iter()
-                .collect();
-            let have: HashSet<u64> = (0..4)
-                .filter(|i| on_disk[*i].contains(&h))
-                .map(|i| ids[i])
-                .collect();
-            if have != want {
-                return Err(format!(
-                    "block of k{k} is on {have:x?}, placement says {want:x?}"
-                ));
-            }
-        }
-        Ok(())
+        at_placement(&p, &ids, &dirs, &all)
     });
     let moved = block_files(&data).len() as f64 / N as f64;
     let predicted = p.share(new_id) * p.copies() as f64;

@@ -498,8 +498,8 @@ impl Blocks {
                 .increment((copies - written) as u64);
         }
         if let Some(d) = done.take() {
-            // Only the local store failing for want of space is a full disk; any
-            // other shortfall is the cluster's.
+            // In a cluster a shortfall is the cluster's to answer for (503), even
+            // when one of the failures was this node's full disk.
             let _ = d.send(Err(DataError::Unavailable(format!(
                 "{written} of {quorum} block copies needed could be written: {}",
                 errors.join("; ")

@@ -211,11 +211,16 @@ impl Mover {
             return;
         }
         let store = self.blocks.store().clone();
-        let empty = tokio::task::spawn_blocking(move || store.list().map(|l| l.is_empty()))
-            .await
-            .ok()
-            .and_then(|r| r.ok())
-            .unwrap_or(false);
+        // One directory at a time, stopping at the first block: bounded memory.
+        let empty = tokio::task::spawn_blocking(move || {
+            (0..=255u8).try_fold(true, |empty, g| {
+                Ok::<_, BlockError>(empty && store.list_group(g)?.is_empty())
+            })
+        })
+        .await
+        .ok()
+        .and_then(|r| r.ok())
+        .unwrap_or(false);
         if !empty {
             // Written here during the pass, or a copy failed: the next pass retries.
             self.blocks.inner.misplaced.store(true, Ordering::Relaxed);

@@ -421,6 +421,17 @@ impl MetaStore {
         self.opts.node_id
     }
 
+    /// Whether node `id` is in the Raft group's membership as applied here.
+    pub fn is_member(&self, id: NodeId) -> bool {
+        self.raft()
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .get_node(&id)
+            .is_some()
+    }
+
     /// The layout as last applied on this node.
     pub fn layout(&self) -> Arc<Layout> {
         self.shared.layout.borrow().clone()
@@ -564,14 +575,7 @@ impl MetaStore {
                 .await
                 .map_err(changed)?;
         }
-        let still = raft
-            .metrics()
-            .borrow()
-            .membership_config
-            .membership()
-            .get_node(&id)
-            .is_some();
-        if still {
+        if self.is_member(id) {
             raft.change_membership(
                 ChangeMembers::RemoveNodes(std::iter::once(id).collect()),
                 false,
