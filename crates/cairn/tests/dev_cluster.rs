@@ -22,12 +22,14 @@ struct Dev {
 
 impl Dev {
     fn start(nodes: usize, zones: usize, serve_args: &[&str]) -> Dev {
-        for attempt in 0..5 {
+        for _ in 0..5 {
             let dir = tempfile::Builder::new()
                 .prefix("cairn-dev-")
                 .tempdir()
                 .unwrap();
-            let base = 20000 + (rand_u16() % 400) * 100 + attempt * 7;
+            // Below the kernel's ephemeral range (32768 and up), where a client's
+            // outgoing connection could hold a port a node wants to listen on.
+            let base = 20000 + (rand_u16() % 630) * 20;
             let mut cmd = Command::new(common::binary());
             cmd.args([
                 "dev-cluster",
@@ -114,8 +116,8 @@ impl Dev {
             .iter()
             .map(|a| a.as_str().unwrap().to_string())
             .collect();
-        let log =
-            std::fs::File::create(self.dir.path().join(format!("node{i}.restart.log"))).unwrap();
+        let log_path = self.dir.path().join(format!("node{i}.restart.log"));
+        let log = std::fs::File::create(&log_path).unwrap();
         let child = Command::new(&argv[0])
             .args(&argv[1..])
             .envs(self.env())
@@ -123,8 +125,11 @@ impl Dev {
             .stderr(log)
             .spawn()
             .unwrap();
+        let admin = self.node(i)["admin_endpoint"].as_str().unwrap().to_string();
+        let mut child = child;
+        let up = wait_healthy_or_exit(&admin, &mut child, &log_path);
         self.restarted.insert(i, child);
-        wait_healthy(self.node(i)["admin_endpoint"].as_str().unwrap());
+        assert!(up, "node {i} exited when started again");
     }
 
     fn env(&self) -> Vec<(String, String)> {
@@ -204,25 +209,40 @@ fn wait_gone(pid: u64) {
     }
 }
 
-fn wait_healthy(admin: &str) {
-    let addr = admin.trim_start_matches("http://");
+/// Waits for `admin` to answer healthy; false when `child` exited first (a port was
+/// taken), with its log shown.
+fn wait_healthy_or_exit(admin: &str, child: &mut Child, log: &Path) -> bool {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        use std::io::{Read, Write};
-        if let Ok(mut s) = std::net::TcpStream::connect(addr) {
-            let _ = write!(
-                s,
-                "GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-            );
-            let mut out = String::new();
-            let _ = s.read_to_string(&mut out);
-            if out.starts_with("HTTP/1.1 200") {
-                return;
-            }
+        if let Ok(Some(status)) = child.try_wait() {
+            let text = std::fs::read_to_string(log).unwrap_or_default();
+            eprintln!("node exited ({status}) before it was healthy:\n{text}");
+            return false;
         }
-        assert!(Instant::now() < deadline, "{admin} did not become healthy");
+        if health_ok(admin) {
+            return true;
+        }
+        if Instant::now() > deadline {
+            let text = std::fs::read_to_string(log).unwrap_or_default();
+            panic!("{admin} did not become healthy within 60 s; its log:\n{text}");
+        }
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+fn health_ok(admin: &str) -> bool {
+    use std::io::{Read, Write};
+    let addr = admin.trim_start_matches("http://");
+    let Ok(mut s) = std::net::TcpStream::connect(addr) else {
+        return false;
+    };
+    let _ = write!(
+        s,
+        "GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    );
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out.starts_with("HTTP/1.1 200")
 }
 
 /// The block files under a data directory, by address.
@@ -592,44 +612,48 @@ fn an_added_node_takes_its_share() {
         }
     });
     // A fourth node, in a zone of its own, started like the others and joined.
-    let base: u16 = dev.node(0)["s3_endpoint"]
-        .as_str()
-        .unwrap()
-        .rsplit(':')
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap();
     let data = dev.dir.path().join("node3");
-    let (s3, admin, rpc) = (
-        format!("127.0.0.1:{}", base + 9),
-        format!("127.0.0.1:{}", base + 10),
-        format!("127.0.0.1:{}", base + 11),
-    );
-    let log = std::fs::File::create(dev.dir.path().join("node3.log")).unwrap();
-    let child = Command::new(common::binary())
-        .args([
-            "serve",
-            "--data-dir",
-            data.to_str().unwrap(),
-            "--s3-address",
-            &s3,
-            "--admin-address",
-            &admin,
-            "--rpc-address",
-            &rpc,
-            "--zone",
-            "z4",
-            "--move-interval=1s",
-        ])
-        .envs(dev.env())
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .unwrap();
+    let mut started = None;
+    for attempt in 0..5 {
+        // Ports nobody listens on right now; a node that could not bind them exits,
+        // and the next attempt takes others.
+        let free: Vec<String> = (0..3)
+            .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+            .collect::<Vec<_>>()
+            .iter()
+            .map(|l| l.local_addr().unwrap().to_string())
+            .collect();
+        let (s3, admin, rpc) = (&free[0], &free[1], &free[2]);
+        let log_path = dev.dir.path().join(format!("node3.{attempt}.log"));
+        let log = std::fs::File::create(&log_path).unwrap();
+        let mut child = Command::new(common::binary())
+            .args([
+                "serve",
+                "--data-dir",
+                data.to_str().unwrap(),
+                "--s3-address",
+                s3,
+                "--admin-address",
+                admin,
+                "--rpc-address",
+                rpc,
+                "--zone",
+                "z4",
+                "--move-interval=1s",
+            ])
+            .envs(dev.env())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let admin = format!("http://{admin}");
+        if wait_healthy_or_exit(&admin, &mut child, &log_path) {
+            started = Some((child, admin));
+            break;
+        }
+    }
+    let (child, admin) = started.expect("the fourth node did not start in five attempts");
     dev.restarted.insert(3, child);
-    let admin = format!("http://{admin}");
-    wait_healthy(&admin);
     let out = Command::new(common::binary())
         .args([
             "cluster",
