@@ -207,11 +207,12 @@ pub fn run(cmd: ClusterCmd) -> Result<()> {
                     s("raft_state")
                 );
                 println!(
-                    "leader {}, term {}, last log {}, applied {}",
+                    "leader {}, term {}, last log {}, applied {}, snapshot at {}",
                     s("leader"),
                     s("term"),
                     s("last_log_index"),
-                    s("applied_index")
+                    s("applied_index"),
+                    s("snapshot_index")
                 );
                 let layout = v.get("layout").cloned().unwrap_or_default();
                 println!(

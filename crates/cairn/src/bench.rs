@@ -74,10 +74,10 @@ struct Report {
 
 type Body = BoxBody<Bytes, std::io::Error>;
 
-struct Conn {
+pub(crate) struct Conn {
     host: String,
     addr: String,
-    sender: Option<hyper::client::conn::http1::SendRequest<Body>>,
+    pub(crate) sender: Option<hyper::client::conn::http1::SendRequest<Body>>,
 }
 
 impl Conn {
@@ -101,11 +101,36 @@ impl Conn {
     }
 }
 
-struct Shared {
+pub(crate) struct Shared {
     signer: Signer,
     bucket: String,
     chunk: Bytes,
     size: u64,
+}
+
+impl Shared {
+    /// Requests to `bucket` signed with the given key, with bodies of `size` bytes
+    /// cut from a random pool of `pool` bytes.
+    pub(crate) fn new(
+        access_key: &str,
+        secret_key: &str,
+        bucket: &str,
+        size: u64,
+        pool: usize,
+    ) -> Shared {
+        let mut chunk = vec![0u8; pool.max(1)];
+        rand::fill(&mut chunk[..]);
+        Shared {
+            signer: Signer {
+                access_key: access_key.to_string(),
+                secret_key: secret_key.to_string(),
+                region: "us-east-1".into(),
+            },
+            bucket: bucket.to_string(),
+            chunk: Bytes::from(chunk),
+            size,
+        }
+    }
 }
 
 /// A body of `size` bytes, distinct for every call: frames are zero-copy slices of a
@@ -143,7 +168,7 @@ const FRAME: usize = 1 << 20;
 /// Size of the random pool bodies are cut from.
 const POOL: usize = 64 << 20;
 
-async fn request(
+pub(crate) async fn request(
     conn: &mut Conn,
     sh: &Shared,
     method: &str,
@@ -231,23 +256,45 @@ fn summarize(h: &hdrhistogram::Histogram<u64>) -> Option<Latency> {
     })
 }
 
-pub async fn run(o: Options) -> Result<()> {
-    let url: http::Uri = o
-        .endpoint
+/// A connection (not yet open) to `endpoint`, an `http://HOST[:PORT]` URL.
+pub(crate) fn conn_to(endpoint: &str) -> Result<Conn> {
+    let url: http::Uri = endpoint
         .parse()
-        .context("--endpoint must be a URL like http://127.0.0.1:9000")?;
+        .with_context(|| format!("'{endpoint}' is not a URL like http://127.0.0.1:9000"))?;
     if url.scheme_str() != Some("http") {
         bail!("cairn bench speaks plain http only");
     }
     let host = url
         .authority()
-        .context("--endpoint needs a host")?
+        .with_context(|| format!("'{endpoint}' has no host"))?
         .to_string();
     let addr = if url.port().is_some() {
         host.clone()
     } else {
         format!("{host}:80")
     };
+    Ok(Conn {
+        host,
+        addr,
+        sender: None,
+    })
+}
+
+pub async fn run(o: Options) -> Result<()> {
+    // Workers are spread over the endpoints (nodes of one cluster), worker w on
+    // endpoint w mod n.
+    let endpoints: Vec<String> = o
+        .endpoint
+        .split(',')
+        .map(|e| e.trim().to_string())
+        .filter(|e| !e.is_empty())
+        .collect();
+    if endpoints.is_empty() {
+        bail!("--endpoint: give at least one URL");
+    }
+    for e in &endpoints {
+        conn_to(e)?;
+    }
     if o.duration.is_none() && o.ops.is_none() {
         bail!("give --duration or --ops");
     }
@@ -263,13 +310,9 @@ pub async fn run(o: Options) -> Result<()> {
         chunk: Bytes::from(chunk),
         size: o.size,
     });
-    let new_conn = || Conn {
-        host: host.clone(),
-        addr: addr.clone(),
-        sender: None,
-    };
+    let new_conn = |w: usize| conn_to(&endpoints[w % endpoints.len()]);
 
-    let mut c = new_conn();
+    let mut c = new_conn(0)?;
     let (st, _) = request(&mut c, &sh, "PUT", None, "", None).await?;
     if !(st.is_success() || st == StatusCode::CONFLICT) {
         bail!("creating bucket {} failed: HTTP {st}", o.bucket);
@@ -279,8 +322,8 @@ pub async fn run(o: Options) -> Result<()> {
         // Objects to read, written by `concurrency` writers.
         let next = Arc::new(AtomicU64::new(0));
         let mut tasks = Vec::new();
-        for _ in 0..o.concurrency.min(keys) {
-            let (sh, next, mut conn) = (sh.clone(), next.clone(), new_conn());
+        for w in 0..o.concurrency.min(keys) {
+            let (sh, next, mut conn) = (sh.clone(), next.clone(), new_conn(w)?);
             tasks.push(tokio::spawn(async move {
                 loop {
                     let i = next.fetch_add(1, Ordering::Relaxed) as usize;
@@ -307,7 +350,7 @@ pub async fn run(o: Options) -> Result<()> {
     let deadline = o.duration.map(|d| start + d);
     let mut tasks = Vec::new();
     for w in 0..o.concurrency {
-        let (sh, stop, issued, mut conn) = (sh.clone(), stop.clone(), issued.clone(), new_conn());
+        let (sh, stop, issued, mut conn) = (sh.clone(), stop.clone(), issued.clone(), new_conn(w)?);
         let (op, max_ops, ratio) = (o.op, o.ops, o.get_ratio);
         tasks.push(tokio::spawn(async move {
             let mut put_h =

@@ -32,6 +32,8 @@ pub struct FileConfig {
     pub cluster_secret: Option<String>,
     pub rebalance_rate: Option<String>,
     pub move_interval: Option<String>,
+    pub snapshot_every: Option<u64>,
+    pub log_keep: Option<u64>,
 }
 
 /// The shortest cluster secret accepted: it is all that keeps strangers out.
@@ -65,6 +67,10 @@ pub struct Config {
     pub rebalance_rate: u64,
     /// How often blocks stored outside their placement are looked at again.
     pub move_interval: Duration,
+    /// Raft log entries between two metadata snapshots.
+    pub snapshot_every: u64,
+    /// Raft log entries kept behind the latest snapshot.
+    pub log_keep: u64,
 }
 
 impl std::fmt::Debug for Config {
@@ -140,6 +146,8 @@ pub struct Overrides {
     pub cluster_secret: Option<String>,
     pub rebalance_rate: Option<String>,
     pub move_interval: Option<String>,
+    pub snapshot_every: Option<u64>,
+    pub log_keep: Option<u64>,
 }
 
 impl Config {
@@ -153,6 +161,7 @@ impl Config {
             None => FileConfig::default(),
         };
         let pick = |flag: Option<String>, file: Option<String>| flag.or(file);
+        let pick_n = |flag: Option<u64>, file: Option<u64>| flag.or(file);
         let addr = |key: &str, v: String| -> Result<SocketAddr> {
             v.parse()
                 .with_context(|| format!("{key}: '{v}' is not an address like 127.0.0.1:9000"))
@@ -226,7 +235,13 @@ impl Config {
                 pick(o.move_interval, fc.move_interval),
                 moverd.interval,
             )?,
+            snapshot_every: pick_n(o.snapshot_every, fc.snapshot_every)
+                .unwrap_or(cairn_meta::DEFAULT_SNAPSHOT_EVERY),
+            log_keep: pick_n(o.log_keep, fc.log_keep).unwrap_or(cairn_meta::DEFAULT_LOG_KEEP),
         };
+        if cfg.snapshot_every == 0 {
+            bail!("snapshot_every: must be at least 1 log entry");
+        }
         if cfg.zone.is_empty() || cfg.zone.len() > 64 {
             bail!("zone: must be 1 to 64 characters");
         }

@@ -5,6 +5,7 @@ mod bench;
 mod config;
 mod datadir;
 mod dev_cluster;
+mod failover;
 mod logwriter;
 mod server;
 mod sigv4;
@@ -45,7 +46,8 @@ struct BenchArgs {
     /// Measure the machine's bounds instead, writing test files in DIR
     #[arg(long, value_name = "DIR")]
     limits: Option<PathBuf>,
-    /// S3 endpoint to load (http only)
+    /// S3 endpoint to load (http only); several, comma-separated (the nodes of one
+    /// cluster), share the workers out between them
     #[arg(long, default_value = "http://127.0.0.1:9000")]
     endpoint: String,
     #[arg(long, env = "CAIRN_ACCESS_KEY", default_value = "")]
@@ -87,6 +89,17 @@ struct BenchArgs {
     /// Process id of the server, to report its CPU time per operation and peak RSS
     #[arg(long)]
     pid: Option<u32>,
+    /// Measure leader failover instead: start a local cluster, kill its Raft leader
+    /// --kills times under a write load of --concurrency writers, and report how long
+    /// writes stopped each time
+    #[arg(long)]
+    failover: bool,
+    /// With --failover: how many times the leader is killed
+    #[arg(long, default_value_t = 10)]
+    kills: usize,
+    /// With --failover: nodes in the local cluster
+    #[arg(long, default_value_t = 3)]
+    nodes: usize,
     /// Print the report as JSON
     #[arg(long)]
     json: bool,
@@ -141,6 +154,13 @@ struct ServeArgs {
     /// again [default: 30s]
     #[arg(long, value_name = "DURATION")]
     move_interval: Option<String>,
+    /// Raft log entries between two snapshots of the metadata [default: 50000]
+    #[arg(long, value_name = "ENTRIES")]
+    snapshot_every: Option<u64>,
+    /// Raft log entries kept behind the latest snapshot, for followers a little
+    /// behind; one further behind is sent the snapshot [default: 1000]
+    #[arg(long, value_name = "ENTRIES")]
+    log_keep: Option<u64>,
 }
 
 /// Logs go to stderr through a background writer thread (`logwriter.rs`), so that a
@@ -200,6 +220,8 @@ fn run_serve(a: ServeArgs) -> anyhow::Result<()> {
             capacity: a.capacity,
             rebalance_rate: a.rebalance_rate,
             move_interval: a.move_interval,
+            snapshot_every: a.snapshot_every,
+            log_keep: a.log_keep,
             // From the environment only: a secret on the command line shows in `ps`.
             cluster_secret: std::env::var("CAIRN_CLUSTER_SECRET").ok(),
         },
@@ -215,6 +237,17 @@ fn run_serve(a: ServeArgs) -> anyhow::Result<()> {
 fn run_bench(a: BenchArgs) -> anyhow::Result<()> {
     if let Some(dir) = &a.limits {
         return bench::limits(dir, a.json);
+    }
+    if a.failover {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?;
+        return rt.block_on(failover::run(failover::FailoverOptions {
+            nodes: a.nodes,
+            kills: a.kills,
+            writers: a.concurrency,
+            json: a.json,
+        }));
     }
     if a.access_key.is_empty() || a.secret_key.is_empty() {
         anyhow::bail!(

@@ -123,6 +123,8 @@ pub async fn serve(cfg: Config) -> Result<()> {
                 .map(|r| Peers::new(r.2.clone(), RPC_CONNECT_TIMEOUT)),
             join: false,
             zone: cfg.zone.clone(),
+            snapshot_every: cfg.snapshot_every,
+            log_keep: cfg.log_keep,
         },
     )
     .await
@@ -398,6 +400,8 @@ impl ClusterAdmin for NodeCluster {
             "term": m.current_term,
             "last_log_index": m.last_log_index,
             "applied_index": m.last_applied.map(|l| l.index),
+            "snapshot_index": m.snapshot.map(|l| l.index),
+            "purged_index": m.purged.map(|l| l.index),
             "members": members,
             "layout": {
                 "version": layout.version,

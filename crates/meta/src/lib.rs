@@ -30,7 +30,8 @@ pub use records::{
     ObjectData, ObjectRecord, PartRecord, RECORD_VERSION, StoredHeaders, UploadRecord,
 };
 pub use store::{
-    DEFAULT_CACHE_BYTES, ListEntry, ListPage, ListQuery, MetaOptions, MetaStore, UploadEntry,
+    DEFAULT_CACHE_BYTES, DEFAULT_LOG_KEEP, DEFAULT_SNAPSHOT_EVERY, ListEntry, ListPage, ListQuery,
+    MetaOptions, MetaStore, UploadEntry,
 };
 
 use cairn_types::{BlockHash, UnixMillis};

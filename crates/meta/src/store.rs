@@ -70,6 +70,11 @@ pub struct MetaOptions {
     pub join: bool,
     /// This node's failure zone.
     pub zone: String,
+    /// A snapshot of the state machine is taken after this many log entries.
+    pub snapshot_every: u64,
+    /// Log entries kept behind the latest snapshot, so that a follower a little
+    /// behind catches up from the log instead of a whole snapshot.
+    pub log_keep: u64,
 }
 
 impl Default for MetaOptions {
@@ -81,6 +86,8 @@ impl Default for MetaOptions {
             peers: None,
             join: false,
             zone: "z1".into(),
+            snapshot_every: DEFAULT_SNAPSHOT_EVERY,
+            log_keep: DEFAULT_LOG_KEEP,
         }
     }
 }
@@ -1083,8 +1090,8 @@ async fn start_node(shared: Arc<Shared>, path: &Path, opts: &MetaOptions) -> Res
         heartbeat_interval: 100,
         election_timeout_min: 500,
         election_timeout_max: 1000,
-        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(SNAPSHOT_EVERY),
-        max_in_snapshot_log_to_keep: 1000,
+        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(opts.snapshot_every.max(1)),
+        max_in_snapshot_log_to_keep: opts.log_keep,
         ..Default::default()
     }
     .validate()
@@ -1396,10 +1403,12 @@ async fn wait_for_other_leader(raft: &Raft, failed: Option<NodeId>) -> bool {
     }
 }
 
-/// Entries between snapshots. A snapshot writes every table row to a file, so it
-/// is taken rarely; the log keeps the entries since (at ~100 bytes to a few KiB
-/// each).
-const SNAPSHOT_EVERY: u64 = 50_000;
+/// Log entries between two snapshots, by default. A snapshot writes every table row
+/// to a file, so it is taken rarely; the log keeps the entries since (at ~100 bytes
+/// to a few KiB each).
+pub const DEFAULT_SNAPSHOT_EVERY: u64 = 50_000;
+/// Log entries kept behind a snapshot, by default.
+pub const DEFAULT_LOG_KEEP: u64 = 1000;
 
 /// Where the Raft log and snapshots live: `raft/` beside the database file.
 fn raft_dir(db_path: &Path) -> PathBuf {

@@ -755,6 +755,9 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
             .map_err(snap_err)?;
         self.sm.set_current(meta.clone(), path.clone()).await;
         let file = tokio::fs::File::open(&path).await.map_err(snap_err)?;
+        let bytes = file.metadata().await.map(|m| m.len()).unwrap_or(0);
+        metrics::counter!("cairn_meta_snapshots_built_total").increment(1);
+        tracing::info!(last_log = ?meta.last_log_id.map(|l| l.index), bytes, "metadata snapshot built");
         Ok(Snapshot {
             meta,
             snapshot: Box::new(file),
@@ -910,6 +913,11 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             .map_err(snap_err)?
             .map_err(snap_err)?;
         self.set_current(meta.clone(), path).await;
+        metrics::counter!("cairn_meta_snapshots_installed_total").increment(1);
+        tracing::info!(
+            last_log = ?meta.last_log_id.map(|l| l.index),
+            "installed a metadata snapshot sent by the leader"
+        );
         Ok(())
     }
 
