@@ -1,6 +1,6 @@
 //! The admin endpoint: `GET /health`, `GET /metrics` (Prometheus text), and the
 //! cluster's API: `GET /v1/cluster/status`, `POST /v1/cluster/join`,
-//! `POST /v1/cluster/remove`.
+//! `POST /v1/cluster/remove`, `POST /v1/cluster/replication`.
 //!
 //! `/health` answers 200 `ok` once the node serves S3, and 503 with the reason while
 //! it starts or shuts down. What changes the cluster needs the admin token
@@ -55,6 +55,13 @@ pub trait ClusterAdmin: Send + Sync {
         &self,
         node: &str,
         force: bool,
+    ) -> Result<serde_json::Value, (StatusCode, String)>;
+    /// Sets the replication factor and the write quorum (0: a majority of the
+    /// copies); blocks are copied or trimmed to the new count in the background.
+    async fn set_replication(
+        &self,
+        replication: u8,
+        write_quorum: u8,
     ) -> Result<serde_json::Value, (StatusCode, String)>;
 }
 
@@ -149,7 +156,10 @@ impl Admin {
         let method = req.method().clone();
         match (method, path.as_str()) {
             (Method::GET, "/v1/cluster/status") => json(StatusCode::OK, &cluster.status().await),
-            (Method::POST, p @ ("/v1/cluster/join" | "/v1/cluster/remove")) => {
+            (
+                Method::POST,
+                p @ ("/v1/cluster/join" | "/v1/cluster/remove" | "/v1/cluster/replication"),
+            ) => {
                 let given = req
                     .headers()
                     .get(http::header::AUTHORIZATION)
@@ -179,7 +189,26 @@ impl Admin {
                         .and_then(|m| m.as_str())
                         .map(str::to_string)
                 };
-                let res = if p == "/v1/cluster/join" {
+                let small = |name: &str| {
+                    doc.as_ref()
+                        .and_then(|v| v.get(name))
+                        .and_then(|m| m.as_u64())
+                        .and_then(|n| u8::try_from(n).ok())
+                };
+                let res = if p == "/v1/cluster/replication" {
+                    let wq = doc.as_ref().and_then(|v| v.get("write_quorum"));
+                    match (small("replication"), wq.map(|_| small("write_quorum"))) {
+                        (Some(r), None) => cluster.set_replication(r, 0).await,
+                        (Some(r), Some(Some(w))) => cluster.set_replication(r, w).await,
+                        _ => {
+                            return error_json(
+                                StatusCode::BAD_REQUEST,
+                                "the body must be JSON: {\"replication\": N, \"write_quorum\": W} \
+                                 (numbers up to 255; write_quorum optional, 0 for a majority)",
+                            );
+                        }
+                    }
+                } else if p == "/v1/cluster/join" {
                     let Some(member) = field("member") else {
                         return error_json(
                             StatusCode::BAD_REQUEST,

@@ -46,6 +46,20 @@ pub enum ClusterCmd {
         #[command(flatten)]
         endpoint: Endpoint,
     },
+    /// Set how many copies each block has (capped by the number of nodes) and how
+    /// many must be fsynced before a write is acknowledged; existing blocks are
+    /// copied or trimmed to the new count in the background
+    SetReplication {
+        /// Copies of each block, at least 1
+        #[arg(value_name = "N")]
+        replication: u8,
+        /// Copies fsynced before a write is acknowledged, at most N [default: a
+        /// majority of the copies]
+        #[arg(long, value_name = "W")]
+        write_quorum: Option<u8>,
+        #[command(flatten)]
+        endpoint: Endpoint,
+    },
     /// Show the cluster as the node at --admin-endpoint sees it
     Status {
         /// Print JSON
@@ -150,6 +164,32 @@ pub fn run(cmd: ClusterCmd) -> Result<()> {
                 println!(
                     "node {} joined the cluster of {member}",
                     v.get("node").and_then(|n| n.as_str()).unwrap_or("?")
+                );
+                Ok(())
+            }
+            ClusterCmd::SetReplication {
+                replication,
+                write_quorum,
+                endpoint,
+            } => {
+                let token = endpoint.token()?;
+                let (status, v) = request(
+                    &endpoint.admin_endpoint,
+                    http::Method::POST,
+                    "/v1/cluster/replication",
+                    Some(&token),
+                    Some(serde_json::json!({
+                        "replication": replication,
+                        "write_quorum": write_quorum.unwrap_or(0),
+                    })),
+                )
+                .await?;
+                if !status.is_success() {
+                    return Err(fail(status, &v));
+                }
+                println!(
+                    "replication {} ({} copies now, {} to acknowledge a write), layout version {}",
+                    v["replication"], v["copies"], v["quorum"], v["layout_version"]
                 );
                 Ok(())
             }

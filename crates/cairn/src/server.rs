@@ -496,6 +496,40 @@ impl ClusterAdmin for NodeCluster {
     ) -> Result<serde_json::Value, (http::StatusCode, String)> {
         self.remove_node(node, force).await
     }
+
+    async fn set_replication(
+        &self,
+        replication: u8,
+        write_quorum: u8,
+    ) -> Result<serde_json::Value, (http::StatusCode, String)> {
+        use http::StatusCode;
+        let res = self
+            .meta
+            .apply(cairn_meta::Command::SetReplication {
+                replication,
+                write_quorum,
+            })
+            .await;
+        match res {
+            Ok(_) => {}
+            Err(cairn_meta::MetaError::Refused(msg)) => return Err((StatusCode::BAD_REQUEST, msg)),
+            Err(e) => return Err((StatusCode::SERVICE_UNAVAILABLE, e.to_string())),
+        }
+        let layout = self.meta.layout();
+        tracing::info!(
+            replication,
+            write_quorum,
+            version = layout.version,
+            "replication changed; blocks are copied or trimmed to it in the background"
+        );
+        Ok(serde_json::json!({
+            "replication": layout.replication,
+            "write_quorum": layout.write_quorum,
+            "copies": layout.copies(),
+            "quorum": layout.quorum(),
+            "layout_version": layout.version,
+        }))
+    }
 }
 
 impl NodeCluster {

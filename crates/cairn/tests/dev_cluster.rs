@@ -930,3 +930,99 @@ fn writes_resume_after_the_leader_is_killed() {
         }
     });
 }
+
+impl Dev {
+    /// `cairn cluster ARGS... --admin-endpoint (node 0) --admin-token (the cluster's)`.
+    fn cluster_cmd(&self, args: &[&str]) -> std::process::Output {
+        Command::new(common::binary())
+            .arg("cluster")
+            .args(args)
+            .args([
+                "--admin-endpoint",
+                self.node(0)["admin_endpoint"].as_str().unwrap(),
+                "--admin-token",
+                self.doc["admin_token"].as_str().unwrap(),
+            ])
+            .output()
+            .unwrap()
+    }
+}
+
+/// The replication factor is a cluster setting: bad values are refused and change
+/// nothing; lowered, every block ends on exactly its fewer placement nodes (the
+/// others' copies trimmed, counted on disk); raised past the node count, every node
+/// holds every block. Every object reads back throughout.
+#[test]
+fn the_replication_factor_changes_and_blocks_follow() {
+    let dev = Dev::start(4, 4, &["--move-interval=1s"]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let c: Vec<_> = (0..4).map(|i| dev.client(i)).collect();
+    const N: usize = 30;
+    let all: Vec<Vec<u8>> = (0..N).map(object).collect();
+    rt.block_on(async {
+        c[0].create_bucket().bucket("bkt").send().await.unwrap();
+        for (i, body) in all.iter().enumerate() {
+            put(&c[i % 4], &format!("k{i}"), body).await;
+        }
+    });
+    let ids: Vec<u64> = (0..4).map(|i| dev.id(i)).collect();
+    let dirs: Vec<PathBuf> = (0..4).map(|i| dev.data_dir(i)).collect();
+    let version = dev.status(0)["layout"]["version"].as_u64().unwrap();
+    for bad in [
+        &["set-replication", "0"][..],
+        &["set-replication", "2", "--write-quorum", "3"],
+    ] {
+        let out = dev.cluster_cmd(bad);
+        assert!(!out.status.success(), "{bad:?} was accepted");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("quorum"), "{bad:?}: {err}");
+    }
+    let st = dev.status(0);
+    assert_eq!(st["layout"]["version"].as_u64().unwrap(), version, "{st}");
+    assert_eq!(st["layout"]["copies"], 3, "{st}");
+
+    let out = dev.cluster_cmd(&["set-replication", "2"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let st = dev.status(1);
+    assert_eq!(st["layout"]["copies"], 2, "{st}");
+    assert_eq!(st["layout"]["quorum"], 2, "{st}");
+    let p = placement(&st);
+    eventually(Duration::from_secs(60), || {
+        at_placement(&p, &ids, &dirs, &all)
+    });
+    rt.block_on(async {
+        for i in 0..N {
+            assert_eq!(get(&c[(i + 1) % 4], &format!("k{i}")).await, all[i]);
+        }
+    });
+
+    let out = dev.cluster_cmd(&["set-replication", "5", "--write-quorum", "1"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let st = dev.status(2);
+    assert_eq!(st["layout"]["copies"], 4, "capped by the node count: {st}");
+    assert_eq!(st["layout"]["quorum"], 1, "{st}");
+    eventually(Duration::from_secs(60), || {
+        let on_disk = holders(&dev, 4);
+        for (k, body) in all.iter().enumerate() {
+            let h = hash_hex(body);
+            let n = on_disk.iter().filter(|d| d.contains(&h)).count();
+            if n != 4 {
+                return Err(format!("k{k}'s block has {n} copies of 4"));
+            }
+        }
+        Ok(())
+    });
+    rt.block_on(async {
+        for i in 0..N {
+            assert_eq!(get(&c[(i + 2) % 4], &format!("k{i}")).await, all[i]);
+        }
+    });
+}
