@@ -3,6 +3,7 @@
 import os
 import re
 import signal
+import shutil
 import subprocess
 import tempfile
 import time
@@ -67,6 +68,7 @@ def server():
     s = Server(os.path.join(d, "data"))
     yield s
     s.stop()
+    shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture

@@ -22,6 +22,7 @@ def vhost_server():
     s = Server(os.path.join(d, "data"), extra_args=["--base-domain", "s3.example.test"])
     yield s
     s.stop()
+    shutil.rmtree(d, ignore_errors=True)
 
 
 def signed_host(server, method, host, path, body=b""):

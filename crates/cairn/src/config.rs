@@ -300,9 +300,8 @@ mod tests {
 
     #[test]
     fn unknown_key_is_named() {
-        let dir = std::env::temp_dir().join(format!("cairn-cfg-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let p = dir.join("c.toml");
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
         std::fs::write(&p, "data_dri = \"x\"\n").unwrap();
         let err = format!(
             "{:#}",

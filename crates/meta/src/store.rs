@@ -52,6 +52,9 @@ const MAX_BATCH_BYTES: usize = 4 << 20;
 /// Entries proposed and not yet applied at once: while they are in flight the next
 /// batch gathers.
 const MAX_IN_FLIGHT: usize = 1;
+/// Batches a follower has sent to the leader and not yet seen answered. They cost
+/// the leader no entry of their own: it adds their commands to its next batch.
+const MAX_FORWARDS_IN_FLIGHT: usize = 4;
 /// Commands waiting to be batched. Callers beyond this wait for room (backpressure).
 const QUEUE_DEPTH: usize = 4096;
 
@@ -398,6 +401,39 @@ impl MetaStore {
             .clone();
         tx.send((cmd, reply)).await.map_err(|_| MetaError::Closed)?;
         rx.await.map_err(|_| MetaError::Closed)?
+    }
+
+    /// Commands a follower forwarded: on the leader they join its next batch (all
+    /// the cluster's writes share its entries); a node that does not lead proposes
+    /// them itself, which fails with the leader's address, so that nothing is
+    /// passed on twice.
+    pub(crate) async fn apply_forwarded(&self, cmds: Vec<Command>) -> Result<Response> {
+        let node = self.node();
+        let leads = node.raft.metrics().borrow().current_leader == Some(self.opts.node_id);
+        if !leads {
+            use openraft::error::{ClientWriteError, RaftError};
+            return match node.raft.client_write(Request::Commands(cmds)).await {
+                Ok(r) => Ok(r.data),
+                Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => {
+                    Err(MetaError::Unavailable)
+                }
+                Err(e) => Err(MetaError::Storage(e.to_string())),
+            };
+        }
+        let mut waiting = Vec::with_capacity(cmds.len());
+        for cmd in cmds {
+            let (reply, rx) = oneshot::channel();
+            node.tx
+                .send((cmd, reply))
+                .await
+                .map_err(|_| MetaError::Closed)?;
+            waiting.push(rx);
+        }
+        let mut results = Vec::with_capacity(waiting.len());
+        for rx in waiting {
+            results.push(rx.await.map_err(|_| MetaError::Closed)?);
+        }
+        Ok(Response(results))
     }
 
     /// Makes everything applied so far durable in the database file, so that the
@@ -1161,7 +1197,7 @@ async fn start_node(shared: Arc<Shared>, path: &Path, opts: &MetaOptions) -> Res
     }
 
     let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
-    tokio::spawn(batcher(raft.clone(), opts.peers.clone(), rx));
+    tokio::spawn(batcher(raft.clone(), opts.node_id, opts.peers.clone(), rx));
     Ok(Node { tx, raft, sm })
 }
 
@@ -1252,13 +1288,27 @@ async fn open_raft_storage(shared: Arc<Shared>, path: &Path) -> Result<(LogStore
     Ok((log, sm))
 }
 
-/// Takes the commands waiting, proposes them as one Raft entry, and answers each
+/// Takes the commands waiting, proposes them as one Raft entry (on a follower: sends
+/// them to the leader, which adds them to its own next entry), and answers each
 /// caller with its command's result once the entry is applied. Up to
-/// `MAX_IN_FLIGHT` entries are in flight; meanwhile the next batch gathers.
-async fn batcher(raft: Raft, peers: Option<Peers>, mut rx: mpsc::Receiver<(Command, Reply)>) {
+/// `MAX_IN_FLIGHT` entries (`MAX_FORWARDS_IN_FLIGHT` forwarded batches) are in
+/// flight; meanwhile the next batch gathers.
+async fn batcher(
+    raft: Raft,
+    me: NodeId,
+    peers: Option<Peers>,
+    mut rx: mpsc::Receiver<(Command, Reply)>,
+) {
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT));
+    let forward_slots = Arc::new(tokio::sync::Semaphore::new(MAX_FORWARDS_IN_FLIGHT));
     while let Some(first) = rx.recv().await {
-        let Ok(permit) = slots.clone().acquire_owned().await else {
+        let leads = {
+            let m = raft.metrics();
+            let m = m.borrow();
+            m.current_leader == Some(me) || m.current_leader.is_none()
+        };
+        let sem = if leads { &slots } else { &forward_slots };
+        let Ok(permit) = sem.clone().acquire_owned().await else {
             break;
         };
         let mut cmds = Vec::new();

@@ -87,11 +87,9 @@ pub async fn handle(store: &crate::MetaStore, service: u8, body: Bytes) -> Resul
         SVC_VOTE => encode(&raft.vote(decode(&body)?).await),
         SVC_SNAPSHOT => encode(&raft.install_snapshot(decode(&body)?).await),
         SVC_WRITE => {
-            let req: Request = decode(&body)?;
-            let res: Result<Response, String> = match raft.client_write(req).await {
-                Ok(r) => Ok(r.data),
-                Err(e) => Err(e.to_string()),
-            };
+            let Request::Commands(cmds) = decode(&body)?;
+            let res: Result<Response, String> =
+                store.apply_forwarded(cmds).await.map_err(|e| e.to_string());
             encode(&res)
         }
         SVC_READ_INDEX => {
