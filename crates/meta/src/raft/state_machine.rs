@@ -522,7 +522,10 @@ impl Applier {
         while let Some(job) = rx.blocking_recv() {
             match job {
                 Job::Apply(entries, reply) => {
+                    let started = std::time::Instant::now();
                     let responses = self.apply_until_done(&entries);
+                    metrics::histogram!("cairn_meta_apply_seconds")
+                        .record(started.elapsed().as_secs_f64());
                     let _ = reply.send(responses);
                     self.maybe_checkpoint(false);
                 }
