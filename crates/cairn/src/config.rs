@@ -34,6 +34,7 @@ pub struct FileConfig {
     pub move_interval: Option<String>,
     pub snapshot_every: Option<u64>,
     pub log_keep: Option<u64>,
+    pub receive_pin: Option<String>,
 }
 
 /// The shortest cluster secret accepted: it is all that keeps strangers out.
@@ -71,6 +72,9 @@ pub struct Config {
     pub snapshot_every: u64,
     /// Raft log entries kept behind the latest snapshot.
     pub log_keep: u64,
+    /// How long a block received from another node is kept from garbage collection
+    /// while the write that sent it may not have committed yet.
+    pub receive_pin: Duration,
 }
 
 impl std::fmt::Debug for Config {
@@ -148,6 +152,7 @@ pub struct Overrides {
     pub move_interval: Option<String>,
     pub snapshot_every: Option<u64>,
     pub log_keep: Option<u64>,
+    pub receive_pin: Option<String>,
 }
 
 impl Config {
@@ -238,6 +243,11 @@ impl Config {
             snapshot_every: pick_n(o.snapshot_every, fc.snapshot_every)
                 .unwrap_or(cairn_meta::DEFAULT_SNAPSHOT_EVERY),
             log_keep: pick_n(o.log_keep, fc.log_keep).unwrap_or(cairn_meta::DEFAULT_LOG_KEEP),
+            receive_pin: dur(
+                "receive_pin",
+                pick(o.receive_pin, fc.receive_pin),
+                cairn_cluster::DataSettings::default().recent_pin,
+            )?,
         };
         if cfg.snapshot_every == 0 {
             bail!("snapshot_every: must be at least 1 log entry");

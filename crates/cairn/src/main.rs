@@ -166,6 +166,10 @@ struct ServeArgs {
     /// behind; one further behind is sent the snapshot [default: 1000]
     #[arg(long, value_name = "ENTRIES")]
     log_keep: Option<u64>,
+    /// How long a block received from another node is kept from garbage collection
+    /// while the write that sent it may still be under way [default: 10m]
+    #[arg(long, value_name = "DURATION")]
+    receive_pin: Option<String>,
 }
 
 /// Logs go to stderr through a background writer thread (`logwriter.rs`), so that a
@@ -227,6 +231,7 @@ fn run_serve(a: ServeArgs) -> anyhow::Result<()> {
             move_interval: a.move_interval,
             snapshot_every: a.snapshot_every,
             log_keep: a.log_keep,
+            receive_pin: a.receive_pin,
             // From the environment only: a secret on the command line shows in `ps`.
             cluster_secret: std::env::var("CAIRN_CLUSTER_SECRET").ok(),
         },

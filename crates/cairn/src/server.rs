@@ -134,7 +134,10 @@ pub async fn serve(cfg: Config) -> Result<()> {
         blocks.clone(),
         &meta,
         meta.peers().cloned(),
-        DataSettings::default(),
+        DataSettings {
+            recent_pin: cfg.receive_pin,
+            ..DataSettings::default()
+        },
     )
     .await;
     let capacity = match cfg.capacity {
@@ -201,6 +204,9 @@ pub async fn serve(cfg: Config) -> Result<()> {
             gc_grace: cfg.gc_grace,
             gc_interval: cfg.gc_interval,
             multipart_expiry: cfg.multipart_expiry,
+            // Every node has removed its copy by then: a received block's pin has
+            // run out, and a few collection rounds have passed.
+            forget_delay: (cfg.receive_pin + cfg.gc_interval * 2).max(cfg.gc_interval * 5),
             ..Default::default()
         },
         stop_rx.clone(),

@@ -1026,3 +1026,58 @@ fn the_replication_factor_changes_and_blocks_follow() {
         }
     });
 }
+
+/// Deleted objects free their blocks on every node that holds a copy, not only on
+/// the first to collect them (counted on disk); blocks still named stay.
+#[test]
+fn deleting_objects_frees_their_blocks_on_every_node() {
+    let dev = Dev::start(
+        3,
+        3,
+        &["--gc-grace=1s", "--gc-interval=1s", "--receive-pin=2s"],
+    );
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let c: Vec<_> = (0..3).map(|i| dev.client(i)).collect();
+    const N: usize = 12;
+    rt.block_on(async {
+        c[0].create_bucket().bucket("bkt").send().await.unwrap();
+        for i in 0..N {
+            put(&c[i % 3], &format!("k{i}"), &object(i)).await;
+        }
+    });
+    let on_disk = holders(&dev, 3);
+    for i in 0..N {
+        let h = hash_hex(&object(i));
+        assert!(on_disk.iter().all(|d| d.contains(&h)), "k{i} lacks a copy");
+    }
+    rt.block_on(async {
+        for i in 0..N / 2 {
+            c[(i + 1) % 3]
+                .delete_object()
+                .bucket("bkt")
+                .key(format!("k{i}"))
+                .send()
+                .await
+                .unwrap();
+        }
+    });
+    eventually(Duration::from_secs(60), || {
+        let on_disk = holders(&dev, 3);
+        for i in 0..N / 2 {
+            let h = hash_hex(&object(i));
+            let left = on_disk.iter().filter(|d| d.contains(&h)).count();
+            if left > 0 {
+                return Err(format!("deleted k{i} still has {left} copies on disk"));
+            }
+        }
+        Ok(())
+    });
+    let on_disk = holders(&dev, 3);
+    rt.block_on(async {
+        for i in N / 2..N {
+            let h = hash_hex(&object(i));
+            assert!(on_disk.iter().all(|d| d.contains(&h)), "k{i} lost a copy");
+            assert_eq!(get(&c[i % 3], &format!("k{i}")).await, object(i));
+        }
+    });
+}

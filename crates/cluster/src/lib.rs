@@ -301,7 +301,8 @@ impl Blocks {
         let b = Self::build(local, meta.node_id(), peers, settings, Arc::default());
         b.set_placed(placed);
         let weak = Arc::downgrade(&b.inner);
-        tokio::spawn(follow_layout(weak, watch));
+        tokio::spawn(follow_layout(weak.clone(), watch));
+        tokio::spawn(expire_recent_pins(weak));
         b
     }
 
@@ -651,13 +652,7 @@ impl Blocks {
     /// [`DataSettings::recent_pin`]).
     fn pin_recent(&self, pin: PinGuard) {
         let mut recent = lock(&self.inner.recent);
-        let keep = self.inner.settings.recent_pin;
-        while recent
-            .front()
-            .is_some_and(|(t, _)| t.elapsed() > keep || recent.len() >= MAX_RECENT_PINS)
-        {
-            recent.pop_front();
-        }
+        drop_expired(&mut recent, self.inner.settings.recent_pin);
         recent.push_back((Instant::now(), pin));
     }
 
@@ -735,6 +730,33 @@ impl Blocks {
 }
 
 /// Recomputes the placement whenever the layout changes, while the block layer lives.
+/// Drops the pins of received blocks that are older than `keep` (and the oldest
+/// beyond `MAX_RECENT_PINS`).
+fn drop_expired(recent: &mut VecDeque<(Instant, PinGuard)>, keep: Duration) {
+    while recent
+        .front()
+        .is_some_and(|(t, _)| t.elapsed() > keep || recent.len() >= MAX_RECENT_PINS)
+    {
+        recent.pop_front();
+    }
+}
+
+/// Expires received blocks' pins on time even when no new block arrives, so that
+/// garbage collection is not held off by a write long finished.
+async fn expire_recent_pins(inner: Weak<Inner>) {
+    loop {
+        let every = match inner.upgrade() {
+            Some(i) => {
+                let keep = i.settings.recent_pin;
+                drop_expired(&mut lock(&i.recent), keep);
+                (keep / 4).clamp(Duration::from_millis(100), Duration::from_secs(30))
+            }
+            None => return,
+        };
+        tokio::time::sleep(every).await;
+    }
+}
+
 async fn follow_layout(inner: Weak<Inner>, mut watch: tokio::sync::watch::Receiver<Arc<Layout>>) {
     while watch.changed().await.is_ok() {
         let layout = watch.borrow_and_update().clone();

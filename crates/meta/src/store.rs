@@ -1028,11 +1028,30 @@ impl MetaStore {
         before: UnixMillis,
         max: usize,
     ) -> Result<Vec<(BlockHash, UnixMillis)>> {
+        self.gc_candidates_after(None, before, max).await
+    }
+
+    /// As [`Self::gc_candidates`], among the blocks whose address sorts after
+    /// `after`: a scan of the whole queue in pages.
+    pub async fn gc_candidates_after(
+        &self,
+        after: Option<BlockHash>,
+        before: UnixMillis,
+        max: usize,
+    ) -> Result<Vec<(BlockHash, UnixMillis)>> {
         self.read(move |db| {
             let txn = db.begin_read()?;
             let t = txn.open_table(GC_QUEUE)?;
             let mut out = Vec::new();
-            for item in t.iter()? {
+            let from = after.map(|h| h.0);
+            let range = match &from {
+                Some(h) => t.range::<&[u8]>((
+                    std::ops::Bound::Excluded(h.as_slice()),
+                    std::ops::Bound::Unbounded,
+                ))?,
+                None => t.iter()?,
+            };
+            for item in range {
                 let (k, v) = item?;
                 if v.value() < before
                     && let Ok(h) = <[u8; 32]>::try_from(k.value())
@@ -1046,6 +1065,14 @@ impl MetaStore {
             Ok(out)
         })
         .await
+    }
+
+    /// Whether this node is the Raft leader now.
+    pub fn is_leader(&self) -> bool {
+        let raft = self.raft();
+        let m = raft.metrics();
+        let m = m.borrow();
+        m.current_leader == Some(self.opts.node_id) && m.state == openraft::ServerState::Leader
     }
 
     /// How many objects and parts name this block. Blocking (used under the block

@@ -8,12 +8,18 @@
 //! they have stayed unreferenced for the grace period. A sweep over the block files
 //! also removes blocks that were written but never named (a crash between a block
 //! write and its metadata commit, a failed upload).
+//!
+//! In a cluster the queue is replicated with the metadata and every node removes its
+//! own copies from it; the leader forgets an entry only once every node has had time
+//! to (`OpsSettings::forget_delay` later). A node that was down all that time leaves
+//! its copy to the sweep.
 
+use std::collections::HashMap;
 use std::time::{Duration, SystemTime};
 
 use cairn_blocks::BlockStore;
 use cairn_meta::{Command, MetaError, MetaStore};
-use cairn_types::now_millis;
+use cairn_types::{BlockHash, UnixMillis, now_millis};
 
 #[derive(Debug, thiserror::Error)]
 pub enum OpsError {
@@ -38,6 +44,10 @@ pub struct OpsSettings {
     pub sweep_interval: Duration,
     /// Multipart uploads older than this are aborted.
     pub multipart_expiry: Duration,
+    /// In a cluster, how long a queued block stays queued after its grace period, so
+    /// that every node removes its copy (at least the time a node keeps a block it
+    /// received pinned, and a few collection intervals).
+    pub forget_delay: Duration,
 }
 
 impl Default for OpsSettings {
@@ -49,6 +59,7 @@ impl Default for OpsSettings {
             gc_interval: Duration::from_secs(60),
             sweep_interval: Duration::from_secs(6 * 3600),
             multipart_expiry: Duration::from_secs(7 * 24 * 3600),
+            forget_delay: Duration::from_secs(15 * 60),
         }
     }
 }
@@ -64,40 +75,90 @@ fn millis(d: Duration) -> i64 {
     d.as_millis().min(i64::MAX as u128) as i64
 }
 
-/// Removes queued blocks that have been unreferenced for longer than `grace`.
+/// Queue entries this node has handled (block → the time it was queued), so that it
+/// does not handle them again while they wait to be forgotten.
+#[derive(Default)]
+pub struct GcMemo {
+    done: HashMap<BlockHash, UnixMillis>,
+}
+
+/// Removes this node's copies of queued blocks that have been unreferenced for longer
+/// than `grace`. Entries are forgotten once `forget_delay` has passed on top (by the
+/// leader only; at once in a cluster of one, where the only copy is gone).
 pub async fn collect_queue(
     meta: &MetaStore,
     blocks: &BlockStore,
     grace: Duration,
+    forget_delay: Duration,
+    memo: &mut GcMemo,
 ) -> Result<GcStats> {
+    const PAGE: usize = 1000;
     let before = now_millis() - millis(grace);
+    let alone = meta.layout().nodes.len() <= 1;
+    let forget_before = if alone {
+        before
+    } else {
+        before - millis(forget_delay)
+    };
     let mut stats = GcStats::default();
-    // Bounded: each round forgets what it handled; a few rounds cover any backlog.
-    for _ in 0..1000 {
-        let candidates = meta.gc_candidates(before, 1000).await?;
-        if candidates.is_empty() {
+    let mut seen: HashMap<BlockHash, UnixMillis> = HashMap::new();
+    let mut after = None;
+    loop {
+        let page = meta.gc_candidates_after(after, before, PAGE).await?;
+        let Some(last) = page.last() else {
             break;
-        }
-        let (m, b) = (meta.clone(), blocks.clone());
-        let (handled, round) = tokio::task::spawn_blocking(move || -> Result<_> {
-            let mut stats = GcStats::default();
-            for (h, _) in &candidates {
-                let removed =
-                    b.delete_unless(h, || m.refcount_blocking(h).map(|n| n > 0).unwrap_or(true))?;
-                if removed {
-                    stats.removed += 1;
-                } else {
-                    stats.kept += 1;
+        };
+        after = Some(last.0);
+        let full = page.len() >= PAGE;
+        let todo: Vec<BlockHash> = page
+            .iter()
+            .filter(|(h, q)| memo.done.get(h) != Some(q))
+            .map(|(h, _)| *h)
+            .collect();
+        seen.extend(page.iter().copied());
+        if !todo.is_empty() {
+            let (m, b) = (meta.clone(), blocks.clone());
+            let (round, kept) = tokio::task::spawn_blocking(move || -> Result<_> {
+                let mut stats = GcStats::default();
+                let mut kept = std::collections::HashSet::new();
+                for h in &todo {
+                    let removed = b.delete_unless(h, || {
+                        m.refcount_blocking(h).map(|n| n > 0).unwrap_or(true)
+                    })?;
+                    if removed {
+                        stats.removed += 1;
+                    } else if b.contains(h) {
+                        // Named again, or pinned by a write still in flight: looked
+                        // at again next time, until the entry is forgotten.
+                        stats.kept += 1;
+                        kept.insert(*h);
+                    }
+                }
+                Ok((stats, kept))
+            })
+            .await
+            .map_err(|e| OpsError::Task(e.to_string()))??;
+            stats.removed += round.removed;
+            stats.kept += round.kept;
+            for (h, q) in &page {
+                if !kept.contains(h) {
+                    memo.done.insert(*h, *q);
                 }
             }
-            Ok((candidates, stats))
-        })
-        .await
-        .map_err(|e| OpsError::Task(e.to_string()))??;
-        stats.removed += round.removed;
-        stats.kept += round.kept;
-        meta.apply(Command::GcForget { entries: handled }).await?;
+        }
+        let forget: Vec<(BlockHash, UnixMillis)> = page
+            .into_iter()
+            .filter(|(_, q)| *q < forget_before)
+            .collect();
+        if !forget.is_empty() && (alone || meta.is_leader()) {
+            meta.apply(Command::GcForget { entries: forget }).await?;
+        }
+        if !full {
+            break;
+        }
     }
+    // What left the queue (forgotten, or referenced again) is no longer remembered.
+    memo.done.retain(|h, q| seen.get(h) == Some(q));
     Ok(stats)
 }
 
@@ -163,8 +224,10 @@ pub async fn run(
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let mut last_sweep: Option<tokio::time::Instant> = None;
+    let mut memo = GcMemo::default();
+    let forget_delay = settings.forget_delay;
     loop {
-        match collect_queue(&meta, &blocks, settings.gc_grace).await {
+        match collect_queue(&meta, &blocks, settings.gc_grace, forget_delay, &mut memo).await {
             Ok(s) if s.removed > 0 => {
                 tracing::info!(
                     removed = s.removed,
