@@ -131,28 +131,38 @@ fn with_path(path: &Path, e: io::Error) -> io::Error {
 /// Writes a zero-filled file of `size` bytes at `path` (through a temporary name),
 /// durably.
 fn create_zeroed(dir: &Path, path: &Path, size: u64, skip_sync: bool) -> io::Result<()> {
+    // A name of its own: two preparations never write the same file.
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let tmp = dir.join(format!(
-        "{}.tmp",
+        "{}.{}.{}.tmp",
         path.file_name()
             .and_then(|n| n.to_str())
-            .unwrap_or("segment")
+            .unwrap_or("segment"),
+        std::process::id(),
+        NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
     ));
     let f = OpenOptions::new()
         .write(true)
-        .create(true)
-        .truncate(true)
+        .create_new(true)
         .open(&tmp)
         .map_err(|e| with_path(&tmp, e))?;
-    let zeros = vec![0u8; 1 << 20];
-    let mut at = 0u64;
-    while at < size {
-        let n = (size - at).min(zeros.len() as u64) as usize;
-        f.write_all_at(&zeros[..n], at)
-            .map_err(|e| with_path(&tmp, e))?;
-        at += n as u64;
-    }
-    if !skip_sync {
-        f.sync_all().map_err(|e| with_path(&tmp, e))?;
+    let filled = (|| {
+        let zeros = vec![0u8; 1 << 20];
+        let mut at = 0u64;
+        while at < size {
+            let n = (size - at).min(zeros.len() as u64) as usize;
+            f.write_all_at(&zeros[..n], at)?;
+            at += n as u64;
+        }
+        if !skip_sync {
+            f.sync_all()?;
+        }
+        Ok(())
+    })();
+    if let Err(e) = filled {
+        // A full disk must not keep a half-made file.
+        let _ = fs::remove_file(&tmp);
+        return Err(with_path(&tmp, e));
     }
     fs::rename(&tmp, path).map_err(|e| with_path(path, e))?;
     sync_dir(dir, skip_sync)
@@ -240,6 +250,16 @@ fn scan_segment(path: &Path, skip_sync: bool, on_record: OnRecord<'_>) -> io::Re
         records,
         seed,
     })
+}
+
+impl Drop for SegmentLog {
+    /// Waits for the next segment's preparation: a log opened again on the same
+    /// directory in this process must not find a file still being written.
+    fn drop(&mut self) {
+        if let Some(h) = self.spare.take() {
+            let _ = h.join();
+        }
+    }
 }
 
 impl SegmentLog {

@@ -285,3 +285,34 @@ proptest! {
         }
     }
 }
+
+/// A log dropped while its next segment is being prepared waits for it: a log opened
+/// again at once on the same directory never shares a file with that preparation.
+#[test]
+fn dropping_the_log_waits_for_the_next_segment() {
+    let d = tempfile::tempdir().unwrap();
+    let (mut log, ..) =
+        SegmentLog::open_sized(d.path(), false, 64 << 20, &mut |_, _| Ok(())).unwrap();
+    append(&mut log, 1, &[100]);
+    if let Some(h) = log.spare.take() {
+        h.join().unwrap().unwrap();
+    }
+    let _ = fs::remove_file(d.path().join(SPARE));
+    // A preparation of some MiB, fsynced, under way as the log is dropped.
+    log.prepare_spare();
+    drop(log);
+    let spare = fs::metadata(d.path().join(SPARE))
+        .map(|m| m.len())
+        .unwrap_or(0);
+    assert!(
+        spare > 0,
+        "the next segment was still being prepared after the drop"
+    );
+    let leftovers: Vec<_> = fs::read_dir(d.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    assert_eq!(read_back(d.path()), vec![(1, payload(1, 100))]);
+}
