@@ -142,6 +142,28 @@ fn fail(status: http::StatusCode, v: &serde_json::Value) -> anyhow::Error {
     anyhow::anyhow!("{msg} (HTTP {status})")
 }
 
+/// A POST that changes the cluster, with the admin token; the answer's JSON, or the
+/// error it gave.
+async fn post(
+    endpoint: &Endpoint,
+    path: &str,
+    body: serde_json::Value,
+) -> Result<serde_json::Value> {
+    let token = endpoint.token()?;
+    let (status, v) = request(
+        &endpoint.admin_endpoint,
+        http::Method::POST,
+        path,
+        Some(&token),
+        Some(body),
+    )
+    .await?;
+    if !status.is_success() {
+        return Err(fail(status, &v));
+    }
+    Ok(v)
+}
+
 pub fn run(cmd: ClusterCmd) -> Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -149,18 +171,12 @@ pub fn run(cmd: ClusterCmd) -> Result<()> {
     rt.block_on(async move {
         match cmd {
             ClusterCmd::Join { member, endpoint } => {
-                let token = endpoint.token()?;
-                let (status, v) = request(
-                    &endpoint.admin_endpoint,
-                    http::Method::POST,
+                let v = post(
+                    &endpoint,
                     "/v1/cluster/join",
-                    Some(&token),
-                    Some(serde_json::json!({ "member": member })),
+                    serde_json::json!({ "member": member }),
                 )
                 .await?;
-                if !status.is_success() {
-                    return Err(fail(status, &v));
-                }
                 println!(
                     "node {} joined the cluster of {member}",
                     v.get("node").and_then(|n| n.as_str()).unwrap_or("?")
@@ -172,21 +188,15 @@ pub fn run(cmd: ClusterCmd) -> Result<()> {
                 write_quorum,
                 endpoint,
             } => {
-                let token = endpoint.token()?;
-                let (status, v) = request(
-                    &endpoint.admin_endpoint,
-                    http::Method::POST,
+                let v = post(
+                    &endpoint,
                     "/v1/cluster/replication",
-                    Some(&token),
-                    Some(serde_json::json!({
+                    serde_json::json!({
                         "replication": replication,
                         "write_quorum": write_quorum.unwrap_or(0),
-                    })),
+                    }),
                 )
                 .await?;
-                if !status.is_success() {
-                    return Err(fail(status, &v));
-                }
                 println!(
                     "replication {} ({} copies now, {} to acknowledge a write), layout version {}",
                     v["replication"], v["copies"], v["quorum"], v["layout_version"]
@@ -198,18 +208,12 @@ pub fn run(cmd: ClusterCmd) -> Result<()> {
                 force,
                 endpoint,
             } => {
-                let token = endpoint.token()?;
-                let (status, v) = request(
-                    &endpoint.admin_endpoint,
-                    http::Method::POST,
+                let v = post(
+                    &endpoint,
                     "/v1/cluster/remove",
-                    Some(&token),
-                    Some(serde_json::json!({ "node": node, "force": force })),
+                    serde_json::json!({ "node": node, "force": force }),
                 )
                 .await?;
-                if !status.is_success() {
-                    return Err(fail(status, &v));
-                }
                 match v.get("state").and_then(|s| s.as_str()) {
                     Some("draining") => println!(
                         "node {node} is draining: its blocks move to their new places, then it leaves (follow with `cairn cluster status`)"

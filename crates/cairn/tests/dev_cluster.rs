@@ -946,6 +946,16 @@ impl Dev {
             .output()
             .unwrap()
     }
+
+    /// `cluster_cmd`, which must succeed.
+    fn cluster_ok(&self, args: &[&str]) {
+        let out = self.cluster_cmd(args);
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
 }
 
 /// The replication factor is a cluster setting: bad values are refused and change
@@ -981,12 +991,7 @@ fn the_replication_factor_changes_and_blocks_follow() {
     assert_eq!(st["layout"]["version"].as_u64().unwrap(), version, "{st}");
     assert_eq!(st["layout"]["copies"], 3, "{st}");
 
-    let out = dev.cluster_cmd(&["set-replication", "2"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    dev.cluster_ok(&["set-replication", "2"]);
     let st = dev.status(1);
     assert_eq!(st["layout"]["copies"], 2, "{st}");
     assert_eq!(st["layout"]["quorum"], 2, "{st}");
@@ -1000,12 +1005,7 @@ fn the_replication_factor_changes_and_blocks_follow() {
         }
     });
 
-    let out = dev.cluster_cmd(&["set-replication", "5", "--write-quorum", "1"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    dev.cluster_ok(&["set-replication", "5", "--write-quorum", "1"]);
     let st = dev.status(2);
     assert_eq!(st["layout"]["copies"], 4, "capped by the node count: {st}");
     assert_eq!(st["layout"]["quorum"], 1, "{st}");
