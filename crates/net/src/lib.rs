@@ -524,6 +524,7 @@ impl Client {
             service,
             body,
         };
+        let started = std::time::Instant::now();
         let res = tokio::time::timeout(timeout, async {
             self.tx
                 .send(frame.encode())
@@ -536,6 +537,10 @@ impl Client {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(&id);
+        if matches!(res, Ok(Ok(_))) {
+            metrics::histogram!("cairn_rpc_call_seconds", "service" => service_label(service))
+                .record(started.elapsed().as_secs_f64());
+        }
         res.map_err(|_| RpcError::Timeout(timeout))?
     }
 }
@@ -592,6 +597,15 @@ impl Peers {
         let c = self.get(addr).await?;
         c.call(service, body, timeout).await
     }
+}
+
+/// The metrics label of a service number (the services are the layers' own).
+fn service_label(service: u8) -> &'static str {
+    const LABELS: [&str; 32] = [
+        "0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "12", "13", "14", "15", "16",
+        "17", "18", "19", "20", "21", "22", "23", "24", "25", "26", "27", "28", "29", "30", "31",
+    ];
+    LABELS.get(service as usize).copied().unwrap_or("other")
 }
 
 #[cfg(test)]
