@@ -189,6 +189,9 @@ fn traced_run(skip: Option<&str>) -> (Vec<String>, usize, usize) {
     if let Some(s) = skip {
         cmd.env("CAIRN_UNSAFE_TEST_SKIP_FSYNC", s);
     }
+    // A process group of its own: killing strace alone would leave the traced
+    // server running, detached.
+    std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
     let mut child = cmd.spawn().expect("strace runs");
     let endpoint = {
         use std::io::BufRead;
@@ -234,7 +237,9 @@ fn traced_run(skip: Option<&str>) -> (Vec<String>, usize, usize) {
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    let _ = child.kill();
+    let _ = Command::new("kill")
+        .args(["-KILL", "--", &format!("-{}", child.id())])
+        .status();
     let _ = child.wait();
     let text = std::fs::read_to_string(&trace).unwrap();
     check(&parse(&text))
