@@ -114,6 +114,7 @@ impl Shared {
     pub(crate) fn new(
         access_key: &str,
         secret_key: &str,
+        region: &str,
         bucket: &str,
         size: u64,
         pool: usize,
@@ -124,7 +125,7 @@ impl Shared {
             signer: Signer {
                 access_key: access_key.to_string(),
                 secret_key: secret_key.to_string(),
-                region: "us-east-1".into(),
+                region: region.to_string(),
             },
             bucket: bucket.to_string(),
             chunk: Bytes::from(chunk),
@@ -298,18 +299,14 @@ pub async fn run(o: Options) -> Result<()> {
     if o.duration.is_none() && o.ops.is_none() {
         bail!("give --duration or --ops");
     }
-    let mut chunk = vec![0u8; POOL];
-    rand::fill(&mut chunk[..]);
-    let sh = Arc::new(Shared {
-        signer: Signer {
-            access_key: o.access_key.clone(),
-            secret_key: o.secret_key.clone(),
-            region: o.region.clone(),
-        },
-        bucket: o.bucket.clone(),
-        chunk: Bytes::from(chunk),
-        size: o.size,
-    });
+    let sh = Arc::new(Shared::new(
+        &o.access_key,
+        &o.secret_key,
+        &o.region,
+        &o.bucket,
+        o.size,
+        POOL,
+    ));
     let new_conn = |w: usize| conn_to(&endpoints[w % endpoints.len()]);
 
     let mut c = new_conn(0)?;

@@ -165,8 +165,9 @@ impl Config {
             }
             None => FileConfig::default(),
         };
-        let pick = |flag: Option<String>, file: Option<String>| flag.or(file);
-        let pick_n = |flag: Option<u64>, file: Option<u64>| flag.or(file);
+        fn pick<T>(flag: Option<T>, file: Option<T>) -> Option<T> {
+            flag.or(file)
+        }
         let addr = |key: &str, v: String| -> Result<SocketAddr> {
             v.parse()
                 .with_context(|| format!("{key}: '{v}' is not an address like 127.0.0.1:9000"))
@@ -240,9 +241,9 @@ impl Config {
                 pick(o.move_interval, fc.move_interval),
                 moverd.interval,
             )?,
-            snapshot_every: pick_n(o.snapshot_every, fc.snapshot_every)
+            snapshot_every: pick(o.snapshot_every, fc.snapshot_every)
                 .unwrap_or(cairn_meta::DEFAULT_SNAPSHOT_EVERY),
-            log_keep: pick_n(o.log_keep, fc.log_keep).unwrap_or(cairn_meta::DEFAULT_LOG_KEEP),
+            log_keep: pick(o.log_keep, fc.log_keep).unwrap_or(cairn_meta::DEFAULT_LOG_KEEP),
             receive_pin: dur(
                 "receive_pin",
                 pick(o.receive_pin, fc.receive_pin),

@@ -58,6 +58,7 @@ struct Cluster {
     access_key: String,
     secret_key: String,
     admin_token: String,
+    cluster_secret: String,
 }
 
 impl Drop for Cluster {
@@ -115,6 +116,10 @@ fn start_cluster(nodes: usize) -> Result<Cluster> {
                     access_key: field(&doc, "access_key")?,
                     secret_key: field(&doc, "secret_key")?,
                     admin_token: field(&doc, "admin_token")?,
+                    cluster_secret: std::fs::read_to_string(dir.path().join("cluster_secret"))
+                        .context("reading the cluster's secret")?
+                        .trim()
+                        .to_string(),
                     dev,
                     dir,
                     restarted: Vec::new(),
@@ -212,10 +217,7 @@ fn restart(c: &mut Cluster, i: usize) -> Result<()> {
         .env("CAIRN_ACCESS_KEY", &c.access_key)
         .env("CAIRN_SECRET_KEY", &c.secret_key)
         .env("CAIRN_ADMIN_TOKEN", &c.admin_token)
-        .env(
-            "CAIRN_CLUSTER_SECRET",
-            std::fs::read_to_string(c.dir.path().join("cluster_secret"))?.trim(),
-        )
+        .env("CAIRN_CLUSTER_SECRET", &c.cluster_secret)
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)
@@ -262,6 +264,7 @@ pub async fn run(o: FailoverOptions) -> Result<()> {
     let sh = Arc::new(Shared::new(
         &c.access_key,
         &c.secret_key,
+        "us-east-1",
         "cairn-failover",
         4096,
         1 << 20,
@@ -342,7 +345,8 @@ pub async fn run(o: FailoverOptions) -> Result<()> {
                 println!("kill {:>2}: leader node {leader} killed, writes resumed after {ms:.0} ms", round + 1);
             }
             figures.push(ms);
-            restart(&mut c, leader)?;
+            // Opening a log file and starting a process: brief, but not on the reactor.
+            tokio::task::block_in_place(|| restart(&mut c, leader))?;
         }
         Ok(())
     }

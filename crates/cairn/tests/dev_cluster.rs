@@ -546,23 +546,7 @@ fn a_removed_node_drains_before_it_leaves() {
         .count();
     assert!(on_3 > 20, "node 3 held only {on_3} of 40 blocks before");
     let gone = dev.node(3)["id"].as_str().unwrap().to_string();
-    let out = Command::new(common::binary())
-        .args([
-            "cluster",
-            "remove",
-            &gone,
-            "--admin-endpoint",
-            dev.node(0)["admin_endpoint"].as_str().unwrap(),
-            "--admin-token",
-            dev.doc["admin_token"].as_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    dev.cluster_ok(&["remove", &gone]);
     eventually(Duration::from_secs(60), || {
         let st = dev.status(0);
         let n = st["nodes"].as_array().unwrap().len();
@@ -654,22 +638,9 @@ fn an_added_node_takes_its_share() {
     }
     let (child, admin) = started.expect("the fourth node did not start in five attempts");
     dev.restarted.insert(3, child);
-    let out = Command::new(common::binary())
-        .args([
-            "cluster",
-            "join",
-            dev.node(0)["rpc_address"].as_str().unwrap(),
-            "--admin-endpoint",
-            &admin,
-            "--admin-token",
-            dev.doc["admin_token"].as_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    dev.cluster_ok_at(
+        &admin,
+        &["join", dev.node(0)["rpc_address"].as_str().unwrap()],
     );
     // Reads while blocks move.
     rt.block_on(async {
@@ -932,14 +903,14 @@ fn writes_resume_after_the_leader_is_killed() {
 }
 
 impl Dev {
-    /// `cairn cluster ARGS... --admin-endpoint (node 0) --admin-token (the cluster's)`.
-    fn cluster_cmd(&self, args: &[&str]) -> std::process::Output {
+    /// `cairn cluster ARGS... --admin-endpoint ADMIN --admin-token (the cluster's)`.
+    fn cluster_cmd_at(&self, admin: &str, args: &[&str]) -> std::process::Output {
         Command::new(common::binary())
             .arg("cluster")
             .args(args)
             .args([
                 "--admin-endpoint",
-                self.node(0)["admin_endpoint"].as_str().unwrap(),
+                admin,
                 "--admin-token",
                 self.doc["admin_token"].as_str().unwrap(),
             ])
@@ -947,14 +918,24 @@ impl Dev {
             .unwrap()
     }
 
-    /// `cluster_cmd`, which must succeed.
-    fn cluster_ok(&self, args: &[&str]) {
-        let out = self.cluster_cmd(args);
+    /// `cluster_cmd_at` node 0.
+    fn cluster_cmd(&self, args: &[&str]) -> std::process::Output {
+        self.cluster_cmd_at(self.node(0)["admin_endpoint"].as_str().unwrap(), args)
+    }
+
+    /// `cluster_cmd_at`, which must succeed.
+    fn cluster_ok_at(&self, admin: &str, args: &[&str]) {
+        let out = self.cluster_cmd_at(admin, args);
         assert!(
             out.status.success(),
             "{args:?}: {}",
             String::from_utf8_lossy(&out.stderr)
         );
+    }
+
+    /// `cluster_ok_at` node 0.
+    fn cluster_ok(&self, args: &[&str]) {
+        self.cluster_ok_at(self.node(0)["admin_endpoint"].as_str().unwrap(), args);
     }
 }
 

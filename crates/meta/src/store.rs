@@ -409,8 +409,7 @@ impl MetaStore {
     /// passed on twice.
     pub(crate) async fn apply_forwarded(&self, cmds: Vec<Command>) -> Result<Response> {
         let node = self.node();
-        let leads = node.raft.metrics().borrow().current_leader == Some(self.opts.node_id);
-        if !leads {
+        if !self.is_leader() {
             use openraft::error::{ClientWriteError, RaftError};
             return match node.raft.client_write(Request::Commands(cmds)).await {
                 Ok(r) => Ok(r.data),
