@@ -32,8 +32,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::{Buf, BufMut, Bytes, BytesMut};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use bytes::{Buf, Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -52,6 +52,12 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_CONCURRENT: usize = 256;
 /// Frames waiting to be written on one connection.
 const WRITE_QUEUE: usize = 256;
+/// Read buffer of a connection: small frames arriving together are taken with one
+/// read; larger ones are read straight into their own buffer.
+const READ_BUFFER: usize = 64 << 10;
+/// Write buffer of a connection: frames queued together go out in one write;
+/// larger ones are written straight from their own buffer.
+const WRITE_BUFFER: usize = 64 << 10;
 
 const KIND_REQUEST: u8 = 1;
 const KIND_RESPONSE: u8 = 2;
@@ -129,12 +135,19 @@ pub struct Frame {
 }
 
 impl Frame {
+    /// The bytes before the body: length, kind, id, service.
+    fn head(&self) -> [u8; 4 + FRAME_HEAD] {
+        let mut h = [0u8; 4 + FRAME_HEAD];
+        h[..4].copy_from_slice(&((FRAME_HEAD + self.body.len()) as u32).to_le_bytes());
+        h[4] = self.kind;
+        h[5..13].copy_from_slice(&self.id.to_le_bytes());
+        h[13] = self.service;
+        h
+    }
+
+    #[cfg(test)]
     fn encode(&self) -> Bytes {
-        let mut b = BytesMut::with_capacity(4 + FRAME_HEAD + self.body.len());
-        b.put_u32_le((FRAME_HEAD + self.body.len()) as u32);
-        b.put_u8(self.kind);
-        b.put_u64_le(self.id);
-        b.put_u8(self.service);
+        let mut b = BytesMut::from(&self.head()[..]);
         b.extend_from_slice(&self.body);
         b.freeze()
     }
@@ -175,6 +188,30 @@ async fn read_frame(r: &mut (impl AsyncRead + Unpin)) -> Result<Option<Frame>, R
         .await
         .map_err(|e| RpcError::Protocol(format!("read: {e}")))?;
     Frame::decode(buf.freeze()).map(Some)
+}
+
+/// Writes the frames queued on `rx` to `wr` until the queue closes or a write
+/// fails: every frame waiting at that moment goes out before one flush.
+async fn write_frames(wr: impl AsyncWrite + Unpin, mut rx: mpsc::Receiver<Frame>) {
+    let mut wr = BufWriter::with_capacity(WRITE_BUFFER, wr);
+    while let Some(mut f) = rx.recv().await {
+        loop {
+            let sent = async {
+                wr.write_all(&f.head()).await?;
+                wr.write_all(&f.body).await
+            };
+            if sent.await.is_err() {
+                return;
+            }
+            match rx.try_recv() {
+                Ok(next) => f = next,
+                Err(_) => break,
+            }
+        }
+        if wr.flush().await.is_err() {
+            return;
+        }
+    }
 }
 
 fn nonce() -> [u8; 32] {
@@ -344,15 +381,10 @@ async fn serve_connection(
     service: Arc<dyn Service>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let (mut rd, mut wr) = stream.into_split();
-    let (tx, mut rx) = mpsc::channel::<Bytes>(WRITE_QUEUE);
-    let writer = tokio::spawn(async move {
-        while let Some(b) = rx.recv().await {
-            if wr.write_all(&b).await.is_err() {
-                break;
-            }
-        }
-    });
+    let (rd, wr) = stream.into_split();
+    let mut rd = BufReader::with_capacity(READ_BUFFER, rd);
+    let (tx, rx) = mpsc::channel::<Frame>(WRITE_QUEUE);
+    let writer = tokio::spawn(write_frames(wr, rx));
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT));
     loop {
         let frame = tokio::select! {
@@ -389,7 +421,7 @@ async fn serve_connection(
                 service: frame.service,
                 body,
             };
-            let _ = tx.send(out.encode()).await;
+            let _ = tx.send(out).await;
             drop(permit);
         });
     }
@@ -404,7 +436,7 @@ type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Result<Bytes, RpcError>>>>
 pub struct Client {
     addr: String,
     peer: NodeId,
-    tx: mpsc::Sender<Bytes>,
+    tx: mpsc::Sender<Frame>,
     pending: Pending,
     next_id: Arc<AtomicU64>,
     closed: watch::Receiver<bool>,
@@ -431,18 +463,15 @@ impl Client {
                     addr: addr.to_string(),
                     reason: format!("no handshake within {timeout:?}"),
                 })??;
-        let (mut rd, mut wr) = stream.into_split();
-        let (tx, mut rx) = mpsc::channel::<Bytes>(WRITE_QUEUE);
+        let (rd, wr) = stream.into_split();
+        let mut rd = BufReader::with_capacity(READ_BUFFER, rd);
+        let (tx, rx) = mpsc::channel::<Frame>(WRITE_QUEUE);
         let pending: Pending = Arc::default();
         let (closed_tx, closed) = watch::channel(false);
         let closed_tx = Arc::new(closed_tx);
         let c2 = closed_tx.clone();
         tokio::spawn(async move {
-            while let Some(b) = rx.recv().await {
-                if wr.write_all(&b).await.is_err() {
-                    break;
-                }
-            }
+            write_frames(wr, rx).await;
             let _ = c2.send(true);
         });
         let p = pending.clone();
@@ -526,10 +555,7 @@ impl Client {
         };
         let started = std::time::Instant::now();
         let res = tokio::time::timeout(timeout, async {
-            self.tx
-                .send(frame.encode())
-                .await
-                .map_err(|_| RpcError::Closed)?;
+            self.tx.send(frame).await.map_err(|_| RpcError::Closed)?;
             rx.await.map_err(|_| RpcError::Closed)?
         })
         .await;

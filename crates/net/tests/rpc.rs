@@ -93,6 +93,36 @@ async fn large_bodies_round_trip() {
     );
 }
 
+/// Frames of every size around the connection's buffers, sent at once, each come
+/// back whole and to their own caller.
+#[tokio::test]
+async fn mixed_sizes_sent_together_round_trip() {
+    let (addr, _stop) = server(2, b"k").await;
+    let c = Client::connect(&addr, &Identity::new(1, b"k"), T)
+        .await
+        .unwrap();
+    let sizes = [
+        0usize, 1, 13, 65_000, 65_522, 65_536, 65_550, 131_072, 200_003, 1 << 20,
+    ];
+    let mut tasks = Vec::new();
+    for round in 0..8usize {
+        for (i, &n) in sizes.iter().enumerate() {
+            let c = c.clone();
+            tasks.push(tokio::spawn(async move {
+                let body: Vec<u8> = (0..n).map(|j| ((j + i + round) % 253) as u8).collect();
+                let got = c.call(1, Bytes::from(body.clone()), T).await.unwrap();
+                let mut want: Vec<u8> = body.iter().rev().copied().collect();
+                want.extend_from_slice(&1u64.to_le_bytes());
+                assert_eq!(got.len(), want.len(), "size {n}");
+                assert!(got == want, "size {n}: bytes differ");
+            }));
+        }
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+}
+
 #[tokio::test]
 async fn a_wrong_secret_is_refused_both_ways() {
     let (addr, _stop) = server(2, b"right").await;
