@@ -102,7 +102,16 @@ async fn mixed_sizes_sent_together_round_trip() {
         .await
         .unwrap();
     let sizes = [
-        0usize, 1, 13, 65_000, 65_522, 65_536, 65_550, 131_072, 200_003, 1 << 20,
+        0usize,
+        1,
+        13,
+        65_000,
+        65_522,
+        65_536,
+        65_550,
+        131_072,
+        200_003,
+        1 << 20,
     ];
     let mut tasks = Vec::new();
     for round in 0..8usize {
