@@ -72,7 +72,7 @@ struct Report {
     server_peak_rss_mib: Option<f64>,
 }
 
-type Body = BoxBody<Bytes, std::io::Error>;
+pub(crate) type Body = BoxBody<Bytes, std::io::Error>;
 
 pub(crate) struct Conn {
     host: String,
@@ -81,7 +81,14 @@ pub(crate) struct Conn {
 }
 
 impl Conn {
-    async fn sender(&mut self) -> Result<&mut hyper::client::conn::http1::SendRequest<Body>> {
+    /// The `host:port` requests name.
+    pub(crate) fn host(&self) -> &str {
+        &self.host
+    }
+
+    pub(crate) async fn sender(
+        &mut self,
+    ) -> Result<&mut hyper::client::conn::http1::SendRequest<Body>> {
         let alive = self.sender.as_ref().is_some_and(|s| !s.is_closed());
         if !alive {
             let tcp = tokio::net::TcpStream::connect(&self.addr)

@@ -7,10 +7,12 @@ static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 mod admin_cli;
 mod bench;
+mod chaos;
 mod config;
 mod datadir;
 mod dev_cluster;
 mod failover;
+mod local_cluster;
 mod logwriter;
 mod server;
 mod sigv4;
@@ -44,6 +46,54 @@ enum Cmd {
     /// Start a local N-node cluster on loopback (separate `cairn serve` processes)
     /// to try cairn; writes DIR/cluster.json once it serves
     DevCluster(dev_cluster::DevClusterArgs),
+    /// Fault-injection run: a local cluster, clients recording every operation,
+    /// faults injected (kill -9, SIGSTOP); then a verdict on the history (no lost
+    /// write, linearizable). Exits non-zero on any loss, violation or unmet check
+    Chaos(ChaosArgs),
+}
+
+#[derive(Args)]
+struct ChaosArgs {
+    /// Check a saved history again instead of running
+    #[arg(long, value_name = "FILE")]
+    check: Option<PathBuf>,
+    /// How long the clients and the nemesis run
+    #[arg(long, default_value = "60s")]
+    duration: String,
+    #[arg(long, default_value_t = 5)]
+    nodes: usize,
+    #[arg(long, default_value_t = 3)]
+    zones: usize,
+    /// Concurrent clients (a client waiting on a paused node waits out its timeout)
+    #[arg(long, default_value_t = 10)]
+    clients: usize,
+    /// Keys the clients share
+    #[arg(long, default_value_t = 8)]
+    keys: usize,
+    /// Fault kinds, comma-separated (kill, pause)
+    #[arg(long, default_value = "kill,pause")]
+    faults: String,
+    /// Mean time between the starts of two faults
+    #[arg(long, default_value = "4s")]
+    fault_interval: String,
+    /// A fault lasts from this to twice this
+    #[arg(long, default_value = "3s")]
+    fault_length: String,
+    /// Nodes faulty at once, at most (a minority keeps the cluster available)
+    #[arg(long, default_value_t = 2)]
+    max_faulty: usize,
+    /// A request without an answer after this is recorded as indeterminate
+    #[arg(long, default_value = "5s")]
+    request_timeout: String,
+    /// Answered operations the run must reach
+    #[arg(long, default_value_t = 100)]
+    min_acked: usize,
+    /// Seed of the clients' and the nemesis's choices (default: random)
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Where the history is saved (default: ./cairn-chaos-<time>.jsonl)
+    #[arg(long, value_name = "FILE")]
+    history: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -202,6 +252,7 @@ fn main() -> std::process::ExitCode {
         Cmd::Bench(a) => run_bench(a),
         Cmd::Cluster(c) => admin_cli::run(c),
         Cmd::DevCluster(a) => dev_cluster::run(a),
+        Cmd::Chaos(a) => run_chaos(a),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -242,6 +293,43 @@ fn run_serve(a: ServeArgs) -> anyhow::Result<()> {
         .thread_name("cairn")
         .build()?;
     rt.block_on(server::serve(cfg))
+}
+
+fn run_chaos(a: ChaosArgs) -> anyhow::Result<()> {
+    if let Some(file) = &a.check {
+        return chaos::check_file(file);
+    }
+    let faults = a
+        .faults
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(chaos::FaultKind::parse)
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let history = a.history.unwrap_or_else(|| {
+        PathBuf::from(format!(
+            "cairn-chaos-{}.jsonl",
+            time::OffsetDateTime::now_utc().unix_timestamp()
+        ))
+    });
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(chaos::run(chaos::ChaosOptions {
+        nodes: a.nodes,
+        zones: a.zones,
+        duration: config::parse_duration(&a.duration)?,
+        clients: a.clients,
+        keys: a.keys,
+        faults,
+        fault_interval: config::parse_duration(&a.fault_interval)?,
+        fault_length: config::parse_duration(&a.fault_length)?,
+        max_faulty: a.max_faulty,
+        request_timeout: config::parse_duration(&a.request_timeout)?,
+        min_acked: a.min_acked,
+        seed: a.seed.unwrap_or_else(rand::random),
+        history,
+    }))
 }
 
 fn run_bench(a: BenchArgs) -> anyhow::Result<()> {

@@ -1,0 +1,870 @@
+//! `cairn chaos`: real processes, real faults, a recorded history, a verdict.
+//!
+//! Starts a local cluster (`cairn dev-cluster` in a temporary directory: 5 nodes in
+//! 3 zones, replication 3), runs concurrent clients doing PUT, conditional PUT
+//! (`If-None-Match: *`), GET, DELETE and LIST on a few keys through random nodes,
+//! each operation recorded with its call and return times and its answer, while a
+//! nemesis injects faults (kill -9 and restart, SIGSTOP and SIGCONT). Then it heals
+//! every fault, waits for the cluster to settle, reads every key through every
+//! node, saves the history (JSON lines, see `cairn_chaos::history`) and checks it
+//! (`cairn_chaos::check`): no acknowledged write lost, each key's history
+//! linearizable, no damaged bytes, and the run did what it claims (every fault kind
+//! happened, enough operations were acknowledged, a leader was killed).
+//!
+//! `cairn chaos --check FILE` gives the verdict on a saved history again.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use bytes::Bytes;
+use cairn_chaos::{Call, Header, History, Limits, Op, Outcome, Verdict, history};
+use http::{Request, StatusCode};
+use http_body_util::{BodyExt, Empty, Full};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+
+use crate::bench::{Body, Conn, conn_to};
+use crate::local_cluster::{self, Cluster};
+use crate::sigv4::Signer;
+
+/// Kinds of fault the nemesis injects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FaultKind {
+    /// kill -9, started again later.
+    Kill,
+    /// SIGSTOP, SIGCONT later.
+    Pause,
+}
+
+impl FaultKind {
+    pub fn parse(s: &str) -> Result<FaultKind> {
+        match s {
+            "kill" => Ok(FaultKind::Kill),
+            "pause" => Ok(FaultKind::Pause),
+            other => bail!("unknown fault kind '{other}' (kinds: kill, pause)"),
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            FaultKind::Kill => "kill",
+            FaultKind::Pause => "pause",
+        }
+    }
+}
+
+pub struct ChaosOptions {
+    pub nodes: usize,
+    pub zones: usize,
+    pub duration: Duration,
+    pub clients: usize,
+    pub keys: usize,
+    pub faults: Vec<FaultKind>,
+    /// Mean time between the starts of two faults.
+    pub fault_interval: Duration,
+    /// Faults last between this and twice this.
+    pub fault_length: Duration,
+    /// Nodes faulty at once, at most.
+    pub max_faulty: usize,
+    pub request_timeout: Duration,
+    pub min_acked: usize,
+    pub seed: u64,
+    pub history: PathBuf,
+}
+
+/// A fault as it happened. Times are microseconds since the run began.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Fault {
+    kind: FaultKind,
+    node: usize,
+    /// Whether the node led the Raft group when the fault began.
+    leader: bool,
+    from_us: u64,
+    to_us: u64,
+}
+
+/// What the run was, saved in the history's header.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct RunInfo {
+    seed: u64,
+    nodes: usize,
+    zones: usize,
+    clients: usize,
+    faults_enabled: Vec<FaultKind>,
+    faults: Vec<Fault>,
+    min_acked: usize,
+    settle_ms: u64,
+    elections: Option<u64>,
+}
+
+const BUCKET: &str = "chaos";
+/// Largest response body read (the largest value is 2 MiB).
+const MAX_BODY: usize = 8 << 20;
+/// A gap longer than this between two acknowledged operations counts as a window
+/// of unavailability.
+const UNAVAILABLE_GAP: Duration = Duration::from_secs(1);
+
+/// The keys the clients use: two prefixes, so that LIST of a prefix matters.
+fn keys(n: usize) -> Vec<String> {
+    (0..n)
+        .map(|i| format!("{}/{}", if i % 2 == 0 { "a" } else { "b" }, i / 2))
+        .collect()
+}
+
+pub async fn run(o: ChaosOptions) -> Result<()> {
+    if o.nodes < 3 {
+        bail!("--nodes: at least 3");
+    }
+    if o.clients == 0 || o.keys == 0 {
+        bail!("--clients and --keys: at least 1");
+    }
+    if o.max_faulty == 0 || o.max_faulty >= o.nodes {
+        bail!("--max-faulty: from 1 to one less than the nodes");
+    }
+    let (nodes, zones) = (o.nodes, o.zones);
+    let mut c = tokio::task::spawn_blocking(move || {
+        local_cluster::start_cluster(nodes, zones, "cairn-chaos-")
+    })
+    .await??;
+    println!(
+        "chaos: {} nodes in {} zones ({}), {} clients on {} keys for {:?}; faults: {}",
+        o.nodes,
+        o.zones,
+        c.dir.path().display(),
+        o.clients,
+        o.keys,
+        o.duration,
+        o.faults
+            .iter()
+            .map(|f| f.name())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let res = run_on(&mut c, &o).await;
+    // Every process goes, paused ones too (SIGTERM waits for SIGCONT).
+    for n in &c.nodes {
+        signal(n.pid, rustix::process::Signal::CONT);
+    }
+    match res {
+        Ok(true) => {
+            tokio::task::spawn_blocking(move || drop(c)).await?;
+            Ok(())
+        }
+        Ok(false) => {
+            let dir = std::mem::replace(&mut c.dir, tempfile::tempdir()?).keep();
+            tokio::task::spawn_blocking(move || drop(c)).await?;
+            bail!(
+                "the run failed its checks; history in {}, the nodes' logs in {}",
+                o.history.display(),
+                dir.display()
+            )
+        }
+        Err(e) => {
+            let dir = std::mem::replace(&mut c.dir, tempfile::tempdir()?).keep();
+            tokio::task::spawn_blocking(move || drop(c)).await?;
+            Err(e.context(format!("the nodes' logs are kept in {}", dir.display())))
+        }
+    }
+}
+
+/// The run itself; whether every check passed.
+async fn run_on(c: &mut Cluster, o: &ChaosOptions) -> Result<bool> {
+    let signer = Arc::new(Signer {
+        access_key: c.access_key.clone(),
+        secret_key: c.secret_key.clone(),
+        region: "us-east-1".into(),
+    });
+    let endpoints: Vec<String> = c.nodes.iter().map(|n| n.s3.clone()).collect();
+    create_bucket(&endpoints[0], &signer).await?;
+    let leader = local_cluster::settled_leader(c).await?;
+    let term_before = term_of(c, leader).await;
+
+    let started = Instant::now();
+    let keys = keys(o.keys);
+    let ops: Arc<Mutex<Vec<Op>>> = Arc::default();
+    let next_id = Arc::new(AtomicU64::new(0));
+    let next_value = Arc::new(AtomicU64::new(1));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut clients = Vec::new();
+    for client in 0..o.clients {
+        let w = Worker {
+            client: client as u32,
+            endpoints: endpoints.clone(),
+            signer: signer.clone(),
+            keys: keys.clone(),
+            ops: ops.clone(),
+            next_id: next_id.clone(),
+            next_value: next_value.clone(),
+            started,
+            timeout: o.request_timeout,
+        };
+        let (stop, seed) = (stop.clone(), o.seed.wrapping_add(1 + client as u64));
+        clients.push(tokio::spawn(async move { w.run(stop, seed).await }));
+    }
+
+    let faults = nemesis(c, o, started).await;
+    stop.store(true, Ordering::Relaxed);
+    for cl in clients {
+        cl.await?;
+    }
+    let mut faults = faults?;
+    // Heal whatever is still broken.
+    let healed_at = Instant::now();
+    let now_us = started.elapsed().as_micros() as u64;
+    for f in faults.iter_mut().filter(|f| f.to_us == u64::MAX) {
+        heal(c, f.kind, f.node)?;
+        f.to_us = now_us;
+    }
+    local_cluster::settled_leader(c)
+        .await
+        .context("after healing every fault")?;
+    let settle = healed_at.elapsed();
+    let leader = local_cluster::settled_leader(c).await?;
+    let elections = match (term_before, term_of(c, leader).await) {
+        (Some(a), Some(b)) => Some(b.saturating_sub(a)),
+        _ => None,
+    };
+
+    // Every key read through every node.
+    let fin = Worker {
+        client: u32::MAX,
+        endpoints: endpoints.clone(),
+        signer: signer.clone(),
+        keys: keys.clone(),
+        ops: ops.clone(),
+        next_id: next_id.clone(),
+        next_value,
+        started,
+        timeout: o.request_timeout,
+    };
+    fin.final_reads().await;
+
+    let mut ops = std::mem::take(&mut *ops.lock().unwrap_or_else(|p| p.into_inner()));
+    ops.sort_by_key(|op| (op.invoked_us, op.id));
+    let info = RunInfo {
+        seed: o.seed,
+        nodes: o.nodes,
+        zones: o.zones,
+        clients: o.clients,
+        faults_enabled: o.faults.clone(),
+        faults,
+        min_acked: o.min_acked,
+        settle_ms: settle.as_millis() as u64,
+        elections,
+    };
+    let h = History {
+        header: Header {
+            format: history::FORMAT,
+            bucket: BUCKET.into(),
+            keys,
+            run: serde_json::to_value(&info)?,
+        },
+        ops,
+    };
+    save(&h, &o.history)?;
+    println!("history saved in {}", o.history.display());
+    Ok(verdict(&h))
+}
+
+/// Current Raft term as node `i` reports it.
+async fn term_of(c: &Cluster, i: usize) -> Option<u64> {
+    local_cluster::status(&c.nodes[i].admin).await?["term"].as_u64()
+}
+
+async fn create_bucket(endpoint: &str, signer: &Signer) -> Result<()> {
+    let mut conn = conn_to(endpoint)?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match s3(
+            &mut conn,
+            signer,
+            "PUT",
+            &format!("/{BUCKET}"),
+            "",
+            &[],
+            None,
+        )
+        .await
+        {
+            Ok((st, _)) if st.is_success() || st == StatusCode::CONFLICT => return Ok(()),
+            Ok((st, body)) if Instant::now() > deadline => {
+                bail!(
+                    "creating the bucket failed: HTTP {st} {}",
+                    String::from_utf8_lossy(&body)
+                )
+            }
+            Err(e) if Instant::now() > deadline => return Err(e.context("creating the bucket")),
+            _ => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+}
+
+fn save(h: &History, path: &Path) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    let f = std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    h.write_to(std::io::BufWriter::new(f))
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+/// A request to send.
+struct S3Request<'a> {
+    method: &'a str,
+    path: &'a str,
+    query: &'a str,
+    extra: &'a [(&'a str, &'a str)],
+    body: Option<Bytes>,
+}
+
+/// How one request ended.
+enum Answer {
+    /// An HTTP answer.
+    Status(StatusCode, Bytes),
+    /// Not sent: no connection could be made (changed nothing).
+    NotSent(String),
+    /// Sent, and then no answer: it may or may not have taken effect.
+    Lost(String),
+}
+
+/// One S3 request, given up after `timeout`.
+async fn send(conn: &mut Conn, signer: &Signer, timeout: Duration, req: S3Request<'_>) -> Answer {
+    let S3Request {
+        method,
+        path,
+        query,
+        extra,
+        body,
+    } = req;
+    // The connection first: refused means the request never left.
+    let ready = tokio::time::timeout(timeout, conn.sender()).await;
+    match ready {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => {
+            conn.sender = None;
+            return Answer::NotSent(format!("{e:#}"));
+        }
+        Err(_) => {
+            conn.sender = None;
+            return Answer::NotSent("no connection within the timeout".into());
+        }
+    }
+    match tokio::time::timeout(timeout, s3(conn, signer, method, path, query, extra, body)).await {
+        Ok(Ok((st, b))) => Answer::Status(st, b),
+        Ok(Err(e)) => {
+            conn.sender = None;
+            Answer::Lost(format!("{e:#}"))
+        }
+        Err(_) => {
+            conn.sender = None;
+            Answer::Lost(format!("no answer within {timeout:?}"))
+        }
+    }
+}
+
+/// Sends a signed request on `conn`; returns the status and body.
+async fn s3(
+    conn: &mut Conn,
+    signer: &Signer,
+    method: &str,
+    path: &str,
+    query: &str,
+    extra: &[(&str, &str)],
+    body: Option<Bytes>,
+) -> Result<(StatusCode, Bytes)> {
+    let uri = if query.is_empty() {
+        path.to_string()
+    } else {
+        format!("{path}?{query}")
+    };
+    let host = conn.host().to_string();
+    let mut b = Request::builder()
+        .method(method)
+        .uri(&uri)
+        .header("host", &host);
+    for (k, v) in signer.sign(method, &host, path, query, time::OffsetDateTime::now_utc()) {
+        b = b.header(k, v);
+    }
+    for (k, v) in extra {
+        b = b.header(*k, *v);
+    }
+    let body: Body = match body {
+        Some(bytes) => {
+            b = b.header("content-length", bytes.len().to_string());
+            Full::new(bytes).map_err(|never| match never {}).boxed()
+        }
+        None => Empty::new().map_err(|never| match never {}).boxed(),
+    };
+    let resp = conn.sender().await?.send_request(b.body(body)?).await?;
+    let status = resp.status();
+    let mut body = resp.into_body();
+    let mut out = Vec::new();
+    while let Some(frame) = body.frame().await {
+        if let Ok(d) = frame?.into_data() {
+            if out.len() + d.len() > MAX_BODY {
+                bail!("a response body over {MAX_BODY} bytes");
+            }
+            out.extend_from_slice(&d);
+        }
+    }
+    Ok((status, Bytes::from(out)))
+}
+
+/// The `<Code>` of an S3 error body.
+fn error_code(body: &[u8]) -> String {
+    let text = String::from_utf8_lossy(body);
+    text.split_once("<Code>")
+        .and_then(|(_, rest)| rest.split_once("</Code>"))
+        .map(|(code, _)| code.to_string())
+        .unwrap_or_default()
+}
+
+/// The keys of a ListObjectsV2 answer, and whether it was cut short.
+fn listed_keys(body: &[u8]) -> (Vec<String>, bool) {
+    let text = String::from_utf8_lossy(body);
+    let mut keys = Vec::new();
+    let mut rest = text.as_ref();
+    while let Some((_, after)) = rest.split_once("<Key>") {
+        match after.split_once("</Key>") {
+            Some((k, more)) => {
+                keys.push(k.to_string());
+                rest = more;
+            }
+            None => break,
+        }
+    }
+    (keys, text.contains("<IsTruncated>true</IsTruncated>"))
+}
+
+/// One client: a loop of random operations, each recorded.
+struct Worker {
+    client: u32,
+    endpoints: Vec<String>,
+    signer: Arc<Signer>,
+    keys: Vec<String>,
+    ops: Arc<Mutex<Vec<Op>>>,
+    next_id: Arc<AtomicU64>,
+    next_value: Arc<AtomicU64>,
+    started: Instant,
+    timeout: Duration,
+}
+
+impl Worker {
+    async fn run(self, stop: Arc<AtomicBool>, seed: u64) {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let mut conns: Vec<Conn> = self
+            .endpoints
+            .iter()
+            .filter_map(|e| conn_to(e).ok())
+            .collect();
+        while !stop.load(Ordering::Relaxed) {
+            let node = rng.random_range(0..conns.len());
+            let roll = rng.random_range(0..100u32);
+            let call = match roll {
+                0..30 => Call::Put {
+                    value: self.next_value.fetch_add(1, Ordering::Relaxed),
+                },
+                30..40 => Call::PutIfAbsent {
+                    value: self.next_value.fetch_add(1, Ordering::Relaxed),
+                },
+                40..50 => Call::Delete,
+                50..90 => Call::Get,
+                _ => Call::List,
+            };
+            let key = if matches!(call, Call::List) {
+                ["", "a/", "b/"][rng.random_range(0..3)].to_string()
+            } else {
+                self.keys[rng.random_range(0..self.keys.len())].clone()
+            };
+            let sent = self.one(&mut conns[node], node, call, key).await;
+            if !sent {
+                // A node that is down refuses at once: no spinning on it.
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+
+    /// Reads every key through every node (after the cluster settled).
+    async fn final_reads(&self) {
+        let mut conns: Vec<Conn> = self
+            .endpoints
+            .iter()
+            .filter_map(|e| conn_to(e).ok())
+            .collect();
+        for key in &self.keys {
+            for (node, conn) in conns.iter_mut().enumerate() {
+                self.one(conn, node, Call::Get, key.clone()).await;
+            }
+        }
+    }
+
+    /// Runs one operation and records it; whether it was sent.
+    async fn one(&self, conn: &mut Conn, node: usize, call: Call, key: String) -> bool {
+        let path = format!("/{BUCKET}/{key}");
+        let invoked = self.started.elapsed();
+        let bucket = format!("/{BUCKET}");
+        let query = format!("list-type=2&prefix={}", key.replace('/', "%2F"));
+        let body = |v: u64| Some(Bytes::from(history::body_of(v)));
+        let (method, path, query, extra, body): (_, &str, &str, &[(&str, &str)], _) = match &call {
+            Call::Put { value } => ("PUT", &path, "", &[], body(*value)),
+            Call::PutIfAbsent { value } => {
+                ("PUT", &path, "", &[("if-none-match", "*")], body(*value))
+            }
+            Call::Delete => ("DELETE", &path, "", &[], None),
+            Call::Get => ("GET", &path, "", &[], None),
+            Call::List => ("GET", &bucket, &query, &[], None),
+        };
+        let req = S3Request {
+            method,
+            path,
+            query,
+            extra,
+            body,
+        };
+        let answer = send(conn, &self.signer, self.timeout, req).await;
+        let completed = self.started.elapsed();
+        let (outcome, sent) = match answer {
+            Answer::NotSent(e) => (
+                Outcome::Refused {
+                    status: 0,
+                    code: format!("not sent: {e}"),
+                },
+                false,
+            ),
+            Answer::Lost(error) => (Outcome::Unknown { error }, true),
+            Answer::Status(st, body) => (outcome_of(&call, st, &body), true),
+        };
+        let op = Op {
+            id: self.next_id.fetch_add(1, Ordering::Relaxed),
+            client: self.client,
+            node: node as u32,
+            key,
+            call,
+            invoked_us: invoked.as_micros() as u64,
+            completed_us: completed.as_micros() as u64,
+            outcome,
+        };
+        self.ops.lock().unwrap_or_else(|p| p.into_inner()).push(op);
+        sent
+    }
+}
+
+/// What an HTTP answer means for the operation.
+fn outcome_of(call: &Call, st: StatusCode, body: &[u8]) -> Outcome {
+    if st.is_server_error() {
+        // 503 after a write was proposed: it may still commit.
+        return Outcome::Unknown {
+            error: format!("HTTP {} {}", st.as_u16(), error_code(body)),
+        };
+    }
+    match (call, st.as_u16()) {
+        (Call::Get, 200) => match history::value_of(body) {
+            Ok(value) => Outcome::Found { value },
+            Err(detail) => Outcome::Corrupt { detail },
+        },
+        (Call::Get, 404) if error_code(body) == "NoSuchKey" => Outcome::NotFound,
+        (Call::List, 200) => match listed_keys(body) {
+            (keys, false) => Outcome::Listed { keys },
+            (_, true) => Outcome::Refused {
+                status: 200,
+                code: "listing cut short".into(),
+            },
+        },
+        (Call::Put { .. } | Call::PutIfAbsent { .. }, 200) | (Call::Delete, 204 | 200) => {
+            Outcome::Ok
+        }
+        (Call::PutIfAbsent { .. }, 412) => Outcome::PreconditionFailed,
+        (_, status) => Outcome::Refused {
+            status,
+            code: error_code(body),
+        },
+    }
+}
+
+fn signal(pid: u32, sig: rustix::process::Signal) {
+    if let Some(p) = rustix::process::Pid::from_raw(pid as i32) {
+        let _ = rustix::process::kill_process(p, sig);
+    }
+}
+
+/// Ends a fault on node `i`.
+fn heal(c: &mut Cluster, kind: FaultKind, i: usize) -> Result<()> {
+    match kind {
+        FaultKind::Kill => tokio::task::block_in_place(|| local_cluster::restart(c, i)),
+        FaultKind::Pause => {
+            signal(c.nodes[i].pid, rustix::process::Signal::CONT);
+            Ok(())
+        }
+    }
+}
+
+/// Injects faults until the run's time is up; returns them (those still active
+/// with `to_us == u64::MAX`).
+async fn nemesis(c: &mut Cluster, o: &ChaosOptions, started: Instant) -> Result<Vec<Fault>> {
+    let mut rng = StdRng::seed_from_u64(o.seed);
+    let mut faults: Vec<Fault> = Vec::new();
+    let mut ends: BTreeMap<usize, Instant> = BTreeMap::new();
+    let gap = |rng: &mut StdRng| {
+        let mean = o.fault_interval.as_secs_f64();
+        Duration::from_secs_f64(rng.random_range(mean * 0.5..=mean * 1.5))
+    };
+    let mut next_fault = Instant::now() + gap(&mut rng);
+    let end = started + o.duration;
+    while Instant::now() < end {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let now = Instant::now();
+        // Heal what is due.
+        let due: Vec<usize> = ends
+            .iter()
+            .filter(|&(_, &t)| t <= now)
+            .map(|(&i, _)| i)
+            .collect();
+        for i in due {
+            ends.remove(&i);
+            if let Some(f) = faults
+                .iter_mut()
+                .rev()
+                .find(|f| f.node == i && f.to_us == u64::MAX)
+            {
+                heal(c, f.kind, i)?;
+                f.to_us = started.elapsed().as_micros() as u64;
+            }
+        }
+        if now < next_fault || ends.len() >= o.max_faulty || o.faults.is_empty() {
+            continue;
+        }
+        next_fault = now + gap(&mut rng);
+        let kind = o.faults[rng.random_range(0..o.faults.len())];
+        // The leader, as a healthy node sees it.
+        let healthy: Vec<usize> = (0..c.nodes.len())
+            .filter(|i| !ends.contains_key(i))
+            .collect();
+        let mut leader = None;
+        for &i in &healthy {
+            if let Some(s) = local_cluster::status(&c.nodes[i].admin).await
+                && let Some(l) = s["leader"].as_str()
+            {
+                leader = c.nodes.iter().position(|n| n.id == l);
+                break;
+            }
+        }
+        // The first kill goes to the leader (a run must kill one); later faults
+        // hit it a third of the time.
+        let leader_killed = faults.iter().any(|f| f.kind == FaultKind::Kill && f.leader);
+        let first_kill = kind == FaultKind::Kill && !leader_killed;
+        let target = match leader {
+            Some(l) if healthy.contains(&l) && (first_kill || rng.random_range(0..3) == 0) => l,
+            _ => healthy[rng.random_range(0..healthy.len())],
+        };
+        let pid = c.nodes[target].pid;
+        match kind {
+            FaultKind::Kill => {
+                tokio::task::spawn_blocking(move || local_cluster::kill9(pid)).await??
+            }
+            FaultKind::Pause => signal(pid, rustix::process::Signal::STOP),
+        }
+        let length = o.fault_length.mul_f64(rng.random_range(1.0..2.0));
+        ends.insert(target, Instant::now() + length);
+        faults.push(Fault {
+            kind,
+            node: target,
+            leader: leader == Some(target),
+            from_us: started.elapsed().as_micros() as u64,
+            to_us: u64::MAX,
+        });
+        println!(
+            "{:>7.1}s  {} node {target}{} for {:.1}s",
+            started.elapsed().as_secs_f64(),
+            kind.name(),
+            if leader == Some(target) {
+                " (leader)"
+            } else {
+                ""
+            },
+            length.as_secs_f64()
+        );
+    }
+    Ok(faults)
+}
+
+/// Prints the summary of a history and its verdict; whether every check passed.
+pub fn verdict(h: &History) -> bool {
+    let info: Option<RunInfo> = serde_json::from_value(h.header.run.clone()).ok();
+    let v = cairn_chaos::check(h, Limits::default());
+    // Operations by kind and outcome.
+    let mut table: BTreeMap<(&str, &str), usize> = BTreeMap::new();
+    let mut acked = 0usize;
+    for op in &h.ops {
+        let kind = match op.call {
+            Call::Put { .. } => "put",
+            Call::PutIfAbsent { .. } => "put-if-absent",
+            Call::Delete => "delete",
+            Call::Get => "get",
+            Call::List => "list",
+        };
+        let out = match &op.outcome {
+            Outcome::Ok | Outcome::Found { .. } | Outcome::NotFound | Outcome::Listed { .. } => {
+                "ok"
+            }
+            Outcome::PreconditionFailed => "412",
+            Outcome::Corrupt { .. } => "corrupt",
+            Outcome::Refused { status: 0, .. } => "not sent",
+            Outcome::Refused { .. } => "refused",
+            Outcome::Unknown { .. } => "unknown",
+        };
+        if out == "ok" || out == "412" {
+            acked += 1;
+        }
+        *table.entry((kind, out)).or_default() += 1;
+    }
+    println!("operations: {} ({acked} answered)", h.ops.len());
+    for ((kind, out), n) in &table {
+        println!("  {kind:<14} {out:<9} {n}");
+    }
+    let mut ok = v.passed();
+    if let Some(info) = &info {
+        let mut by_kind: BTreeMap<FaultKind, usize> = BTreeMap::new();
+        for f in &info.faults {
+            *by_kind.entry(f.kind).or_default() += 1;
+        }
+        let leader_kills = info
+            .faults
+            .iter()
+            .filter(|f| f.kind == FaultKind::Kill && f.leader)
+            .count();
+        println!(
+            "faults: {} ({}); leaders killed: {leader_kills}",
+            info.faults.len(),
+            by_kind
+                .iter()
+                .map(|(k, n)| format!("{} {n}", k.name()))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        println!(
+            "settled {:.1}s after healing; elections during the run: {}",
+            info.settle_ms as f64 / 1000.0,
+            info.elections
+                .map_or("unknown".to_string(), |e| e.to_string())
+        );
+        for k in &info.faults_enabled {
+            if !by_kind.contains_key(k) {
+                println!("CHECK FAILED: no {} fault happened", k.name());
+                ok = false;
+            }
+        }
+        if info.faults_enabled.contains(&FaultKind::Kill) && leader_kills == 0 {
+            println!("CHECK FAILED: no leader was killed");
+            ok = false;
+        }
+        if acked < info.min_acked {
+            println!(
+                "CHECK FAILED: {acked} operations answered, fewer than the {} required",
+                info.min_acked
+            );
+            ok = false;
+        }
+    }
+    let windows = unavailability(h);
+    println!(
+        "unavailable (no answer for over {:?}): {} windows, {:.1}s in all{}",
+        UNAVAILABLE_GAP,
+        windows.len(),
+        windows.iter().map(|w| w.1).sum::<f64>(),
+        windows
+            .iter()
+            .take(5)
+            .map(|(at, len)| format!(" [{at:.1}s +{len:.1}s]"))
+            .collect::<String>()
+    );
+    print_verdict(&v);
+    println!("{}", if ok { "PASSED" } else { "FAILED" });
+    ok
+}
+
+/// Gaps between answered operations longer than `UNAVAILABLE_GAP`: (start s, length s).
+fn unavailability(h: &History) -> Vec<(f64, f64)> {
+    let mut done: Vec<u64> = h
+        .ops
+        .iter()
+        .filter(|o| o.client != u32::MAX)
+        .filter(|o| {
+            matches!(
+                o.outcome,
+                Outcome::Ok
+                    | Outcome::Found { .. }
+                    | Outcome::NotFound
+                    | Outcome::Listed { .. }
+                    | Outcome::PreconditionFailed
+            )
+        })
+        .map(|o| o.completed_us)
+        .collect();
+    done.sort_unstable();
+    done.windows(2)
+        .filter(|w| w[1] - w[0] > UNAVAILABLE_GAP.as_micros() as u64)
+        .map(|w| (w[0] as f64 / 1e6, (w[1] - w[0]) as f64 / 1e6))
+        .collect()
+}
+
+fn print_verdict(v: &Verdict) {
+    println!(
+        "checked {} keys ({} operations): {} lost writes, {} linearizability violations, {} damaged reads, {} phantom keys, {} undecided",
+        v.keys,
+        v.checked,
+        v.lost.len(),
+        v.violations.len(),
+        v.corrupt.len(),
+        v.phantom.len(),
+        v.undecided.len()
+    );
+    for l in &v.lost {
+        println!(
+            "LOST: key {} value {:?} acknowledged at {:.3}s; last read found {:?}",
+            l.key,
+            l.write.call,
+            l.write.completed_us as f64 / 1e6,
+            l.found
+        );
+    }
+    for viol in &v.violations {
+        println!(
+            "NOT LINEARIZABLE: key {} ({} operations fail together):",
+            viol.key,
+            viol.ops.len()
+        );
+        for op in &viol.ops {
+            println!("  {}", serde_json::to_string(op).unwrap_or_default());
+        }
+    }
+    for op in &v.corrupt {
+        println!("DAMAGED: {}", serde_json::to_string(op).unwrap_or_default());
+    }
+    for (op, key) in &v.phantom {
+        println!("PHANTOM: key {key} listed by op {}", op.id);
+    }
+    for k in &v.undecided {
+        println!("UNDECIDED: key {k} (the search took too long)");
+    }
+    for k in &v.unread {
+        println!("note: key {k} has no read after its last write");
+    }
+}
+
+/// `cairn chaos --check FILE`.
+pub fn check_file(path: &Path) -> Result<()> {
+    let f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let h = History::read_from(std::io::BufReader::new(f))
+        .with_context(|| format!("reading {}", path.display()))?;
+    if verdict(&h) {
+        Ok(())
+    } else {
+        bail!("the history in {} fails its checks", path.display())
+    }
+}

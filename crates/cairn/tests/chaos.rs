@@ -1,0 +1,186 @@
+//! `cairn chaos`: a short run with every fault kind passes its own checks, and the
+//! verdict on a saved history rejects what it must.
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::binary;
+
+/// Runs `cairn` with `args` in `dir` (TMPDIR too), failing the test if it takes
+/// longer than `limit`; returns (success, stdout, stderr).
+fn cairn_in(dir: &std::path::Path, args: &[&str], limit: Duration) -> (bool, String, String) {
+    let out = dir.join("out.txt");
+    let err = dir.join("err.txt");
+    let mut child = Command::new(binary())
+        .args(args)
+        .current_dir(dir)
+        .env("TMPDIR", dir)
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&out).unwrap())
+        .stderr(std::fs::File::create(&err).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "cairn {args:?} still running after {limit:?}:\n{}\n{}",
+                std::fs::read_to_string(&out).unwrap_or_default(),
+                std::fs::read_to_string(&err).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let o = std::fs::read_to_string(&out).unwrap_or_default();
+    let e = std::fs::read_to_string(&err).unwrap_or_default();
+    std::fs::remove_file(&out).unwrap();
+    std::fs::remove_file(&err).unwrap();
+    (status.success(), o, e)
+}
+
+/// The number after `label` in `text` (e.g. "kill 3").
+fn number_after(text: &str, label: &str) -> Option<u64> {
+    let at = text.find(label)? + label.len();
+    text[at..]
+        .trim_start()
+        .split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()
+}
+
+#[test]
+fn a_short_run_with_every_fault_kind_passes_and_checks_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ok, out, err) = cairn_in(
+        dir.path(),
+        &[
+            "chaos",
+            "--duration",
+            "40s",
+            "--fault-interval",
+            "3s",
+            "--fault-length",
+            "2s",
+            "--min-acked",
+            "300",
+            "--seed",
+            "7",
+            "--history",
+            "h.jsonl",
+        ],
+        Duration::from_secs(600),
+    );
+    assert!(ok, "the run failed:\n{out}\n{err}");
+    assert!(out.contains("PASSED"), "{out}");
+    assert!(
+        out.contains("0 lost writes, 0 linearizability violations, 0 damaged reads"),
+        "{out}"
+    );
+    // "faults: 13 (kill 9, pause 4); leaders killed: 4"
+    let faults = out
+        .lines()
+        .find(|l| l.starts_with("faults:"))
+        .unwrap_or_else(|| panic!("no faults line: {out}"));
+    assert!(number_after(faults, "(kill").unwrap_or(0) >= 1, "{out}");
+    assert!(number_after(faults, "pause").unwrap_or(0) >= 1, "{out}");
+    assert!(
+        number_after(faults, "leaders killed:").unwrap_or(0) >= 1,
+        "{out}"
+    );
+    // The history names every operation; unanswered ones are there too.
+    let text = std::fs::read_to_string(dir.path().join("h.jsonl")).unwrap();
+    let lines = text.lines().count();
+    assert!(lines > 300, "{lines} lines");
+    // The same verdict from the file alone.
+    let (ok, again, err) = cairn_in(
+        dir.path(),
+        &["chaos", "--check", "h.jsonl"],
+        Duration::from_secs(120),
+    );
+    assert!(ok, "{again}\n{err}");
+    assert!(again.contains("PASSED"), "{again}");
+    // The cluster's directory is gone: only the history is left.
+    let left: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(left, vec!["h.jsonl".to_string()]);
+}
+
+const HEADER: &str = r#"{"format":1,"bucket":"chaos","keys":["a/0"]}"#;
+
+fn op(id: u64, call: &str, from: u64, to: u64, result: &str) -> String {
+    format!(
+        r#"{{"id":{id},"client":{id},"node":0,"key":"a/0",{call},"invoked_us":{from},"completed_us":{to},{result}}}"#
+    )
+}
+
+#[test]
+fn saved_histories_that_break_the_rules_fail_the_check() {
+    let dir = tempfile::tempdir().unwrap();
+    let put = |v: u64| format!(r#""op":"put","value":{v}"#);
+    let get = r#""op":"get""#;
+    let ok = r#""result":"ok""#;
+    let found = |v: u64| format!(r#""result":"found","value":{v}"#);
+    let cases = [
+        (
+            "stale",
+            vec![
+                op(0, &put(1), 0, 10, ok),
+                op(1, &put(2), 20, 30, ok),
+                op(2, get, 40, 50, &found(1)),
+            ],
+            "NOT LINEARIZABLE: key a/0 (3 operations",
+        ),
+        (
+            "lost",
+            vec![
+                op(0, &put(1), 0, 10, ok),
+                op(1, get, 40, 50, r#""result":"not_found""#),
+            ],
+            "LOST: key a/0",
+        ),
+        (
+            "twice",
+            vec![
+                op(0, r#""op":"put_if_absent","value":1"#, 0, 10, ok),
+                op(1, r#""op":"put_if_absent","value":2"#, 20, 30, ok),
+            ],
+            "NOT LINEARIZABLE: key a/0",
+        ),
+    ];
+    for (name, ops, want) in cases {
+        let file = dir.path().join(format!("{name}.jsonl"));
+        std::fs::write(&file, format!("{HEADER}\n{}\n", ops.join("\n"))).unwrap();
+        let (ok, out, err) = cairn_in(
+            dir.path(),
+            &["chaos", "--check", &format!("{name}.jsonl")],
+            Duration::from_secs(60),
+        );
+        assert!(!ok, "{name}: {out}");
+        assert!(out.contains(want), "{name}: {out}");
+        assert!(out.contains("FAILED"), "{name}: {out}");
+        assert!(err.contains("fails its checks"), "{name}: {err}");
+    }
+    // A damaged file is refused with the line named.
+    std::fs::write(
+        dir.path().join("bad.jsonl"),
+        format!("{HEADER}\n{{\"id\":\n"),
+    )
+    .unwrap();
+    let (ok, _, err) = cairn_in(
+        dir.path(),
+        &["chaos", "--check", "bad.jsonl"],
+        Duration::from_secs(60),
+    );
+    assert!(!ok);
+    assert!(err.contains("line 2"), "{err}");
+}
