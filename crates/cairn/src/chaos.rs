@@ -14,6 +14,7 @@
 //! `cairn chaos --check FILE` gives the verdict on a saved history again.
 
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -25,11 +26,13 @@ use cairn_chaos::{Call, Header, History, Limits, Op, Outcome, Verdict, history};
 use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Empty, Full};
 use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
 use crate::bench::{Body, Conn, conn_to};
 use crate::local_cluster::{self, Cluster};
+use crate::netproxy::{self, Link, Links};
 use crate::sigv4::Signer;
 
 /// Kinds of fault the nemesis injects.
@@ -40,6 +43,11 @@ pub enum FaultKind {
     Kill,
     /// SIGSTOP, SIGCONT later.
     Pause,
+    /// Some nodes (a minority) cut off from the rest: connections reset, or
+    /// stalled (packets dropped) until healed.
+    Partition,
+    /// Every link to and from one node delayed by 50 to 300 ms.
+    Slow,
 }
 
 impl FaultKind {
@@ -47,7 +55,9 @@ impl FaultKind {
         match s {
             "kill" => Ok(FaultKind::Kill),
             "pause" => Ok(FaultKind::Pause),
-            other => bail!("unknown fault kind '{other}' (kinds: kill, pause)"),
+            "partition" => Ok(FaultKind::Partition),
+            "slow" => Ok(FaultKind::Slow),
+            other => bail!("unknown fault kind '{other}' (kinds: kill, pause, partition, slow)"),
         }
     }
 
@@ -55,6 +65,8 @@ impl FaultKind {
         match self {
             FaultKind::Kill => "kill",
             FaultKind::Pause => "pause",
+            FaultKind::Partition => "partition",
+            FaultKind::Slow => "slow",
         }
     }
 }
@@ -82,11 +94,32 @@ pub struct ChaosOptions {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Fault {
     kind: FaultKind,
+    /// The node it hit (for a partition: the first of the cut-off side).
     node: usize,
-    /// Whether the node led the Raft group when the fault began.
+    /// A partition's cut-off side.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    group: Vec<usize>,
+    /// How a partition cuts ("cut" or "stall"), how much a slow node is delayed.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    detail: String,
+    /// Whether the node (or the cut-off side) held the Raft leader when it began.
     leader: bool,
     from_us: u64,
     to_us: u64,
+    /// The links it set (healed when it ends).
+    #[serde(skip)]
+    links: Vec<(usize, usize)>,
+}
+
+impl Fault {
+    /// The nodes it makes faulty.
+    fn nodes(&self) -> Vec<usize> {
+        if self.group.is_empty() {
+            vec![self.node]
+        } else {
+            self.group.clone()
+        }
+    }
 }
 
 /// What the run was, saved in the history's header.
@@ -128,10 +161,57 @@ pub async fn run(o: ChaosOptions) -> Result<()> {
         bail!("--max-faulty: from 1 to one less than the nodes");
     }
     let (nodes, zones) = (o.nodes, o.zones);
+    // Each node's RPC port gets a proxy in front (the port after the nodes' own),
+    // which the node advertises: every link between nodes can be cut, stalled or
+    // slowed.
+    let links = Links::new();
+    let l2 = links.clone();
+    let proxy_base = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let pb = proxy_base.clone();
     let mut c = tokio::task::spawn_blocking(move || {
-        local_cluster::start_cluster(nodes, zones, "cairn-chaos-")
+        local_cluster::start_cluster_with(nodes, zones, "cairn-chaos-", |base| {
+            let proxy_base = base as usize + 3 * nodes;
+            pb.store(proxy_base, Ordering::Relaxed);
+            let mut listeners = Vec::new();
+            for i in 0..nodes {
+                listeners.push(std::net::TcpListener::bind((
+                    "127.0.0.1",
+                    (proxy_base + i) as u16,
+                ))?);
+            }
+            for (i, l) in listeners.into_iter().enumerate() {
+                let target = SocketAddr::from(([127, 0, 0, 1], (base as usize + 3 * i + 2) as u16));
+                netproxy::spawn(l, target, i, l2.clone());
+            }
+            Ok(vec!["--rpc-advertise-base".into(), proxy_base.to_string()])
+        })
     })
     .await??;
+    for (i, n) in c.nodes.iter().enumerate() {
+        if let Ok(id) = u64::from_str_radix(&n.id, 16) {
+            links.learn(id, i);
+        }
+    }
+    // Every node must be reached through its proxy, for Raft and for blocks, or
+    // the link faults would miss it.
+    let proxied = match local_cluster::status(&c.nodes[0].admin).await {
+        Some(st) => ["members", "nodes"].iter().all(|list| {
+            st[*list].as_array().is_some_and(|l| {
+                l.len() == c.nodes.len()
+                    && l.iter().all(|m| {
+                        let port = m["rpc_address"]
+                            .as_str()
+                            .and_then(|a| a.rsplit_once(':'))
+                            .and_then(|(_, p)| p.parse::<usize>().ok());
+                        port.is_some_and(|p| p >= proxy_base.load(Ordering::Relaxed))
+                    })
+            })
+        }),
+        None => false,
+    };
+    if !proxied {
+        bail!("the nodes do not advertise their proxies' addresses: link faults would miss them");
+    }
     println!(
         "chaos: {} nodes in {} zones ({}), {} clients on {} keys for {:?}; faults: {}",
         o.nodes,
@@ -146,7 +226,7 @@ pub async fn run(o: ChaosOptions) -> Result<()> {
             .collect::<Vec<_>>()
             .join(", ")
     );
-    let res = run_on(&mut c, &o).await;
+    let res = run_on(&mut c, &links, &o).await;
     // Every process goes, paused ones too (SIGTERM waits for SIGCONT).
     for n in &c.nodes {
         signal(n.pid, rustix::process::Signal::CONT);
@@ -174,7 +254,7 @@ pub async fn run(o: ChaosOptions) -> Result<()> {
 }
 
 /// The run itself; whether every check passed.
-async fn run_on(c: &mut Cluster, o: &ChaosOptions) -> Result<bool> {
+async fn run_on(c: &mut Cluster, links: &Links, o: &ChaosOptions) -> Result<bool> {
     let signer = Arc::new(Signer {
         access_key: c.access_key.clone(),
         secret_key: c.secret_key.clone(),
@@ -208,7 +288,7 @@ async fn run_on(c: &mut Cluster, o: &ChaosOptions) -> Result<bool> {
         clients.push(tokio::spawn(async move { w.run(stop, seed).await }));
     }
 
-    let faults = nemesis(c, o, started).await;
+    let faults = nemesis(c, links, o, started).await;
     stop.store(true, Ordering::Relaxed);
     for cl in clients {
         cl.await?;
@@ -218,7 +298,7 @@ async fn run_on(c: &mut Cluster, o: &ChaosOptions) -> Result<bool> {
     let healed_at = Instant::now();
     let now_us = started.elapsed().as_micros() as u64;
     for f in faults.iter_mut().filter(|f| f.to_us == u64::MAX) {
-        heal(c, f.kind, f.node)?;
+        heal(c, links, f)?;
         f.to_us = now_us;
     }
     local_cluster::settled_leader(c)
@@ -593,67 +673,90 @@ fn signal(pid: u32, sig: rustix::process::Signal) {
     }
 }
 
-/// Ends a fault on node `i`.
-fn heal(c: &mut Cluster, kind: FaultKind, i: usize) -> Result<()> {
-    match kind {
-        FaultKind::Kill => tokio::task::block_in_place(|| local_cluster::restart(c, i)),
+/// Ends a fault.
+fn heal(c: &mut Cluster, links: &Links, f: &Fault) -> Result<()> {
+    match f.kind {
+        FaultKind::Kill => tokio::task::block_in_place(|| local_cluster::restart(c, f.node)),
         FaultKind::Pause => {
-            signal(c.nodes[i].pid, rustix::process::Signal::CONT);
+            signal(c.nodes[f.node].pid, rustix::process::Signal::CONT);
+            Ok(())
+        }
+        FaultKind::Partition | FaultKind::Slow => {
+            for &(a, b) in &f.links {
+                links.set(a, b, None);
+            }
             Ok(())
         }
     }
 }
 
+/// The leader as the first node that answers sees it.
+async fn leader_of(c: &Cluster, among: &[usize]) -> Option<usize> {
+    for &i in among {
+        if let Some(s) = local_cluster::status(&c.nodes[i].admin).await
+            && let Some(l) = s["leader"].as_str()
+        {
+            return c.nodes.iter().position(|n| n.id == l);
+        }
+    }
+    None
+}
+
 /// Injects faults until the run's time is up; returns them (those still active
 /// with `to_us == u64::MAX`).
-async fn nemesis(c: &mut Cluster, o: &ChaosOptions, started: Instant) -> Result<Vec<Fault>> {
+async fn nemesis(
+    c: &mut Cluster,
+    links: &Links,
+    o: &ChaosOptions,
+    started: Instant,
+) -> Result<Vec<Fault>> {
     let mut rng = StdRng::seed_from_u64(o.seed);
     let mut faults: Vec<Fault> = Vec::new();
-    let mut ends: BTreeMap<usize, Instant> = BTreeMap::new();
+    // Faults under way: index in `faults`, when it ends.
+    let mut active: Vec<(usize, Instant)> = Vec::new();
     let gap = |rng: &mut StdRng| {
         let mean = o.fault_interval.as_secs_f64();
         Duration::from_secs_f64(rng.random_range(mean * 0.5..=mean * 1.5))
     };
     let mut next_fault = Instant::now() + gap(&mut rng);
     let end = started + o.duration;
+    let n = c.nodes.len();
+    let mut kinds: Vec<FaultKind> = Vec::new();
     while Instant::now() < end {
         tokio::time::sleep(Duration::from_millis(50)).await;
         let now = Instant::now();
         // Heal what is due.
-        let due: Vec<usize> = ends
-            .iter()
-            .filter(|&(_, &t)| t <= now)
-            .map(|(&i, _)| i)
-            .collect();
-        for i in due {
-            ends.remove(&i);
-            if let Some(f) = faults
-                .iter_mut()
-                .rev()
-                .find(|f| f.node == i && f.to_us == u64::MAX)
-            {
-                heal(c, f.kind, i)?;
-                f.to_us = started.elapsed().as_micros() as u64;
+        let mut k = 0;
+        while k < active.len() {
+            let (fi, until) = active[k];
+            if until <= now {
+                active.swap_remove(k);
+                heal(c, links, &faults[fi])?;
+                faults[fi].to_us = started.elapsed().as_micros() as u64;
+            } else {
+                k += 1;
             }
         }
-        if now < next_fault || ends.len() >= o.max_faulty || o.faults.is_empty() {
+        let faulty: Vec<usize> = active
+            .iter()
+            .flat_map(|&(fi, _)| faults[fi].nodes())
+            .collect();
+        let room = o.max_faulty.saturating_sub(faulty.len());
+        if now < next_fault || room == 0 || o.faults.is_empty() {
             continue;
         }
         next_fault = now + gap(&mut rng);
-        let kind = o.faults[rng.random_range(0..o.faults.len())];
-        // The leader, as a healthy node sees it.
-        let healthy: Vec<usize> = (0..c.nodes.len())
-            .filter(|i| !ends.contains_key(i))
-            .collect();
-        let mut leader = None;
-        for &i in &healthy {
-            if let Some(s) = local_cluster::status(&c.nodes[i].admin).await
-                && let Some(l) = s["leader"].as_str()
-            {
-                leader = c.nodes.iter().position(|n| n.id == l);
-                break;
-            }
+        // Kinds come in rounds, each a shuffle of all of them: every kind happens
+        // early in a run, and all about as often.
+        if kinds.is_empty() {
+            kinds = o.faults.clone();
+            kinds.shuffle(&mut rng);
         }
+        let Some(kind) = kinds.pop() else {
+            continue;
+        };
+        let healthy: Vec<usize> = (0..n).filter(|i| !faulty.contains(i)).collect();
+        let leader = leader_of(c, &healthy).await;
         // The first kill goes to the leader (a run must kill one); later faults
         // hit it a third of the time.
         let leader_killed = faults.iter().any(|f| f.kind == FaultKind::Kill && f.leader);
@@ -662,33 +765,83 @@ async fn nemesis(c: &mut Cluster, o: &ChaosOptions, started: Instant) -> Result<
             Some(l) if healthy.contains(&l) && (first_kill || rng.random_range(0..3) == 0) => l,
             _ => healthy[rng.random_range(0..healthy.len())],
         };
-        let pid = c.nodes[target].pid;
-        match kind {
-            FaultKind::Kill => {
-                tokio::task::spawn_blocking(move || local_cluster::kill9(pid)).await??
-            }
-            FaultKind::Pause => signal(pid, rustix::process::Signal::STOP),
-        }
-        let length = o.fault_length.mul_f64(rng.random_range(1.0..2.0));
-        ends.insert(target, Instant::now() + length);
-        faults.push(Fault {
+        let mut fault = Fault {
             kind,
             node: target,
+            group: Vec::new(),
+            detail: String::new(),
             leader: leader == Some(target),
-            from_us: started.elapsed().as_micros() as u64,
+            from_us: 0,
             to_us: u64::MAX,
-        });
+            links: Vec::new(),
+        };
+        match kind {
+            FaultKind::Kill => {
+                let pid = c.nodes[target].pid;
+                tokio::task::spawn_blocking(move || local_cluster::kill9(pid)).await??
+            }
+            FaultKind::Pause => signal(c.nodes[target].pid, rustix::process::Signal::STOP),
+            FaultKind::Partition => {
+                // A minority side (the target and maybe more), cut from the rest.
+                let size = rng.random_range(1..=room.min((n - 1) / 2).max(1));
+                let mut side = vec![target];
+                let mut others: Vec<usize> =
+                    healthy.iter().copied().filter(|&i| i != target).collect();
+                while side.len() < size && !others.is_empty() {
+                    side.push(others.swap_remove(rng.random_range(0..others.len())));
+                }
+                side.sort_unstable();
+                let how = if rng.random_bool(0.5) {
+                    Link::Cut
+                } else {
+                    Link::Stall
+                };
+                for &a in &side {
+                    for b in (0..n).filter(|b| !side.contains(b)) {
+                        for (x, y) in [(a, b), (b, a)] {
+                            links.set(x, y, Some(how));
+                            fault.links.push((x, y));
+                        }
+                    }
+                }
+                fault.detail = if how == Link::Cut { "cut" } else { "stall" }.into();
+                fault.leader = leader.is_some_and(|l| side.contains(&l));
+                fault.group = side;
+            }
+            FaultKind::Slow => {
+                let d = Duration::from_millis(rng.random_range(50..=300));
+                for b in (0..n).filter(|&b| b != target) {
+                    for (x, y) in [(target, b), (b, target)] {
+                        links.set(x, y, Some(Link::Delay(d)));
+                        fault.links.push((x, y));
+                    }
+                }
+                fault.detail = format!("{} ms", d.as_millis());
+            }
+        }
+        fault.from_us = started.elapsed().as_micros() as u64;
+        let length = o.fault_length.mul_f64(rng.random_range(1.0..2.0));
         println!(
-            "{:>7.1}s  {} node {target}{} for {:.1}s",
+            "{:>7.1}s  {} node{} {}{}{} for {:.1}s",
             started.elapsed().as_secs_f64(),
             kind.name(),
-            if leader == Some(target) {
-                " (leader)"
+            if fault.group.len() > 1 { "s" } else { "" },
+            fault
+                .nodes()
+                .iter()
+                .map(|i| i.to_string())
+                .collect::<Vec<_>>()
+                .join(","),
+            if fault.leader { " (leader)" } else { "" },
+            if fault.detail.is_empty() {
+                String::new()
             } else {
-                ""
+                format!(" ({})", fault.detail)
             },
             length.as_secs_f64()
         );
+        active.push((faults.len(), Instant::now() + length));
+        faults.push(fault);
     }
     Ok(faults)
 }

@@ -27,6 +27,7 @@ pub struct FileConfig {
     pub shutdown_grace: Option<String>,
     pub log_format: Option<String>,
     pub rpc_address: Option<String>,
+    pub rpc_advertise: Option<String>,
     pub zone: Option<String>,
     pub capacity: Option<String>,
     pub cluster_secret: Option<String>,
@@ -56,8 +57,12 @@ pub struct Config {
     pub multipart_expiry: Duration,
     pub shutdown_grace: Duration,
     pub log_json: bool,
-    /// Where other nodes reach this one; `None`: no RPC listener, a cluster of one.
+    /// Where this node listens for other nodes; `None`: no RPC listener, a cluster
+    /// of one.
     pub rpc_address: Option<SocketAddr>,
+    /// Where other nodes reach this one, when not at `rpc_address` (behind a NAT,
+    /// a container's port mapping or a proxy).
+    pub rpc_advertise: Option<String>,
     /// The failure zone this node is in (copies of a block go to distinct zones).
     pub zone: String,
     /// Bytes this node offers for data; `None`: the size of its file system.
@@ -84,6 +89,7 @@ impl std::fmt::Debug for Config {
             .field("s3_address", &self.s3_address)
             .field("admin_address", &self.admin_address)
             .field("rpc_address", &self.rpc_address)
+            .field("rpc_advertise", &self.rpc_advertise)
             .field("zone", &self.zone)
             .field("capacity", &self.capacity)
             .field(
@@ -145,6 +151,7 @@ pub struct Overrides {
     pub gc_interval: Option<String>,
     pub log_format: Option<String>,
     pub rpc_address: Option<String>,
+    pub rpc_advertise: Option<String>,
     pub zone: Option<String>,
     pub capacity: Option<String>,
     pub cluster_secret: Option<String>,
@@ -171,6 +178,13 @@ impl Config {
         let addr = |key: &str, v: String| -> Result<SocketAddr> {
             v.parse()
                 .with_context(|| format!("{key}: '{v}' is not an address like 127.0.0.1:9000"))
+        };
+        // HOST:PORT where HOST may be a name (resolved when dialled).
+        let host_port = |key: &str, v: String| -> Result<String> {
+            match v.rsplit_once(':') {
+                Some((h, p)) if !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0) => Ok(v),
+                _ => bail!("{key}: '{v}' is not HOST:PORT"),
+            }
         };
         let dur = |key: &str, v: Option<String>, default: Duration| -> Result<Duration> {
             match v {
@@ -226,6 +240,9 @@ impl Config {
             rpc_address: pick(o.rpc_address, fc.rpc_address)
                 .map(|v| addr("rpc_address", v))
                 .transpose()?,
+            rpc_advertise: pick(o.rpc_advertise, fc.rpc_advertise)
+                .map(|v| host_port("rpc_advertise", v))
+                .transpose()?,
             zone: pick(o.zone, fc.zone).unwrap_or_else(|| "z1".into()),
             capacity: pick(o.capacity, fc.capacity)
                 .map(|v| parse_size(&v).map(|n| n as u64).context("capacity"))
@@ -258,6 +275,9 @@ impl Config {
         }
         if cfg.capacity == Some(0) {
             bail!("capacity: must be more than 0 (leave it out to use the file system's size)");
+        }
+        if cfg.rpc_advertise.is_some() && cfg.rpc_address.is_none() {
+            bail!("rpc_advertise: needs rpc_address (the address to listen on)");
         }
         match (&cfg.rpc_address, &cfg.cluster_secret) {
             (Some(_), None) => bail!(
@@ -325,5 +345,28 @@ mod tests {
             Config::load(Some(&p), Overrides::default()).unwrap_err()
         );
         assert!(err.contains("s3_address"), "{err}");
+    }
+
+    #[test]
+    fn an_advertised_rpc_address_is_checked() {
+        let with = |address: Option<&str>, advertise: &str| {
+            Config::load(
+                None,
+                Overrides {
+                    rpc_address: address.map(str::to_string),
+                    rpc_advertise: Some(advertise.to_string()),
+                    cluster_secret: Some("a-secret-long-enough-for-it".into()),
+                    ..Overrides::default()
+                },
+            )
+        };
+        let cfg = with(Some("127.0.0.1:9002"), "node-a.example:19002").unwrap();
+        assert_eq!(cfg.rpc_advertise.as_deref(), Some("node-a.example:19002"));
+        for bad in ["node-a.example", ":9002", "host:0", "host:99999"] {
+            let err = format!("{:#}", with(Some("127.0.0.1:9002"), bad).unwrap_err());
+            assert!(err.contains("rpc_advertise"), "{bad}: {err}");
+        }
+        let err = format!("{:#}", with(None, "host:9002").unwrap_err());
+        assert!(err.contains("needs rpc_address"), "{err}");
     }
 }

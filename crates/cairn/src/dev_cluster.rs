@@ -33,6 +33,10 @@ pub struct DevClusterArgs {
     /// First port: node i listens on P+3i (S3), P+3i+1 (admin), P+3i+2 (RPC)
     #[arg(long, default_value_t = 9000)]
     base_port: u16,
+    /// Node i tells the others to reach it at 127.0.0.1:PORT+i instead of its RPC
+    /// port: for a proxy in front of each node (fault injection, `cairn chaos`)
+    #[arg(long, value_name = "PORT")]
+    rpc_advertise_base: Option<u16>,
     /// Further flags for every node's `cairn serve` (repeat for each flag)
     #[arg(long = "serve-arg", value_name = "ARG", allow_hyphen_values = true)]
     serve_args: Vec<String>,
@@ -63,6 +67,11 @@ pub fn run(a: DevClusterArgs) -> Result<()> {
     let last = u32::from(a.base_port) + 3 * a.nodes as u32;
     if last > 65535 {
         bail!("--base-port: the nodes' ports would pass 65535");
+    }
+    if let Some(p) = a.rpc_advertise_base
+        && u32::from(p) + a.nodes as u32 > 65535
+    {
+        bail!("--rpc-advertise-base: the advertised ports would pass 65535");
     }
     std::fs::create_dir_all(&a.data_dir)
         .with_context(|| format!("creating {}", a.data_dir.display()))?;
@@ -117,6 +126,10 @@ pub fn run(a: DevClusterArgs) -> Result<()> {
                 "--zone".into(),
                 zone.clone(),
             ];
+            if let Some(p) = a.rpc_advertise_base {
+                argv.push("--rpc-advertise".into());
+                argv.push(format!("127.0.0.1:{}", p as usize + i));
+            }
             argv.extend(a.serve_args.iter().cloned());
             Node {
                 index: i,

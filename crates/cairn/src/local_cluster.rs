@@ -55,21 +55,38 @@ pub fn terminate(c: &mut Child) {
 /// Starts `nodes` nodes in `zones` zones, in a temporary directory named from
 /// `prefix`.
 pub fn start_cluster(nodes: usize, zones: usize, prefix: &str) -> Result<Cluster> {
+    start_cluster_with(nodes, zones, prefix, |_| Ok(Vec::new()))
+}
+
+/// As [`start_cluster`]; `extra` is called with the first port of each attempt
+/// (the nodes use 3 per node from it, and the next one per node is free for the
+/// caller) and returns more `dev-cluster` flags, or an error to try other ports.
+pub fn start_cluster_with(
+    nodes: usize,
+    zones: usize,
+    prefix: &str,
+    mut extra: impl FnMut(u16) -> Result<Vec<String>>,
+) -> Result<Cluster> {
     let exe = std::env::current_exe().context("finding the cairn binary")?;
+    // Ports below the kernel's ephemeral range, in slots of 4 per node; another
+    // try on other ports if one is taken.
+    let slot = 4 * nodes.max(5) as u32;
     for _ in 0..5 {
         let dir = tempfile::Builder::new()
             .prefix(prefix)
             .tempdir()
             .context("creating a temporary directory")?;
-        // Ports below the kernel's ephemeral range; another try on other ports if
-        // one is taken.
-        let base = 20000 + (rand::random_range(0..600u32) * 20);
+        let base = 20000 + rand::random_range(0..12000 / slot) * slot;
+        let Ok(more) = extra(base as u16) else {
+            continue;
+        };
         let mut dev = Command::new(&exe)
             .args(["dev-cluster", "--nodes", &nodes.to_string(), "--zones"])
             .arg(zones.to_string())
             .arg("--data-dir")
             .arg(dir.path())
             .args(["--base-port", &base.to_string()])
+            .args(more)
             .env_remove("CAIRN_ACCESS_KEY")
             .env_remove("CAIRN_SECRET_KEY")
             .stdin(Stdio::null())

@@ -14,6 +14,7 @@ mod dev_cluster;
 mod failover;
 mod local_cluster;
 mod logwriter;
+mod netproxy;
 mod server;
 mod sigv4;
 
@@ -70,8 +71,8 @@ struct ChaosArgs {
     /// Keys the clients share
     #[arg(long, default_value_t = 8)]
     keys: usize,
-    /// Fault kinds, comma-separated (kill, pause)
-    #[arg(long, default_value = "kill,pause")]
+    /// Fault kinds, comma-separated (kill, pause, partition, slow)
+    #[arg(long, default_value = "kill,pause,partition,slow")]
     faults: String,
     /// Mean time between the starts of two faults
     #[arg(long, default_value = "4s")]
@@ -195,6 +196,10 @@ struct ServeArgs {
     /// listener and is a cluster of one
     #[arg(long, env = "CAIRN_RPC_ADDRESS", value_name = "HOST:PORT")]
     rpc_address: Option<String>,
+    /// Address other nodes reach this one at when it is not --rpc-address (a NAT,
+    /// a container's port mapping, a proxy) [default: --rpc-address]
+    #[arg(long, env = "CAIRN_RPC_ADVERTISE", value_name = "HOST:PORT")]
+    rpc_advertise: Option<String>,
     /// Failure zone of this node (copies go to distinct zones) [default: z1]
     #[arg(long, env = "CAIRN_ZONE", value_name = "NAME")]
     zone: Option<String>,
@@ -276,6 +281,7 @@ fn run_serve(a: ServeArgs) -> anyhow::Result<()> {
             gc_interval: a.gc_interval,
             log_format: a.log_format,
             rpc_address: a.rpc_address,
+            rpc_advertise: a.rpc_advertise,
             zone: a.zone,
             capacity: a.capacity,
             rebalance_rate: a.rebalance_rate,

@@ -112,12 +112,16 @@ pub async fn serve(cfg: Config) -> Result<()> {
         }
         _ => None,
     };
+    // Where the other nodes reach this one: the bound address unless told otherwise.
+    let advertised: Option<String> = rpc
+        .as_ref()
+        .map(|r| cfg.rpc_advertise.clone().unwrap_or_else(|| r.1.to_string()));
     let meta = MetaStore::open_with(
         &dir.join("meta.redb"),
         MetaOptions {
             node_id,
             memory: meta_cache,
-            rpc_address: rpc.as_ref().map(|r| r.1.to_string()).unwrap_or_default(),
+            rpc_address: advertised.clone().unwrap_or_default(),
             peers: rpc
                 .as_ref()
                 .map(|r| Peers::new(r.2.clone(), RPC_CONNECT_TIMEOUT)),
@@ -151,14 +155,14 @@ pub async fn serve(cfg: Config) -> Result<()> {
         id: node_id,
         zone: cfg.zone.clone(),
         capacity,
-        rpc: rpc_addr.map(|a| a.to_string()).unwrap_or_default(),
+        rpc: advertised.clone().unwrap_or_default(),
         state: NodeState::Active,
     };
     let _ = admin.cluster.set(Arc::new(NodeCluster {
         meta: meta.clone(),
         data: data.clone(),
         peers: meta.peers().cloned(),
-        rpc: rpc_addr,
+        rpc: advertised.clone(),
         zone: cfg.zone.clone(),
         entry: entry.clone(),
     }));
@@ -285,7 +289,8 @@ struct NodeCluster {
     meta: MetaStore,
     data: Blocks,
     peers: Option<Peers>,
-    rpc: Option<SocketAddr>,
+    /// The RPC address other nodes reach this one at.
+    rpc: Option<String>,
     zone: String,
     /// This node's entry in the layout.
     entry: LayoutNode,
@@ -399,7 +404,7 @@ impl ClusterAdmin for NodeCluster {
             .collect();
         serde_json::json!({
             "node": format!("{:016x}", m.id),
-            "rpc_address": self.rpc.map(|a| a.to_string()),
+            "rpc_address": self.rpc,
             "zone": self.zone,
             "raft_state": format!("{:?}", m.state),
             "leader": m.current_leader.map(|l| format!("{l:016x}")),
@@ -422,7 +427,7 @@ impl ClusterAdmin for NodeCluster {
 
     async fn join(&self, member: &str) -> Result<serde_json::Value, (http::StatusCode, String)> {
         use http::StatusCode;
-        let (Some(peers), Some(rpc)) = (&self.peers, self.rpc) else {
+        let (Some(peers), Some(rpc)) = (&self.peers, self.rpc.clone()) else {
             return Err((
                 StatusCode::CONFLICT,
                 "this node has no RPC address: start it with --rpc-address (and the cluster secret) to join a cluster".into(),
@@ -444,7 +449,7 @@ impl ClusterAdmin for NodeCluster {
         let req = cairn_meta::raft::network::JoinRequest {
             node_id: me,
             member: cairn_meta::raft::Member {
-                rpc: rpc.to_string(),
+                rpc,
                 zone: self.zone.clone(),
             },
         };

@@ -1,5 +1,6 @@
-//! `cairn chaos`: a short run with every fault kind passes its own checks, and the
-//! verdict on a saved history rejects what it must.
+//! `cairn chaos`: a short run with every fault kind (kill -9, pause, partitions and
+//! slow links through the proxies) passes its own checks, and the verdict on a
+//! saved history rejects what it must.
 
 mod common;
 
@@ -84,13 +85,17 @@ fn a_short_run_with_every_fault_kind_passes_and_checks_again() {
         out.contains("0 lost writes, 0 linearizability violations, 0 damaged reads"),
         "{out}"
     );
-    // "faults: 13 (kill 9, pause 4); leaders killed: 4"
+    // "faults: 13 (kill 4, partition 3, pause 3, slow 3); leaders killed: 2"
     let faults = out
         .lines()
         .find(|l| l.starts_with("faults:"))
         .unwrap_or_else(|| panic!("no faults line: {out}"));
-    assert!(number_after(faults, "(kill").unwrap_or(0) >= 1, "{out}");
-    assert!(number_after(faults, "pause").unwrap_or(0) >= 1, "{out}");
+    for kind in ["kill", "pause", "partition", "slow"] {
+        assert!(
+            number_after(faults, &format!("{kind} ")).unwrap_or(0) >= 1,
+            "no {kind}: {out}"
+        );
+    }
     assert!(
         number_after(faults, "leaders killed:").unwrap_or(0) >= 1,
         "{out}"
