@@ -17,9 +17,25 @@
 //! no return: it may take effect at any point after its call, or never; its
 //! answer is not known, so the model accepts any.
 //!
+//! Unanswered operations make the search exponential in their number (each may be
+//! linearized anywhere after its call, or never). So a value that no read returned
+//! is replaced by one stand-in (which of them the key holds cannot matter), and
+//! unanswered operations that are then alike ("twins": a PUT of the stand-in, a
+//! DELETE) are remembered by count, not by name; a configuration is not explored
+//! again with more of them linearized (they need never be). Twins are kept out of
+//! the event list and tried only where the search would otherwise undo a choice.
+//! The operations linearized are remembered as a 128-bit Zobrist hash, so a
+//! configuration of a long history costs a few bytes.
+//!
+//! A history that passes is checked in about linear time. One that fails must have
+//! every order of what came before its failure explored: on a long history with
+//! many unanswered writes that can exceed the budget, and the key is reported
+//! undecided (which fails the run as a violation does).
+//!
 //! A failing key is reported with a small failing sub-history: the shortest failing
 //! prefix (by call time) found by bisection, then every operation whose removal
-//! keeps it failing removed.
+//! keeps it failing removed, first in chunks, then one by one (but not the write of
+//! a value a kept read returned: without it the read fails for want of any write).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
@@ -242,10 +258,11 @@ struct Events {
 }
 
 impl Events {
-    fn new(ops: &[KeyOp]) -> Events {
+    /// The events of the ops for which `listed` holds.
+    fn new(ops: &[KeyOp], listed: impl Fn(usize) -> bool) -> Events {
         let n = ops.len();
         let mut events: Vec<(u64, bool, usize)> = Vec::with_capacity(2 * n);
-        for (i, o) in ops.iter().enumerate() {
+        for (i, o) in ops.iter().enumerate().filter(|&(i, _)| listed(i)) {
             events.push((o.call, false, i));
             if let Some(r) = o.ret {
                 events.push((r.max(o.call), true, i));
@@ -355,30 +372,69 @@ fn canonical(ops: &[KeyOp]) -> (Vec<KeyOp>, Vec<Option<Twin>>) {
     (out, twins)
 }
 
-/// Ops linearized (twins aside) and the state they leave.
-type Config = (Vec<u64>, Option<u64>);
+/// Ops linearized (twins aside, as a Zobrist hash: the XOR of a random 128-bit
+/// key per op, so that a long history's configurations take a few bytes each) and
+/// the state they leave.
+type Config = (u128, Option<u64>);
+
+/// The Zobrist key of op `i`: 128 bits from splitmix64.
+fn zobrist(i: usize) -> u128 {
+    let mix = |mut x: u64| {
+        x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        x ^ (x >> 31)
+    };
+    let a = mix(i as u64);
+    (u128::from(a) << 64) | u128::from(mix(a ^ 0x5851_f42d_4c95_7f2d))
+}
+
+/// A choice the search made, undone when it backtracks.
+#[derive(Debug, Clone, Copy)]
+enum Choice {
+    /// Op `i` (not a twin) linearized.
+    Op(usize),
+    /// One twin of this kind linearized, at list position `at` (a return, or the
+    /// end).
+    Twin(Twin, usize),
+}
 
 /// Wing–Gong–Lowe search over one key's operations.
+///
+/// Twins are not in the event list (thousands of them would be walked past at
+/// every step): at a return, where the search would otherwise undo its last
+/// choice, it first tries one twin of each kind, if one was called by then and not
+/// yet used.
 fn search(ops: &[KeyOp], limits: Limits) -> Search {
     let (ops, twins) = canonical(ops);
-    let n = ops.len();
-    let mut ev = Events::new(&ops);
+    let mut ev = Events::new(&ops, |i| twins[i].is_none());
     let end = ev.end();
-    let mut remaining = ops.iter().filter(|o| o.ret.is_some()).count();
-    // Ops linearized, by index, except twins: those are counted by kind.
-    let mut done = vec![0u64; n.div_ceil(64)];
-    let mut counts = [0u32; 3];
-    let mark = |done: &mut Vec<u64>, counts: &mut [u32; 3], i: usize, on: bool| match twins[i] {
-        Some(t) if on => counts[t as usize] += 1,
-        Some(t) => counts[t as usize] -= 1,
-        None if on => done[i / 64] |= 1 << (i % 64),
-        None => done[i / 64] &= !(1 << (i % 64)),
+    // Call times of the twins of each kind, sorted.
+    let mut twin_calls: [Vec<u64>; 3] = Default::default();
+    for (o, t) in ops.iter().zip(&twins) {
+        if let Some(t) = t {
+            twin_calls[*t as usize].push(o.call);
+        }
+    }
+    for c in &mut twin_calls {
+        c.sort_unstable();
+    }
+    const KINDS: [Twin; 3] = [Twin::Put, Twin::PutIfAbsent, Twin::Delete];
+    let twin_step = |t: Twin| match t {
+        Twin::Put => Step::Put(UNSEEN),
+        Twin::PutIfAbsent => Step::PutIfAbsentUnknown(UNSEEN),
+        Twin::Delete => Step::Delete,
     };
+    let mut remaining = ops.iter().filter(|o| o.ret.is_some()).count();
+    // Ops linearized, except twins: those are counted by kind.
+    let keys: Vec<u128> = (0..ops.len()).map(zobrist).collect();
+    let mut done = 0u128;
+    let mut counts = [0u32; 3];
     // Configurations explored. One with fewer twins linearized (and otherwise
     // the same) can do all another can: twins need never be linearized at all.
     let mut seen: HashMap<Config, Vec<[u32; 3]>> = HashMap::new();
-    let mut first_visit = |done: &[u64], counts: [u32; 3], state: Option<u64>| {
-        let known = seen.entry((done.to_vec(), state)).or_default();
+    let mut first_visit = |done: u128, counts: [u32; 3], state: Option<u64>| {
+        let known = seen.entry((done, state)).or_default();
         if known
             .iter()
             .any(|k| k.iter().zip(&counts).all(|(a, b)| a <= b))
@@ -388,44 +444,80 @@ fn search(ops: &[KeyOp], limits: Limits) -> Search {
         known.push(counts);
         true
     };
-    // Each choice: the op, the state before it, and the kinds of twins already
-    // tried from that configuration (one of a kind stands for all).
-    let mut stack: Vec<(usize, Option<u64>, u8)> = Vec::new();
+    // Each choice, with the state before it and the twin kinds tried before it
+    // at its position.
+    let mut stack: Vec<(Choice, Option<u64>, u8)> = Vec::new();
     let mut state: Option<u64> = None;
     let mut tried = 0u8;
-    let bit = |i: usize| twins[i].map_or(0, |t| 1u8 << t as u8);
     let mut at = ev.next[0];
     let mut steps = 0u64;
     while remaining > 0 {
-        // At a return (an op that had to be linearized by now was not), or past
-        // the last event (no unanswered call fits): undo the last choice.
-        let backtrack = at == end || ev.events[at - 1].1;
-        if backtrack {
-            let Some((i, before, was_tried)) = stack.pop() else {
-                return Search::Violation;
-            };
-            mark(&mut done, &mut counts, i, false);
-            state = before;
-            tried = was_tried;
-            if ops[i].ret.is_some() {
-                remaining += 1;
-            }
-            at = ev.unlift(i);
-            continue;
-        }
-        let i = ev.events[at - 1].2;
-        if bit(i) & tried != 0 {
-            at = ev.next[at];
-            continue;
-        }
         steps += 1;
         if steps > limits.max_steps {
             return Search::Undecided;
         }
+        let at_return = at == end || ev.events[at - 1].1;
+        if at_return {
+            // Before giving up this configuration: a twin called by now?
+            let now = if at == end {
+                u64::MAX
+            } else {
+                ev.events[at - 1].0
+            };
+            let mut moved = false;
+            for t in KINDS {
+                let b = 1u8 << t as u8;
+                if tried & b != 0 {
+                    continue;
+                }
+                tried |= b;
+                let k = t as usize;
+                let called = twin_calls[k].partition_point(|&c| c <= now) as u32;
+                if called <= counts[k] {
+                    continue;
+                }
+                if let Some(after) = apply(state, twin_step(t)) {
+                    counts[k] += 1;
+                    if first_visit(done, counts, after) {
+                        stack.push((Choice::Twin(t, at), state, tried));
+                        state = after;
+                        tried = 0;
+                        at = ev.next[0];
+                        moved = true;
+                        break;
+                    }
+                    counts[k] -= 1;
+                }
+            }
+            if moved {
+                continue;
+            }
+            // An op that had to be linearized by now was not: undo the last choice.
+            let Some((choice, before, was_tried)) = stack.pop() else {
+                return Search::Violation;
+            };
+            state = before;
+            tried = was_tried;
+            match choice {
+                Choice::Op(i) => {
+                    done ^= keys[i];
+                    if ops[i].ret.is_some() {
+                        remaining += 1;
+                    }
+                    at = ev.unlift(i);
+                }
+                Choice::Twin(t, pos) => {
+                    counts[t as usize] -= 1;
+                    at = pos;
+                }
+            }
+            continue;
+        }
+        let i = ev.events[at - 1].2;
         if let Some(after) = apply(state, ops[i].step) {
-            mark(&mut done, &mut counts, i, true);
-            if first_visit(&done, counts, after) {
-                stack.push((i, state, tried | bit(i)));
+            done ^= keys[i];
+            if first_visit(done, counts, after) {
+                stack.push((Choice::Op(i), state, tried));
                 state = after;
                 tried = 0;
                 ev.lift(i);
@@ -435,9 +527,8 @@ fn search(ops: &[KeyOp], limits: Limits) -> Search {
                 at = ev.next[0];
                 continue;
             }
-            mark(&mut done, &mut counts, i, false);
+            done ^= keys[i];
         }
-        tried |= bit(i);
         at = ev.next[at];
     }
     Search::Linearizable

@@ -482,3 +482,50 @@ fn an_answer_the_call_cannot_have_is_rejected() {
         .history(&["k"]);
     assert_eq!(check(&h, Limits::default()).violations.len(), 1);
 }
+
+#[test]
+fn a_long_history_is_checked_in_bounded_time_and_memory() {
+    // 30 000 overlapping operations on one key, a tenth of the writes unanswered:
+    // what a half-hour run puts on a key.
+    let spec = |n: u64| -> Vec<(u8, u64, u64, u64, bool)> {
+        (0..n)
+            .map(|i| {
+                let x = i.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+                ((x >> 7) as u8 % 5, i, 1 + (x >> 13) % 3, x >> 17, (x >> 29) % 10 == 0)
+            })
+            .collect()
+    };
+    let started = std::time::Instant::now();
+    let h = linearizable_history(spec(30_000));
+    assert_eq!(h.ops.len(), 30_000);
+    assert!(h.ops.iter().filter(|o| o.is_unknown()).count() > 1000);
+    let v = check(&h, Limits::default());
+    assert!(v.passed(), "{:?}", v.undecided);
+    // A read, after everything, of a value long overwritten: the search must
+    // exhaust every order of what came before, so a shorter history.
+    let mut bad = linearizable_history(spec(600));
+    let old = bad
+        .ops
+        .iter()
+        .find_map(|o| match (o.call.clone(), o.outcome.clone()) {
+            (Call::Put { value }, Outcome::Ok) => Some(value),
+            _ => None,
+        })
+        .unwrap();
+    let end = bad.ops.iter().map(|o| o.completed_us).max().unwrap();
+    bad.ops.push(Op {
+        id: 1_000_000,
+        client: 9,
+        node: 0,
+        key: "k".into(),
+        call: Call::Get,
+        invoked_us: end + 10,
+        completed_us: end + 20,
+        outcome: Outcome::Found { value: old },
+    });
+    let v = check(&bad, Limits::default());
+    assert_eq!(v.violations.len(), 1, "{:?}", v.undecided);
+    assert!(v.violations[0].ops.len() <= 5, "{:?}", v.violations[0].ops);
+    // A hang guard, not a benchmark: both take a few seconds at most.
+    assert!(started.elapsed() < std::time::Duration::from_secs(120));
+}
