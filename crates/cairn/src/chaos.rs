@@ -137,6 +137,11 @@ struct RunInfo {
 }
 
 const BUCKET: &str = "chaos";
+/// Flags of every node of a chaos cluster.
+const NODE_FLAGS: [&str; 2] = ["--gc-grace=1m", "--gc-interval=5s"];
+/// A run stops early (and says so) when the disk holding its cluster has less
+/// than this free.
+const MIN_FREE_DISK: u64 = 1 << 30;
 /// Largest response body read (the largest value is 2 MiB).
 const MAX_BODY: usize = 8 << 20;
 /// A gap longer than this between two acknowledged operations counts as a window
@@ -183,7 +188,14 @@ pub async fn run(o: ChaosOptions) -> Result<()> {
                 let target = SocketAddr::from(([127, 0, 0, 1], (base as usize + 3 * i + 2) as u16));
                 netproxy::spawn(l, target, i, l2.clone());
             }
-            Ok(vec!["--rpc-advertise-base".into(), proxy_base.to_string()])
+            let mut args = vec!["--rpc-advertise-base".to_string(), proxy_base.to_string()];
+            // Overwritten objects' blocks go within minutes, not the default hour:
+            // a long run reuses its disk (and collection runs under the faults).
+            for a in NODE_FLAGS {
+                args.push("--serve-arg".into());
+                args.push(a.to_string());
+            }
+            Ok(args)
         })
     })
     .await??;
@@ -722,9 +734,28 @@ async fn nemesis(
     let end = started + o.duration;
     let n = c.nodes.len();
     let mut kinds: Vec<FaultKind> = Vec::new();
+    let mut disk_checked = Instant::now();
     while Instant::now() < end {
         tokio::time::sleep(Duration::from_millis(50)).await;
         let now = Instant::now();
+        if now.duration_since(disk_checked) > Duration::from_secs(1) {
+            disk_checked = now;
+            let dir = c.dir.path().to_path_buf();
+            let free = tokio::task::spawn_blocking(move || rustix::fs::statvfs(&dir))
+                .await
+                .ok()
+                .and_then(|r| r.ok())
+                .map_or(u64::MAX, |s| s.f_bavail.saturating_mul(s.f_frsize));
+            if free < MIN_FREE_DISK {
+                println!(
+                    "{:>7.1}s  stopping early: {} MiB left on the disk of {}",
+                    started.elapsed().as_secs_f64(),
+                    free >> 20,
+                    c.dir.path().display()
+                );
+                break;
+            }
+        }
         // Heal what is due.
         let mut k = 0;
         while k < active.len() {

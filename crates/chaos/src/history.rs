@@ -155,12 +155,13 @@ impl History {
 }
 
 /// Size of the object written for `value`: mostly small (kept inline in the
-/// metadata), some of a few blocks, so that both paths are exercised.
+/// metadata), some in blocks, so that both paths are exercised; small enough
+/// that a long run at full speed stays within a modest disk.
 pub fn size_of(value: u64) -> usize {
     match mix(value) % 8 {
-        0 => 2 << 20,
-        1 => 300 << 10,
-        2 => 64 << 10,
+        0 => 256 << 10,
+        1 => 64 << 10,
+        2 => 16 << 10,
         _ => 16 + (mix(value ^ 0x5bd1) % 4000) as usize,
     }
 }

@@ -491,7 +491,13 @@ fn a_long_history_is_checked_in_bounded_time_and_memory() {
         (0..n)
             .map(|i| {
                 let x = i.wrapping_mul(0x9e37_79b9_7f4a_7c15);
-                ((x >> 7) as u8 % 5, i, 1 + (x >> 13) % 3, x >> 17, (x >> 29) % 10 == 0)
+                (
+                    (x >> 7) as u8 % 5,
+                    i,
+                    1 + (x >> 13) % 3,
+                    x >> 17,
+                    (x >> 29) % 10 == 0,
+                )
             })
             .collect()
     };
