@@ -633,6 +633,90 @@ async fn full_disk_fails_clearly_and_recovers() {
     drop(guard);
 }
 
+/// A node started again on a full disk does not give up: once space is freed it
+/// serves, everything stored before intact. Runs on a size-limited tmpfs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_started_on_a_full_disk_serves_once_space_is_freed() {
+    let root_guard = tempfile::tempdir().unwrap();
+    let mnt = root_guard.path().join("small-disk");
+    std::fs::create_dir_all(&mnt).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=40m", "tmpfs"])
+        .arg(&mnt)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !mounted {
+        eprintln!(
+            "SKIPPED a_node_started_on_a_full_disk_serves_once_space_is_freed: cannot mount a tmpfs here (needs root)"
+        );
+        return;
+    }
+    let guard = Mount(mnt.clone());
+    let data_dir = mnt.join("data");
+    let mut srv = Server::start_in(&data_dir, &[]);
+    let s3 = srv.client();
+    s3.create_bucket().bucket("fulldisk").send().await.unwrap();
+    let data = bytes(1 << 20, 7);
+    s3.put_object()
+        .bucket("fulldisk")
+        .key("kept")
+        .body(ByteStream::from(data.clone()))
+        .send()
+        .await
+        .unwrap();
+    srv.kill9();
+    // Fill the disk to the last byte.
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(mnt.join("ballast")).unwrap();
+        let chunk = vec![0u8; 64 << 10];
+        while f.write_all(&chunk).is_ok() {}
+        let _ = f.write_all(&[0u8; 512]);
+        let _ = f.sync_all();
+    }
+    // Start it again; free the space a few seconds into its start.
+    let dir = data_dir.clone();
+    let starting = std::thread::spawn(move || Server::try_start_in(&dir, &[], &[]));
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    std::fs::remove_file(mnt.join("ballast")).unwrap();
+    let mut srv = tokio::task::spawn_blocking(move || starting.join().unwrap())
+        .await
+        .unwrap()
+        .unwrap_or_else(|e| panic!("the node did not serve once space was freed: {e}"));
+    let s3 = srv.client();
+    let mut ok = false;
+    for _ in 0..100 {
+        if s3
+            .put_object()
+            .bucket("fulldisk")
+            .key("after")
+            .body(ByteStream::from(vec![1u8; 4096]))
+            .send()
+            .await
+            .is_ok()
+        {
+            ok = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(ok, "writes did not resume: {}", srv.log());
+    let got = s3
+        .get_object()
+        .bucket("fulldisk")
+        .key("kept")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        got.body.collect().await.unwrap().into_bytes().to_vec(),
+        data
+    );
+    srv.kill9();
+    drop(guard);
+}
+
 /// Multipart uploads abandoned for longer than `multipart_expiry` are aborted and
 /// their parts reclaimed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

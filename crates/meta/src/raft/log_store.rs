@@ -509,6 +509,24 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 }
 
+/// Runs `op` until it succeeds or fails for another reason than a full disk,
+/// waiting `FULL_DISK_RETRY` between tries (the error logged once).
+fn when_not_full<T>(what: &str, mut op: impl FnMut() -> io::Result<T>) -> io::Result<T> {
+    let mut logged = false;
+    loop {
+        match op() {
+            Err(e) if crate::MetaError::from_storage(e.to_string()).is_no_space() => {
+                if !logged {
+                    tracing::error!(error = %e, "{what} failed: the disk is full; retrying");
+                    logged = true;
+                }
+                std::thread::sleep(FULL_DISK_RETRY);
+            }
+            other => return other,
+        }
+    }
+}
+
 /// The log's writer thread.
 struct Writer {
     dir: PathBuf,
@@ -549,17 +567,23 @@ impl Writer {
                     }
                     self.append(group);
                 }
+                // A full disk makes each of these wait and try again, as appends
+                // do: an error would stop the node's Raft core for good.
                 Job::Truncate(index, reply) => {
-                    let _ = reply.send(self.segments.truncate(index));
+                    let res =
+                        when_not_full("truncating the Raft log", || self.segments.truncate(index));
+                    let _ = reply.send(res);
                 }
                 Job::Purge(log_id, reply) => {
-                    let res = self.purge(log_id);
+                    let res = when_not_full("purging the Raft log", || self.purge(log_id));
                     let _ = reply.send(res);
                 }
                 Job::SaveVote(vote, reply) => {
                     let mut st = self.state.clone();
                     st.vote = Some(vote);
-                    let res = write_state(&self.dir, &st, self.skip_sync);
+                    let res = when_not_full("saving the Raft vote", || {
+                        write_state(&self.dir, &st, self.skip_sync)
+                    });
                     if res.is_ok() {
                         self.state = st;
                     }
