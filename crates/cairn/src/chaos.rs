@@ -171,12 +171,9 @@ pub async fn run(o: ChaosOptions) -> Result<()> {
     // slowed.
     let links = Links::new();
     let l2 = links.clone();
-    let proxy_base = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let pb = proxy_base.clone();
     let mut c = tokio::task::spawn_blocking(move || {
         local_cluster::start_cluster_with(nodes, zones, "cairn-chaos-", |base| {
             let proxy_base = base as usize + 3 * nodes;
-            pb.store(proxy_base, Ordering::Relaxed);
             let mut listeners = Vec::new();
             for i in 0..nodes {
                 listeners.push(std::net::TcpListener::bind((
@@ -206,6 +203,7 @@ pub async fn run(o: ChaosOptions) -> Result<()> {
     }
     // Every node must be reached through its proxy, for Raft and for blocks, or
     // the link faults would miss it.
+    let proxy_base = c.base_port as usize + 3 * nodes;
     let proxied = match local_cluster::status(&c.nodes[0].admin).await {
         Some(st) => ["members", "nodes"].iter().all(|list| {
             st[*list].as_array().is_some_and(|l| {
@@ -215,7 +213,7 @@ pub async fn run(o: ChaosOptions) -> Result<()> {
                             .as_str()
                             .and_then(|a| a.rsplit_once(':'))
                             .and_then(|(_, p)| p.parse::<usize>().ok());
-                        port.is_some_and(|p| p >= proxy_base.load(Ordering::Relaxed))
+                        port.is_some_and(|p| p >= proxy_base)
                     })
             })
         }),
@@ -273,6 +271,13 @@ async fn run_on(c: &mut Cluster, links: &Links, o: &ChaosOptions) -> Result<bool
         region: "us-east-1".into(),
     });
     let endpoints: Vec<String> = c.nodes.iter().map(|n| n.s3.clone()).collect();
+    // A connection to every node, by node index.
+    let conns = || {
+        endpoints
+            .iter()
+            .map(|e| conn_to(e))
+            .collect::<Result<Vec<Conn>>>()
+    };
     create_bucket(&endpoints[0], &signer).await?;
     let leader = local_cluster::settled_leader(c).await?;
     let term_before = term_of(c, leader).await;
@@ -287,7 +292,6 @@ async fn run_on(c: &mut Cluster, links: &Links, o: &ChaosOptions) -> Result<bool
     for client in 0..o.clients {
         let w = Worker {
             client: client as u32,
-            endpoints: endpoints.clone(),
             signer: signer.clone(),
             keys: keys.clone(),
             ops: ops.clone(),
@@ -296,8 +300,12 @@ async fn run_on(c: &mut Cluster, links: &Links, o: &ChaosOptions) -> Result<bool
             started,
             timeout: o.request_timeout,
         };
-        let (stop, seed) = (stop.clone(), o.seed.wrapping_add(1 + client as u64));
-        clients.push(tokio::spawn(async move { w.run(stop, seed).await }));
+        let (stop, seed, conns) = (
+            stop.clone(),
+            o.seed.wrapping_add(1 + client as u64),
+            conns()?,
+        );
+        clients.push(tokio::spawn(async move { w.run(conns, stop, seed).await }));
     }
 
     let faults = nemesis(c, links, o, started).await;
@@ -313,11 +321,10 @@ async fn run_on(c: &mut Cluster, links: &Links, o: &ChaosOptions) -> Result<bool
         heal(c, links, f)?;
         f.to_us = now_us;
     }
-    local_cluster::settled_leader(c)
+    let leader = local_cluster::settled_leader(c)
         .await
         .context("after healing every fault")?;
     let settle = healed_at.elapsed();
-    let leader = local_cluster::settled_leader(c).await?;
     let elections = match (term_before, term_of(c, leader).await) {
         (Some(a), Some(b)) => Some(b.saturating_sub(a)),
         _ => None,
@@ -326,7 +333,6 @@ async fn run_on(c: &mut Cluster, links: &Links, o: &ChaosOptions) -> Result<bool
     // Every key read through every node.
     let fin = Worker {
         client: u32::MAX,
-        endpoints: endpoints.clone(),
         signer: signer.clone(),
         keys: keys.clone(),
         ops: ops.clone(),
@@ -335,7 +341,7 @@ async fn run_on(c: &mut Cluster, links: &Links, o: &ChaosOptions) -> Result<bool
         started,
         timeout: o.request_timeout,
     };
-    fin.final_reads().await;
+    fin.final_reads(conns()?).await;
 
     let mut ops = std::mem::take(&mut *ops.lock().unwrap_or_else(|p| p.into_inner()));
     ops.sort_by_key(|op| (op.invoked_us, op.id));
@@ -359,9 +365,13 @@ async fn run_on(c: &mut Cluster, links: &Links, o: &ChaosOptions) -> Result<bool
         },
         ops,
     };
-    save(&h, &o.history)?;
-    println!("history saved in {}", o.history.display());
-    Ok(verdict(&h))
+    // Writing the file and the search are long and blocking: off the reactor's
+    // other tasks.
+    tokio::task::block_in_place(|| {
+        save(&h, &o.history)?;
+        println!("history saved in {}", o.history.display());
+        Ok(verdict(&h))
+    })
 }
 
 /// Current Raft term as node `i` reports it.
@@ -537,7 +547,6 @@ fn listed_keys(body: &[u8]) -> (Vec<String>, bool) {
 /// One client: a loop of random operations, each recorded.
 struct Worker {
     client: u32,
-    endpoints: Vec<String>,
     signer: Arc<Signer>,
     keys: Vec<String>,
     ops: Arc<Mutex<Vec<Op>>>,
@@ -548,13 +557,8 @@ struct Worker {
 }
 
 impl Worker {
-    async fn run(self, stop: Arc<AtomicBool>, seed: u64) {
+    async fn run(self, mut conns: Vec<Conn>, stop: Arc<AtomicBool>, seed: u64) {
         let mut rng = StdRng::seed_from_u64(seed);
-        let mut conns: Vec<Conn> = self
-            .endpoints
-            .iter()
-            .filter_map(|e| conn_to(e).ok())
-            .collect();
         while !stop.load(Ordering::Relaxed) {
             let node = rng.random_range(0..conns.len());
             let roll = rng.random_range(0..100u32);
@@ -583,12 +587,7 @@ impl Worker {
     }
 
     /// Reads every key through every node (after the cluster settled).
-    async fn final_reads(&self) {
-        let mut conns: Vec<Conn> = self
-            .endpoints
-            .iter()
-            .filter_map(|e| conn_to(e).ok())
-            .collect();
+    async fn final_reads(&self, mut conns: Vec<Conn>) {
         for key in &self.keys {
             for (node, conn) in conns.iter_mut().enumerate() {
                 self.one(conn, node, Call::Get, key.clone()).await;
@@ -960,7 +959,7 @@ pub fn verdict(h: &History) -> bool {
         "unavailable (no answer for over {:?}): {} windows, {:.1}s in all{}",
         UNAVAILABLE_GAP,
         windows.len(),
-        windows.iter().map(|w| w.1).sum::<f64>(),
+        windows.iter().fold(0.0, |all, w| all + w.1),
         windows
             .iter()
             .take(5)

@@ -21,6 +21,9 @@ pub struct NodeInfo {
 /// The cluster this bench started; dropping it stops every process.
 pub struct Cluster {
     pub dev: Child,
+    /// The first port: node i uses 3 from base + 3i; the 4 × nodes ports from
+    /// here on are the cluster's.
+    pub base_port: u16,
     pub dir: tempfile::TempDir,
     pub nodes: Vec<NodeInfo>,
     pub restarted: Vec<Child>,
@@ -109,6 +112,7 @@ pub fn start_cluster_with(
                         .trim()
                         .to_string(),
                     dev,
+                    base_port: base as u16,
                     dir,
                     restarted: Vec::new(),
                 });

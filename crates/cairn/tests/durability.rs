@@ -530,12 +530,9 @@ impl Drop for Mount {
     }
 }
 
-/// A full disk fails writes with a clear error, loses nothing stored, and writes work
-/// again once space is freed, without a restart. Runs on a size-limited tmpfs.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn full_disk_fails_clearly_and_recovers() {
-    let root_guard = tempfile::tempdir().unwrap();
-    let root = root_guard.path();
+/// A 40 MiB tmpfs mounted under `root` (unmounted when dropped), or `None`, the
+/// test `name` said to be skipped, where mounting is not allowed (not root).
+fn small_disk(root: &std::path::Path, name: &str) -> Option<Mount> {
     let mnt = root.join("small-disk");
     std::fs::create_dir_all(&mnt).unwrap();
     let mounted = std::process::Command::new("mount")
@@ -545,12 +542,21 @@ async fn full_disk_fails_clearly_and_recovers() {
         .status()
         .is_ok_and(|s| s.success());
     if !mounted {
-        eprintln!(
-            "SKIPPED full_disk_fails_clearly_and_recovers: cannot mount a tmpfs here (needs root)"
-        );
-        return;
+        eprintln!("SKIPPED {name}: cannot mount a tmpfs here (needs root)");
+        return None;
     }
-    let guard = Mount(mnt.clone());
+    Some(Mount(mnt))
+}
+
+/// A full disk fails writes with a clear error, loses nothing stored, and writes work
+/// again once space is freed, without a restart. Runs on a size-limited tmpfs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_disk_fails_clearly_and_recovers() {
+    let root_guard = tempfile::tempdir().unwrap();
+    let Some(guard) = small_disk(root_guard.path(), "full_disk_fails_clearly_and_recovers") else {
+        return;
+    };
+    let mnt = guard.0.clone();
     let data_dir = mnt.join("data");
     let mut srv = Server::start_in(&data_dir, &[]);
     let s3 = srv.client();
@@ -638,21 +644,13 @@ async fn full_disk_fails_clearly_and_recovers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_started_on_a_full_disk_serves_once_space_is_freed() {
     let root_guard = tempfile::tempdir().unwrap();
-    let mnt = root_guard.path().join("small-disk");
-    std::fs::create_dir_all(&mnt).unwrap();
-    let mounted = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=40m", "tmpfs"])
-        .arg(&mnt)
-        .stderr(std::process::Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !mounted {
-        eprintln!(
-            "SKIPPED a_node_started_on_a_full_disk_serves_once_space_is_freed: cannot mount a tmpfs here (needs root)"
-        );
+    let Some(guard) = small_disk(
+        root_guard.path(),
+        "a_node_started_on_a_full_disk_serves_once_space_is_freed",
+    ) else {
         return;
-    }
-    let guard = Mount(mnt.clone());
+    };
+    let mnt = guard.0.clone();
     let data_dir = mnt.join("data");
     let mut srv = Server::start_in(&data_dir, &[]);
     let s3 = srv.client();
