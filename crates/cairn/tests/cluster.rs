@@ -132,15 +132,18 @@ fn a_node_joins_with_cluster_join_and_serves_the_same_data() {
         "{out:?}"
     );
     // The right one (read from the node's data directory) joins.
-    let out = cairn(&[
-        "cluster",
-        "join",
-        &rpc_address(&a),
-        "--admin-endpoint",
-        &b.admin,
-        "--data-dir",
-        b_data,
-    ]);
+    let b_joins = |member: &str| {
+        cairn(&[
+            "cluster",
+            "join",
+            member,
+            "--admin-endpoint",
+            &b.admin,
+            "--data-dir",
+            b_data,
+        ])
+    };
+    let out = b_joins(&rpc_address(&a));
     assert!(
         out.status.success(),
         "{}",
@@ -150,6 +153,33 @@ fn a_node_joins_with_cluster_join_and_serves_the_same_data() {
     assert!(out.status.success());
     let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(status["members"].as_array().unwrap().len(), 2, "{status}");
+    // Joining again through a member of its cluster (a join whose answer was
+    // lost, asked again) completes and changes nothing.
+    let out = b_joins(&rpc_address(&a));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = cairn(&["cluster", "status", "--json", "--admin-endpoint", &a.admin]);
+    let again: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(again["members"], status["members"]);
+    assert_eq!(again["nodes"].as_array().unwrap().len(), 2, "{again}");
+    // A third node's address is not a member: a node of a cluster of two
+    // cannot move to it.
+    let c = Server::try_start_in(
+        &d.path().join("c/data"),
+        &["--rpc-address", "127.0.0.1:0", "--zone", "z3"],
+        &env,
+    )
+    .unwrap();
+    let out = b_joins(&rpc_address(&c));
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("already a member"),
+        "{out:?}"
+    );
+    drop(c);
 
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {

@@ -190,6 +190,9 @@ impl Mover {
             if !idle && due && self.blocks.inner.misplaced.swap(false, Ordering::Relaxed) {
                 self.pass(&placed, None, &stop).await;
                 last_short = Some(Instant::now());
+                // A drain whose full pass left blocks (a target was down) ends
+                // after the short pass that placed the rest.
+                self.maybe_leave(&placed, cursor).await;
                 continue;
             }
             tokio::select! {

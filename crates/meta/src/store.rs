@@ -532,8 +532,9 @@ impl MetaStore {
             )
         };
         let voters = crate::raft::choose_voters(&members, &current, crate::raft::MAX_VOTERS);
+        // Members left out of the voters stay in the group as learners.
         if voters != current {
-            raft.change_membership(voters, false)
+            raft.change_membership(voters, true)
                 .await
                 .map_err(|e| MetaError::Refused(format!("changing the voters: {e}")))?;
         }
@@ -613,7 +614,9 @@ impl MetaStore {
                     "the last member of a cluster cannot leave it".into(),
                 ));
             }
-            raft.change_membership(ChangeMembers::ReplaceAllVoters(voters), false)
+            // The others stay as learners (`retain`): a group of five that loses
+            // one keeps three voters and one learner, not three members.
+            raft.change_membership(ChangeMembers::ReplaceAllVoters(voters), true)
                 .await
                 .map_err(changed)?;
         }
