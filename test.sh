@@ -5,10 +5,12 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-# strace for the power-cut test, rclone for the client tests (Debian packages).
+# strace for the power-cut test, rclone for the client tests, libfaketime for the
+# chaos run's clock faults (Debian packages).
 missing=""
 command -v strace >/dev/null 2>&1 || missing="$missing strace"
 command -v rclone >/dev/null 2>&1 || missing="$missing rclone"
+ls /usr/lib/*/faketime/libfaketime.so.1 >/dev/null 2>&1 || missing="$missing faketime"
 if [ -n "$missing" ]; then
   echo "== installing$missing"
   if [ "$(id -u)" = 0 ]; then

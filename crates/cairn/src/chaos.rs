@@ -48,6 +48,13 @@ pub enum FaultKind {
     Partition,
     /// Every link to and from one node delayed by 50 to 300 ms.
     Slow,
+    /// One node's wall clock set seconds to minutes ahead or behind (libfaketime;
+    /// its monotonic clock runs on).
+    Clock,
+    /// A membership change with the leader killed under it: a node removed (it
+    /// drains, then leaves, and is stopped), or a new node added in the place of
+    /// the last one removed.
+    Member,
 }
 
 impl FaultKind {
@@ -57,7 +64,11 @@ impl FaultKind {
             "pause" => Ok(FaultKind::Pause),
             "partition" => Ok(FaultKind::Partition),
             "slow" => Ok(FaultKind::Slow),
-            other => bail!("unknown fault kind '{other}' (kinds: kill, pause, partition, slow)"),
+            "clock" => Ok(FaultKind::Clock),
+            "member" => Ok(FaultKind::Member),
+            other => bail!(
+                "unknown fault kind '{other}' (kinds: kill, pause, partition, slow, clock, member)"
+            ),
         }
     }
 
@@ -67,6 +78,8 @@ impl FaultKind {
             FaultKind::Pause => "pause",
             FaultKind::Partition => "partition",
             FaultKind::Slow => "slow",
+            FaultKind::Clock => "clock",
+            FaultKind::Member => "member",
         }
     }
 }
@@ -104,6 +117,19 @@ struct Fault {
     detail: String,
     /// Whether the node (or the cut-off side) held the Raft leader when it began.
     leader: bool,
+    /// A clock fault: the node's clock against the real one, in seconds, as the
+    /// node itself reported it while the fault lasted (none if it could not be read).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    observed_skew_s: Option<f64>,
+    /// A clock fault: the offset set, in seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    skew_s: Option<i64>,
+    /// A membership change: the node removed or added ...
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    member: Option<usize>,
+    /// ... and when the change was seen complete (none: it never was).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    member_done_us: Option<u64>,
     from_us: u64,
     to_us: u64,
     /// The links it set (healed when it ends).
@@ -138,7 +164,7 @@ struct RunInfo {
 
 const BUCKET: &str = "chaos";
 /// Flags of every node of a chaos cluster.
-const NODE_FLAGS: [&str; 2] = ["--gc-grace=1m", "--gc-interval=5s"];
+const NODE_FLAGS: [&str; 3] = ["--gc-grace=1m", "--gc-interval=5s", "--move-interval=5s"];
 /// A run stops early (and says so) when the disk holding its cluster has less
 /// than this free.
 const MIN_FREE_DISK: u64 = 1 << 30;
@@ -166,13 +192,20 @@ pub async fn run(o: ChaosOptions) -> Result<()> {
         bail!("--max-faulty: from 1 to one less than the nodes");
     }
     let (nodes, zones) = (o.nodes, o.zones);
+    let faketime = if o.faults.contains(&FaultKind::Clock) {
+        Some(libfaketime().context(
+            "clock faults need libfaketime (Debian's package faketime; or set CAIRN_LIBFAKETIME to its path)",
+        )?)
+    } else {
+        None
+    };
     // Each node's RPC port gets a proxy in front (the port after the nodes' own),
     // which the node advertises: every link between nodes can be cut, stalled or
     // slowed.
     let links = Links::new();
     let l2 = links.clone();
     let mut c = tokio::task::spawn_blocking(move || {
-        local_cluster::start_cluster_with(nodes, zones, "cairn-chaos-", |base| {
+        local_cluster::start_cluster_with(nodes, zones, "cairn-chaos-", nodes, |base, dir| {
             let proxy_base = base as usize + 3 * nodes;
             let mut listeners = Vec::new();
             for i in 0..nodes {
@@ -191,6 +224,25 @@ pub async fn run(o: ChaosOptions) -> Result<()> {
             for a in NODE_FLAGS {
                 args.push("--serve-arg".into());
                 args.push(a.to_string());
+            }
+            // Each node's wall clock is the real one plus the offset in its file,
+            // read again every second; its monotonic clock (timers, Raft) is not
+            // touched, nor the times the kernel puts on its files.
+            if let Some(lib) = &faketime {
+                for i in 0..nodes {
+                    set_clock(dir, i, 0)?;
+                }
+                let file = dir.join("clock{i}");
+                for (k, v) in [
+                    ("LD_PRELOAD", lib.display().to_string()),
+                    ("FAKETIME_TIMESTAMP_FILE", file.display().to_string()),
+                    ("FAKETIME_DONT_FAKE_MONOTONIC", "1".into()),
+                    ("FAKETIME_CACHE_DURATION", "1".into()),
+                    ("NO_FAKE_STAT", "1".into()),
+                ] {
+                    args.push("--node-env".into());
+                    args.push(format!("{k}={v}"));
+                }
             }
             Ok(args)
         })
@@ -263,6 +315,42 @@ pub async fn run(o: ChaosOptions) -> Result<()> {
     }
 }
 
+/// libfaketime's preload library: CAIRN_LIBFAKETIME, or where Debian and a
+/// source install put it.
+fn libfaketime() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("CAIRN_LIBFAKETIME") {
+        return Some(PathBuf::from(p));
+    }
+    let arch = std::env::consts::ARCH;
+    [
+        format!("/usr/lib/{arch}-linux-gnu/faketime/libfaketime.so.1"),
+        "/usr/lib/faketime/libfaketime.so.1".into(),
+        "/usr/local/lib/faketime/libfaketime.so.1".into(),
+    ]
+    .into_iter()
+    .map(PathBuf::from)
+    .find(|p| p.exists())
+}
+
+/// Sets node `i`'s clock to the real one plus `offset_s` seconds (its
+/// libfaketime file, written whole).
+fn set_clock(dir: &Path, i: usize, offset_s: i64) -> Result<()> {
+    let path = dir.join(format!("clock{i}"));
+    let tmp = dir.join(format!("clock{i}.tmp"));
+    std::fs::write(&tmp, format!("{offset_s:+}\n"))
+        .and_then(|()| std::fs::rename(&tmp, &path))
+        .with_context(|| format!("setting the clock in {}", path.display()))
+}
+
+/// Node `i`'s clock against this process's, in seconds, from its status.
+async fn clock_skew(c: &Cluster, i: usize) -> Option<f64> {
+    let before = cairn_types::now_millis();
+    let st = local_cluster::status(&c.nodes[i].admin).await?;
+    let after = cairn_types::now_millis();
+    let theirs = st["clock_ms"].as_i64()?;
+    Some((theirs - (before + after) / 2) as f64 / 1000.0)
+}
+
 /// The run itself; whether every check passed.
 async fn run_on(c: &mut Cluster, links: &Links, o: &ChaosOptions) -> Result<bool> {
     let signer = Arc::new(Signer {
@@ -271,6 +359,10 @@ async fn run_on(c: &mut Cluster, links: &Links, o: &ChaosOptions) -> Result<bool
         region: "us-east-1".into(),
     });
     let endpoints: Vec<String> = c.nodes.iter().map(|n| n.s3.clone()).collect();
+    // Which nodes the clients use: all but one removed from the cluster (a node
+    // added in its place comes back on the same ports).
+    let serving: Arc<Vec<AtomicBool>> =
+        Arc::new((0..c.nodes.len()).map(|_| AtomicBool::new(true)).collect());
     // A connection to every node, by node index.
     let conns = || {
         endpoints
@@ -300,31 +392,51 @@ async fn run_on(c: &mut Cluster, links: &Links, o: &ChaosOptions) -> Result<bool
             started,
             timeout: o.request_timeout,
         };
-        let (stop, seed, conns) = (
+        let (stop, seed, conns, serving) = (
             stop.clone(),
             o.seed.wrapping_add(1 + client as u64),
             conns()?,
+            serving.clone(),
         );
-        clients.push(tokio::spawn(async move { w.run(conns, stop, seed).await }));
+        clients.push(tokio::spawn(async move {
+            w.run(conns, &serving, stop, seed).await
+        }));
     }
 
-    let faults = nemesis(c, links, o, started).await;
+    let mut faults = Vec::new();
+    let mut change = None;
+    let res = nemesis(c, links, o, started, &serving, &mut faults, &mut change).await;
     stop.store(true, Ordering::Relaxed);
     for cl in clients {
         cl.await?;
     }
-    let mut faults = faults?;
+    res?;
     // Heal whatever is still broken.
-    let healed_at = Instant::now();
     let now_us = started.elapsed().as_micros() as u64;
     for f in faults.iter_mut().filter(|f| f.to_us == u64::MAX) {
-        heal(c, links, f)?;
+        heal(c, links, f).await?;
         f.to_us = now_us;
     }
+    // A membership change under way is seen through.
+    if let Some(mut ch) = change {
+        let deadline = Instant::now() + MEMBER_CHANGE_TIMEOUT;
+        // Asked through the others: a node being added knows only itself at first.
+        let all: Vec<usize> = (0..c.nodes.len())
+            .filter(|&i| !c.nodes[i].gone && i != ch.node)
+            .collect();
+        while Instant::now() < deadline {
+            if drive_change(c, &mut ch, &all, &serving).await? {
+                faults[ch.fault].member_done_us = Some(started.elapsed().as_micros() as u64);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    let settling = Instant::now();
     let leader = local_cluster::settled_leader(c)
         .await
         .context("after healing every fault")?;
-    let settle = healed_at.elapsed();
+    let settle = settling.elapsed();
     let elections = match (term_before, term_of(c, leader).await) {
         (Some(a), Some(b)) => Some(b.saturating_sub(a)),
         _ => None,
@@ -341,7 +453,7 @@ async fn run_on(c: &mut Cluster, links: &Links, o: &ChaosOptions) -> Result<bool
         started,
         timeout: o.request_timeout,
     };
-    fin.final_reads(conns()?).await;
+    fin.final_reads(conns()?, &serving).await;
 
     let mut ops = std::mem::take(&mut *ops.lock().unwrap_or_else(|p| p.into_inner()));
     ops.sort_by_key(|op| (op.invoked_us, op.id));
@@ -557,10 +669,22 @@ struct Worker {
 }
 
 impl Worker {
-    async fn run(self, mut conns: Vec<Conn>, stop: Arc<AtomicBool>, seed: u64) {
+    async fn run(
+        self,
+        mut conns: Vec<Conn>,
+        serving: &[AtomicBool],
+        stop: Arc<AtomicBool>,
+        seed: u64,
+    ) {
         let mut rng = StdRng::seed_from_u64(seed);
         while !stop.load(Ordering::Relaxed) {
-            let node = rng.random_range(0..conns.len());
+            let live: Vec<usize> = (0..conns.len())
+                .filter(|&i| serving[i].load(Ordering::Relaxed))
+                .collect();
+            let Some(&node) = live.get(rng.random_range(0..live.len().max(1))) else {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            };
             let roll = rng.random_range(0..100u32);
             let call = match roll {
                 0..30 => Call::Put {
@@ -587,9 +711,12 @@ impl Worker {
     }
 
     /// Reads every key through every node (after the cluster settled).
-    async fn final_reads(&self, mut conns: Vec<Conn>) {
+    async fn final_reads(&self, mut conns: Vec<Conn>, serving: &[AtomicBool]) {
         for key in &self.keys {
             for (node, conn) in conns.iter_mut().enumerate() {
+                if !serving[node].load(Ordering::Relaxed) {
+                    continue;
+                }
                 self.one(conn, node, Call::Get, key.clone()).await;
             }
         }
@@ -685,9 +812,15 @@ fn signal(pid: u32, sig: rustix::process::Signal) {
 }
 
 /// Ends a fault.
-fn heal(c: &mut Cluster, links: &Links, f: &Fault) -> Result<()> {
+async fn heal(c: &mut Cluster, links: &Links, f: &mut Fault) -> Result<()> {
     match f.kind {
-        FaultKind::Kill => tokio::task::block_in_place(|| local_cluster::restart(c, f.node)),
+        FaultKind::Clock => {
+            f.observed_skew_s = clock_skew(c, f.node).await;
+            set_clock(c.dir.path(), f.node, 0)
+        }
+        FaultKind::Kill | FaultKind::Member => {
+            tokio::task::block_in_place(|| local_cluster::restart(c, f.node))
+        }
         FaultKind::Pause => {
             signal(c.nodes[f.node].pid, rustix::process::Signal::CONT);
             Ok(())
@@ -713,16 +846,19 @@ async fn leader_of(c: &Cluster, among: &[usize]) -> Option<usize> {
     None
 }
 
-/// Injects faults until the run's time is up; returns them (those still active
-/// with `to_us == u64::MAX`).
+/// Injects faults until the run's time is up, into `faults` (those still active
+/// with `to_us == u64::MAX`); a membership change still under way is left in
+/// `change`.
 async fn nemesis(
     c: &mut Cluster,
     links: &Links,
     o: &ChaosOptions,
     started: Instant,
-) -> Result<Vec<Fault>> {
+    serving: &[AtomicBool],
+    faults: &mut Vec<Fault>,
+    change: &mut Option<Change>,
+) -> Result<()> {
     let mut rng = StdRng::seed_from_u64(o.seed);
-    let mut faults: Vec<Fault> = Vec::new();
     // Faults under way: index in `faults`, when it ends.
     let mut active: Vec<(usize, Instant)> = Vec::new();
     let gap = |rng: &mut StdRng| {
@@ -761,16 +897,42 @@ async fn nemesis(
             let (fi, until) = active[k];
             if until <= now {
                 active.swap_remove(k);
-                heal(c, links, &faults[fi])?;
+                heal(c, links, &mut faults[fi]).await?;
                 faults[fi].to_us = started.elapsed().as_micros() as u64;
             } else {
                 k += 1;
             }
         }
-        let faulty: Vec<usize> = active
+        // A membership change under way: looked at, finished when complete.
+        if let Some(ch) = change.as_mut() {
+            let up: Vec<usize> = (0..n)
+                .filter(|&i| !c.nodes[i].gone && i != ch.node)
+                .filter(|i| !active.iter().any(|&(fi, _)| faults[fi].nodes().contains(i)))
+                .collect();
+            if drive_change(c, ch, &up, serving).await? {
+                faults[ch.fault].member_done_us = Some(started.elapsed().as_micros() as u64);
+                println!(
+                    "{:>7.1}s  node {} {}",
+                    started.elapsed().as_secs_f64(),
+                    ch.node,
+                    if ch.add {
+                        "added"
+                    } else {
+                        "removed, and stopped"
+                    }
+                );
+                *change = None;
+            }
+        }
+        // Faulty: hit by a fault, in a membership change, or out of the cluster.
+        let mut faulty: Vec<usize> = active
             .iter()
             .flat_map(|&(fi, _)| faults[fi].nodes())
             .collect();
+        faulty.extend(change.as_ref().map(|ch| ch.node));
+        faulty.extend((0..n).filter(|&i| c.nodes[i].gone));
+        faulty.sort_unstable();
+        faulty.dedup();
         let room = o.max_faulty.saturating_sub(faulty.len());
         if now < next_fault || room == 0 || o.faults.is_empty() {
             continue;
@@ -787,6 +949,38 @@ async fn nemesis(
         };
         let healthy: Vec<usize> = (0..n).filter(|i| !faulty.contains(i)).collect();
         let leader = leader_of(c, &healthy).await;
+        if kind == FaultKind::Member {
+            // One change at a time, under a leader that can be killed; a removal
+            // needs room for two faulty nodes (the leader and the one leaving).
+            let gone = (0..n).find(|&i| c.nodes[i].gone);
+            let need = if gone.is_some() { 1 } else { 2 };
+            let ready = change.is_none()
+                && room >= need
+                && leader.is_some_and(|l| healthy.contains(&l))
+                && healthy.len() >= 3;
+            match (ready, leader) {
+                (true, Some(l)) => {
+                    let fault =
+                        member_fault(c, links, &mut rng, l, gone, &healthy, started).await?;
+                    let length = o.fault_length.mul_f64(rng.random_range(1.0..2.0));
+                    println!(
+                        "{:>7.1}s  member: {} node {} with the leader (node {l}) killed, for {:.1}s",
+                        started.elapsed().as_secs_f64(),
+                        if gone.is_some() { "adding" } else { "removing" },
+                        fault.0.member.unwrap_or(usize::MAX),
+                        length.as_secs_f64()
+                    );
+                    let (fault, mut ch) = fault;
+                    ch.fault = faults.len();
+                    *change = Some(ch);
+                    active.push((faults.len(), Instant::now() + length));
+                    faults.push(fault);
+                }
+                // Later, after the other kinds.
+                _ => kinds.insert(0, kind),
+            }
+            continue;
+        }
         // The first kill goes to the leader (a run must kill one); later faults
         // hit it a third of the time.
         let leader_killed = faults.iter().any(|f| f.kind == FaultKind::Kill && f.leader);
@@ -801,6 +995,10 @@ async fn nemesis(
             group: Vec::new(),
             detail: String::new(),
             leader: leader == Some(target),
+            observed_skew_s: None,
+            skew_s: None,
+            member: None,
+            member_done_us: None,
             from_us: 0,
             to_us: u64::MAX,
             links: Vec::new(),
@@ -848,6 +1046,17 @@ async fn nemesis(
                 }
                 fault.detail = format!("{} ms", d.as_millis());
             }
+            FaultKind::Clock => {
+                // Seconds to minutes (under S3's 15-minute signature window),
+                // ahead or behind.
+                let size = rng.random_range(2f64.ln()..300f64.ln()).exp().round() as i64;
+                let offset = if rng.random_bool(0.5) { size } else { -size };
+                set_clock(c.dir.path(), target, offset)?;
+                fault.skew_s = Some(offset);
+                fault.detail = format!("{offset:+} s");
+            }
+            // Started above.
+            FaultKind::Member => {}
         }
         fault.from_us = started.elapsed().as_micros() as u64;
         let length = o.fault_length.mul_f64(rng.random_range(1.0..2.0));
@@ -873,7 +1082,213 @@ async fn nemesis(
         active.push((faults.len(), Instant::now() + length));
         faults.push(fault);
     }
-    Ok(faults)
+    Ok(())
+}
+
+/// How long a membership change may take to complete after every fault healed.
+const MEMBER_CHANGE_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// A membership change under way.
+struct Change {
+    /// Its fault's index in the run's list.
+    fault: usize,
+    /// The node removed, or added.
+    node: usize,
+    add: bool,
+    /// The node's id.
+    id: String,
+    /// The request that asked for the change, in flight: whether it was accepted.
+    request: Option<tokio::task::JoinHandle<bool>>,
+    /// When the request was last sent, the change last looked at.
+    sent: Instant,
+    polled: Instant,
+}
+
+/// Starts a membership change (node `gone` added again on its ports with a new
+/// data directory, or a healthy follower removed) and kills the leader `l` a
+/// moment after asking.
+async fn member_fault(
+    c: &mut Cluster,
+    links: &Links,
+    rng: &mut StdRng,
+    l: usize,
+    gone: Option<usize>,
+    healthy: &[usize],
+    started: Instant,
+) -> Result<(Fault, Change)> {
+    let (node, add) = match gone {
+        Some(i) => {
+            // A new node in its place: the same ports (and proxy), a new directory.
+            let n = &mut c.nodes[i];
+            let generation = started.elapsed().as_millis();
+            let mut argv = n.argv.clone();
+            if let Some(k) = argv.iter().position(|a| a == "--data-dir")
+                && let Some(d) = argv.get_mut(k + 1)
+            {
+                *d = c
+                    .dir
+                    .path()
+                    .join(format!("node{i}-{generation}"))
+                    .display()
+                    .to_string();
+            }
+            n.argv = argv;
+            tokio::task::block_in_place(|| local_cluster::restart(c, i))?;
+            c.nodes[i].gone = false;
+            let deadline = Instant::now() + Duration::from_secs(60);
+            let id = loop {
+                if let Some(st) = local_cluster::status(&c.nodes[i].admin).await
+                    && let Some(id) = st["node"].as_str()
+                {
+                    break id.to_string();
+                }
+                if Instant::now() > deadline {
+                    bail!("a new node {i} did not start within 60 s");
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            };
+            if let Ok(raw) = u64::from_str_radix(&id, 16) {
+                links.learn(raw, i);
+            }
+            c.nodes[i].id = id;
+            (i, true)
+        }
+        None => {
+            let others: Vec<usize> = healthy.iter().copied().filter(|&i| i != l).collect();
+            (others[rng.random_range(0..others.len())], false)
+        }
+    };
+    let mut ch = Change {
+        fault: 0,
+        node,
+        add,
+        id: c.nodes[node].id.clone(),
+        request: None,
+        sent: Instant::now(),
+        polled: Instant::now(),
+    };
+    let via: Vec<usize> = healthy
+        .iter()
+        .copied()
+        .filter(|&i| i != l && i != node)
+        .collect();
+    let via = via[rng.random_range(0..via.len())];
+    ch.request = Some(request_change(c, &ch, via));
+    tokio::time::sleep(Duration::from_millis(rng.random_range(0..300))).await;
+    let pid = c.nodes[l].pid;
+    tokio::task::spawn_blocking(move || local_cluster::kill9(pid)).await??;
+    let fault = Fault {
+        kind: FaultKind::Member,
+        node: l,
+        group: Vec::new(),
+        detail: format!("{} node {node}", if add { "add" } else { "remove" }),
+        leader: true,
+        observed_skew_s: None,
+        skew_s: None,
+        member: Some(node),
+        member_done_us: None,
+        from_us: started.elapsed().as_micros() as u64,
+        to_us: u64::MAX,
+        links: Vec::new(),
+    };
+    Ok((fault, ch))
+}
+
+/// Asks for a change in the background (a removal through node `via`, a join of
+/// the new node to `via`); the task says whether it was accepted.
+fn request_change(c: &Cluster, ch: &Change, via: usize) -> tokio::task::JoinHandle<bool> {
+    let token = c.admin_token.clone();
+    let (admin, path, body) = if ch.add {
+        // Through `via`'s proxy, as the members know it.
+        let member = format!(
+            "127.0.0.1:{}",
+            c.base_port as usize + 3 * c.nodes.len() + via
+        );
+        (
+            c.nodes[ch.node].admin.clone(),
+            "/v1/cluster/join",
+            serde_json::json!({ "member": member }),
+        )
+    } else {
+        (
+            c.nodes[via].admin.clone(),
+            "/v1/cluster/remove",
+            serde_json::json!({ "node": ch.id, "force": false }),
+        )
+    };
+    tokio::spawn(async move {
+        let fut =
+            crate::admin_cli::request(&admin, http::Method::POST, path, Some(&token), Some(body));
+        matches!(
+            tokio::time::timeout(Duration::from_secs(90), fut).await,
+            Ok(Ok((st, _))) if st.is_success()
+        )
+    })
+}
+
+/// Looks at a membership change (at most twice a second) through the nodes `up`;
+/// asks again if the request failed. Whether it is complete: then a removed node
+/// is stopped and its directory deleted, an added one serves the clients.
+async fn drive_change(
+    c: &mut Cluster,
+    ch: &mut Change,
+    up: &[usize],
+    serving: &[AtomicBool],
+) -> Result<bool> {
+    if ch.polled.elapsed() < Duration::from_millis(500) {
+        return Ok(false);
+    }
+    ch.polled = Instant::now();
+    let Some(l) = leader_of(c, up).await else {
+        return Ok(false);
+    };
+    let Some(st) = local_cluster::status(&c.nodes[l].admin).await else {
+        return Ok(false);
+    };
+    let listed = |list: &str| {
+        st[list]
+            .as_array()
+            .is_some_and(|a| a.iter().any(|m| m["id"].as_str() == Some(ch.id.as_str())))
+    };
+    let (member, in_layout) = (listed("members"), listed("nodes"));
+    if ch.add && member && in_layout {
+        serving[ch.node].store(true, Ordering::Relaxed);
+        return Ok(true);
+    }
+    if !ch.add && !member && !in_layout {
+        serving[ch.node].store(false, Ordering::Relaxed);
+        let pid = c.nodes[ch.node].pid;
+        tokio::task::spawn_blocking(move || local_cluster::stop(pid)).await??;
+        c.nodes[ch.node].gone = true;
+        let data = c.nodes[ch.node]
+            .argv
+            .iter()
+            .position(|a| a == "--data-dir")
+            .and_then(|k| c.nodes[ch.node].argv.get(k + 1))
+            .map(PathBuf::from);
+        if let Some(d) = data {
+            let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(d)).await;
+        }
+        return Ok(true);
+    }
+    // Asked again at once when the request failed (the leader died under it,
+    // say); an accepted one is left to complete (and asked again only if it
+    // has not after 30 s, which changes nothing if it was under way).
+    if let Some(h) = ch.request.take_if(|h| h.is_finished()) {
+        ch.sent = if h.await.unwrap_or(false) {
+            Instant::now() + Duration::from_secs(28)
+        } else {
+            Instant::now() - Duration::from_secs(2)
+        };
+    }
+    if ch.request.is_none() && ch.sent.elapsed() > Duration::from_secs(2) {
+        let via: Vec<usize> = up.iter().copied().filter(|&i| i != ch.node).collect();
+        if let Some(&v) = via.get(rand::random_range(0..via.len().max(1))) {
+            ch.request = Some(request_change(c, ch, v));
+            ch.sent = Instant::now();
+        }
+    }
+    Ok(false)
 }
 
 /// Prints the summary of a history and its verdict; whether every check passed.
@@ -919,7 +1334,7 @@ pub fn verdict(h: &History) -> bool {
         let leader_kills = info
             .faults
             .iter()
-            .filter(|f| f.kind == FaultKind::Kill && f.leader)
+            .filter(|f| matches!(f.kind, FaultKind::Kill | FaultKind::Member) && f.leader)
             .count();
         println!(
             "faults: {} ({}); leaders killed: {leader_kills}",
@@ -942,7 +1357,64 @@ pub fn verdict(h: &History) -> bool {
                 ok = false;
             }
         }
-        if info.faults_enabled.contains(&FaultKind::Kill) && leader_kills == 0 {
+        // A clock fault counts once the node itself showed the skew.
+        let clocks: Vec<&Fault> = info
+            .faults
+            .iter()
+            .filter(|f| f.kind == FaultKind::Clock)
+            .collect();
+        let shown = clocks
+            .iter()
+            .filter(|f| match (f.skew_s, f.observed_skew_s) {
+                (Some(set), Some(seen)) => (set as f64 - seen).abs() < 3.0,
+                _ => false,
+            })
+            .count();
+        if !clocks.is_empty() {
+            println!(
+                "clock faults: {} set, {shown} seen by the node as set",
+                clocks.len()
+            );
+        }
+        if info.faults_enabled.contains(&FaultKind::Clock) && shown == 0 {
+            println!("CHECK FAILED: no node showed the clock skew set on it");
+            ok = false;
+        }
+        // A membership change must complete, the leader killed under it or not.
+        let changes: Vec<&Fault> = info
+            .faults
+            .iter()
+            .filter(|f| f.kind == FaultKind::Member)
+            .collect();
+        if !changes.is_empty() {
+            let adds = changes
+                .iter()
+                .filter(|f| f.detail.starts_with("add"))
+                .count();
+            let slowest = changes
+                .iter()
+                .filter_map(|f| Some(f.member_done_us?.saturating_sub(f.from_us)))
+                .max()
+                .unwrap_or(0);
+            println!(
+                "membership changes: {} ({} removals, {adds} additions), the leader killed under each; the slowest took {:.1}s",
+                changes.len(),
+                changes.len() - adds,
+                slowest as f64 / 1e6
+            );
+        }
+        for f in changes.iter().filter(|f| f.member_done_us.is_none()) {
+            println!(
+                "CHECK FAILED: the change begun at {:.1}s ({}) never completed",
+                f.from_us as f64 / 1e6,
+                f.detail
+            );
+            ok = false;
+        }
+        if (info.faults_enabled.contains(&FaultKind::Kill)
+            || info.faults_enabled.contains(&FaultKind::Member))
+            && leader_kills == 0
+        {
             println!("CHECK FAILED: no leader was killed");
             ok = false;
         }

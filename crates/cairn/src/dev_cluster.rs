@@ -6,7 +6,8 @@
 //! nodes share one key pair, one cluster secret and one admin token, kept in DIR (mode
 //! 0600) so that a second run on the same DIR finds the same cluster. Once every node
 //! serves and a leader is elected, `DIR/cluster.json` is written (temp file, rename).
-//! A node that dies is not restarted; its `argv` lets a script start it again.
+//! A node that dies is not restarted; its `argv` and `env` (the variables given
+//! with `--node-env`) let a script start it again.
 //! Ctrl-C or SIGTERM stops every node.
 
 use std::path::{Path, PathBuf};
@@ -40,6 +41,20 @@ pub struct DevClusterArgs {
     /// Further flags for every node's `cairn serve` (repeat for each flag)
     #[arg(long = "serve-arg", value_name = "ARG", allow_hyphen_values = true)]
     serve_args: Vec<String>,
+    /// An environment variable for every node, `{i}` in VALUE replaced by the
+    /// node's index (repeat for each variable; e.g. a per-node clock for
+    /// fault injection)
+    #[arg(long = "node-env", value_name = "KEY=VALUE", value_parser = parse_env)]
+    node_env: Vec<(String, String)>,
+}
+
+fn parse_env(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() && !k.contains(char::is_whitespace) => {
+            Ok((k.to_string(), v.to_string()))
+        }
+        _ => Err(format!("'{s}' is not KEY=VALUE")),
+    }
 }
 
 struct Node {
@@ -50,6 +65,8 @@ struct Node {
     admin: String,
     rpc: String,
     argv: Vec<String>,
+    /// Its own environment variables (besides the cluster's keys).
+    env: Vec<(String, String)>,
     child: Option<Child>,
     id: String,
 }
@@ -139,6 +156,11 @@ pub fn run(a: DevClusterArgs) -> Result<()> {
                 admin: format!("http://{admin}"),
                 rpc,
                 argv,
+                env: a
+                    .node_env
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.replace("{i}", &i.to_string())))
+                    .collect(),
                 child: None,
                 id: String::new(),
             }
@@ -160,6 +182,7 @@ pub fn run(a: DevClusterArgs) -> Result<()> {
             let child = Command::new(&n.argv[0])
                 .args(&n.argv[1..])
                 .envs(env)
+                .envs(n.env.iter().map(|(k, v)| (k, v)))
                 .stdin(Stdio::null())
                 .stdout(log.try_clone()?)
                 .stderr(log)
@@ -338,6 +361,7 @@ fn write_cluster_json(
             "admin_endpoint": n.admin,
             "rpc_address": n.rpc,
             "argv": n.argv,
+            "env": n.env.iter().cloned().collect::<std::collections::BTreeMap<_, _>>(),
         })).collect::<Vec<_>>(),
     });
     datadir::write_durably(

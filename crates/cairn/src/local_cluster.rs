@@ -15,7 +15,11 @@ pub struct NodeInfo {
     pub s3: String,
     pub admin: String,
     pub argv: Vec<String>,
+    /// Its own environment variables (`dev-cluster --node-env`).
+    pub env: Vec<(String, String)>,
     pub pid: u32,
+    /// Stopped for good (removed from the cluster): not asked for its status.
+    pub gone: bool,
 }
 
 /// The cluster this bench started; dropping it stops every process.
@@ -58,29 +62,31 @@ pub fn terminate(c: &mut Child) {
 /// Starts `nodes` nodes in `zones` zones, in a temporary directory named from
 /// `prefix`.
 pub fn start_cluster(nodes: usize, zones: usize, prefix: &str) -> Result<Cluster> {
-    start_cluster_with(nodes, zones, prefix, |_| Ok(Vec::new()))
+    start_cluster_with(nodes, zones, prefix, nodes, |_, _| Ok(Vec::new()))
 }
 
-/// As [`start_cluster`]; `extra` is called with the first port of each attempt
-/// (the nodes use 3 per node from it, and the next one per node is free for the
-/// caller) and returns more `dev-cluster` flags, or an error to try other ports.
+/// As [`start_cluster`], with `slots` (at least `nodes`) nodes' worth of ports, 4
+/// per node: the nodes use 3 each from the first port, the caller the rest.
+/// `extra` is called with the first port and the cluster's directory of each
+/// attempt and returns more `dev-cluster` flags, or an error to try other ports.
 pub fn start_cluster_with(
     nodes: usize,
     zones: usize,
     prefix: &str,
-    mut extra: impl FnMut(u16) -> Result<Vec<String>>,
+    slots: usize,
+    mut extra: impl FnMut(u16, &Path) -> Result<Vec<String>>,
 ) -> Result<Cluster> {
     let exe = std::env::current_exe().context("finding the cairn binary")?;
-    // Ports below the kernel's ephemeral range, in slots of 4 per node; another
-    // try on other ports if one is taken.
-    let slot = 4 * nodes.max(5) as u32;
+    // Ports below the kernel's ephemeral range; another try on other ports if one
+    // is taken.
+    let slot = 4 * slots.max(nodes).max(5) as u32;
     for _ in 0..5 {
         let dir = tempfile::Builder::new()
             .prefix(prefix)
             .tempdir()
             .context("creating a temporary directory")?;
         let base = 20000 + rand::random_range(0..12000 / slot) * slot;
-        let Ok(more) = extra(base as u16) else {
+        let Ok(more) = extra(base as u16, dir.path()) else {
             continue;
         };
         let mut dev = Command::new(&exe)
@@ -153,7 +159,16 @@ fn parse_nodes(doc: &serde_json::Value) -> Result<Vec<NodeInfo>> {
                     .iter()
                     .filter_map(|a| a.as_str().map(str::to_string))
                     .collect(),
+                env: n["env"]
+                    .as_object()
+                    .map(|m| {
+                        m.iter()
+                            .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string())))
+                            .collect()
+                    })
+                    .unwrap_or_default(),
                 pid: n["pid"].as_u64().context("a node without pid")? as u32,
+                gone: false,
             })
         })
         .collect()
@@ -176,28 +191,76 @@ pub async fn settled_leader(c: &Cluster) -> Result<usize> {
             return Ok(i);
         }
         if Instant::now() > deadline {
-            bail!("the cluster did not settle on a leader within 60 s");
+            let mut views = String::new();
+            for (i, n) in c.nodes.iter().enumerate().filter(|(_, n)| !n.gone) {
+                let view = match status(&n.admin).await {
+                    Some(s) => format!(
+                        "{} {} leader {} term {} applied {} members {}",
+                        s["node"].as_str().unwrap_or("?"),
+                        s["raft_state"].as_str().unwrap_or("?"),
+                        s["leader"].as_str().unwrap_or("none"),
+                        s["term"],
+                        s["applied_index"],
+                        s["members"]
+                            .as_array()
+                            .map(|m| m
+                                .iter()
+                                .map(|m| format!(
+                                    "{}{}",
+                                    m["id"].as_str().unwrap_or("?"),
+                                    if m["voter"].as_bool() == Some(true) {
+                                        "*"
+                                    } else {
+                                        ""
+                                    }
+                                ))
+                                .collect::<Vec<_>>()
+                                .join(","))
+                            .unwrap_or_default()
+                    ),
+                    None => {
+                        let alive = std::fs::read_to_string(format!("/proc/{}/stat", n.pid))
+                            .is_ok_and(|st| !st.contains(") Z "));
+                        let log =
+                            std::fs::read_to_string(c.dir.path().join(format!("node{i}.log")))
+                                .unwrap_or_default();
+                        let tail: Vec<&str> = log.lines().rev().take(3).collect();
+                        format!(
+                            "no answer (process {}); its log ends:\n    {}",
+                            if alive { "running" } else { "gone" },
+                            tail.into_iter()
+                                .rev()
+                                .map(|l| l.chars().take(300).collect::<String>())
+                                .collect::<Vec<_>>()
+                                .join("\n    ")
+                        )
+                    }
+                };
+                views.push_str(&format!("\n  node {i}: {view}"));
+            }
+            bail!("the cluster did not settle on a leader within 60 s; the nodes' views:{views}");
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
 pub async fn agreed_leader(c: &Cluster) -> Option<usize> {
+    // (index, status) of every node still in the cluster.
     let mut all = Vec::new();
-    for n in &c.nodes {
-        all.push(status(&n.admin).await?);
+    for (i, n) in c.nodes.iter().enumerate().filter(|(_, n)| !n.gone) {
+        all.push((i, status(&n.admin).await?));
     }
-    let leader = all[0]["leader"].as_str()?.to_string();
-    let li = c.nodes.iter().position(|n| n.id == leader)?;
-    let target = all[li]["applied_index"].as_u64()?;
-    let agreed = all.iter().all(|s| {
+    let leader = all.first()?.1["leader"].as_str()?.to_string();
+    let li = c.nodes.iter().position(|n| n.id == leader && !n.gone)?;
+    let target = all.iter().find(|(i, _)| *i == li)?.1["applied_index"].as_u64()?;
+    let agreed = all.iter().all(|(_, s)| {
         s["leader"].as_str() == Some(leader.as_str())
             && s["applied_index"].as_u64().is_some_and(|a| a >= target)
     });
     agreed.then_some(li)
 }
 
-/// Starts node `i` again with its original command line, its output appended to
+/// Starts node `i` again with its original command line and environment, its output appended to
 /// `node{i}.log` in the cluster's directory.
 pub fn restart(c: &mut Cluster, i: usize) -> Result<()> {
     let n = &c.nodes[i];
@@ -212,6 +275,7 @@ pub fn restart(c: &mut Cluster, i: usize) -> Result<()> {
         .env("CAIRN_SECRET_KEY", &c.secret_key)
         .env("CAIRN_ADMIN_TOKEN", &c.admin_token)
         .env("CAIRN_CLUSTER_SECRET", &c.cluster_secret)
+        .envs(n.env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)
@@ -220,6 +284,23 @@ pub fn restart(c: &mut Cluster, i: usize) -> Result<()> {
     c.nodes[i].pid = child.id();
     c.restarted.push(child);
     Ok(())
+}
+
+/// SIGTERM, then waits (up to 30 s) until the process is gone, then SIGKILL.
+pub fn stop(pid: u32) -> Result<()> {
+    let p = rustix::process::Pid::from_raw(pid as i32).context("a bad pid")?;
+    let _ = rustix::process::kill_process(p, rustix::process::Signal::CONT);
+    rustix::process::kill_process(p, rustix::process::Signal::TERM)
+        .with_context(|| format!("kill -TERM {pid}"))?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        if stat.is_empty() || stat.contains(") Z ") {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    kill9(pid)
 }
 
 /// SIGKILL, then waits (up to 10 s) until the process is gone.

@@ -48,8 +48,9 @@ enum Cmd {
     /// to try cairn; writes DIR/cluster.json once it serves
     DevCluster(dev_cluster::DevClusterArgs),
     /// Fault-injection run: a local cluster, clients recording every operation,
-    /// faults injected (kill -9, SIGSTOP); then a verdict on the history (no lost
-    /// write, linearizable). Exits non-zero on any loss, violation or unmet check
+    /// faults injected (kill -9, SIGSTOP, partitions, slow links, clock skew); then
+    /// a verdict on the history (no lost write, linearizable). Exits non-zero on
+    /// any loss, violation or unmet check
     Chaos(ChaosArgs),
 }
 
@@ -71,8 +72,9 @@ struct ChaosArgs {
     /// Keys the clients share
     #[arg(long, default_value_t = 8)]
     keys: usize,
-    /// Fault kinds, comma-separated (kill, pause, partition, slow)
-    #[arg(long, default_value = "kill,pause,partition,slow")]
+    /// Fault kinds, comma-separated (kill, pause, partition, slow, clock, member;
+    /// clock needs libfaketime)
+    #[arg(long, default_value = "kill,pause,partition,slow,clock,member")]
     faults: String,
     /// Mean time between the starts of two faults
     #[arg(long, default_value = "4s")]

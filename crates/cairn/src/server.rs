@@ -406,6 +406,9 @@ impl ClusterAdmin for NodeCluster {
             "node": format!("{:016x}", m.id),
             "rpc_address": self.rpc,
             "zone": self.zone,
+            // This node's wall clock (ms since the epoch): a skewed clock shows
+            // against the others' (cairn's correctness does not rest on it).
+            "clock_ms": now_millis(),
             "raft_state": format!("{:?}", m.state),
             "leader": m.current_leader.map(|l| format!("{l:016x}")),
             "term": m.current_term,
@@ -441,11 +444,25 @@ impl ClusterAdmin for NodeCluster {
                 format!("cannot join through {member}: {e}"),
             )
         })?;
-        self.meta
-            .reset_for_join()
-            .await
-            .map_err(|e| (StatusCode::CONFLICT, e.to_string()))?;
         let me = self.meta.node_id();
+        // A join cut short (the leader died under it, the answer was lost) is
+        // taken up again: this node is already in the group of `member`.
+        let resuming = {
+            let raft = self.meta.raft();
+            let m = raft.metrics();
+            let m = m.borrow();
+            let cfg = m.membership_config.membership();
+            cfg.get_node(&me).is_some()
+                && cfg
+                    .nodes()
+                    .any(|(id, n)| *id != me && n.rpc == member.trim())
+        };
+        if !resuming {
+            self.meta
+                .reset_for_join()
+                .await
+                .map_err(|e| (StatusCode::CONFLICT, e.to_string()))?;
+        }
         let req = cairn_meta::raft::network::JoinRequest {
             node_id: me,
             member: cairn_meta::raft::Member {
@@ -702,20 +719,68 @@ async fn ensure_root_key(cfg: &Config, meta: &MetaStore) -> Result<ShownKey> {
         .as_ref()
         .is_none_or(|k| k.secret != pair.secret_key || !k.root)
     {
-        meta.apply(Command::PutKey {
+        let cmd = Command::PutKey {
             access_key: pair.access_key.clone(),
             record: KeyRecord {
                 secret: pair.secret_key.clone(),
                 root: true,
                 created: existing.map(|k| k.created).unwrap_or_else(now_millis),
             },
-        })
-        .await?;
+        };
+        if meta.peers().is_none() {
+            meta.apply(cmd).await?;
+        } else {
+            // A node of a cluster started again without a quorum (or before it
+            // has applied the key it already holds) serves anyway; the key is
+            // seen to in the background.
+            match tokio::time::timeout(ROOT_KEY_WAIT, meta.apply(cmd.clone())).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(cairn_meta::MetaError::Unavailable)) | Err(_) => {
+                    tracing::warn!(
+                        "the cluster cannot take the root key now; retrying in the background"
+                    );
+                    tokio::spawn(put_root_key_later(meta.clone(), cmd));
+                }
+                Ok(Err(e)) => return Err(e.into()),
+            }
+        }
     }
     Ok(ShownKey {
         new_secret: new_secret.then(|| pair.secret_key.clone()),
         access_key: pair.access_key,
     })
+}
+
+/// How long a node of a cluster waits at start for its root key to be put
+/// before it serves and retries in the background.
+const ROOT_KEY_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Puts the root key once the cluster can take it, unless it is there by then.
+async fn put_root_key_later(meta: MetaStore, cmd: Command) {
+    let mut delay = std::time::Duration::from_millis(200);
+    loop {
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(std::time::Duration::from_secs(5));
+        if let Command::PutKey { access_key, record } = &cmd
+            && meta.read_barrier().await.is_ok()
+            && meta
+                .key(access_key)
+                .is_some_and(|k| k.secret == record.secret && k.root)
+        {
+            return;
+        }
+        match tokio::time::timeout(ROOT_KEY_WAIT, meta.apply(cmd.clone())).await {
+            Ok(Ok(_)) => {
+                tracing::info!("root key in place");
+                return;
+            }
+            Ok(Err(cairn_meta::MetaError::Unavailable)) | Err(_) => {}
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "the root key could not be put in place");
+                return;
+            }
+        }
+    }
 }
 
 async fn shutdown_signal() {

@@ -1,6 +1,7 @@
 //! `cairn chaos`: a short run with every fault kind (kill -9, pause, partitions and
-//! slow links through the proxies) passes its own checks, and the verdict on a
-//! saved history rejects what it must.
+//! slow links through the proxies, clock skew, membership changes with the leader
+//! killed) passes its own checks, and the verdict on a saved history rejects what
+//! it must.
 
 mod common;
 
@@ -57,15 +58,36 @@ fn number_after(text: &str, label: &str) -> Option<u64> {
         .ok()
 }
 
+/// Whether libfaketime is here (the test command installs it), for clock faults.
+fn have_libfaketime() -> bool {
+    std::env::var_os("CAIRN_LIBFAKETIME").is_some()
+        || std::fs::read_dir("/usr/lib")
+            .map(|dirs| {
+                dirs.filter_map(|d| d.ok())
+                    .any(|d| d.path().join("faketime/libfaketime.so.1").exists())
+            })
+            .unwrap_or(false)
+        || std::path::Path::new("/usr/lib/faketime/libfaketime.so.1").exists()
+}
+
 #[test]
 fn a_short_run_with_every_fault_kind_passes_and_checks_again() {
     let dir = tempfile::tempdir().unwrap();
+    let mut kinds = vec!["kill", "pause", "partition", "slow", "member"];
+    if have_libfaketime() {
+        kinds.push("clock");
+    } else {
+        eprintln!("libfaketime is not installed: this run has no clock faults");
+    }
+    let faults = kinds.join(",");
     let (ok, out, err) = cairn_in(
         dir.path(),
         &[
             "chaos",
+            "--faults",
+            &faults,
             "--duration",
-            "40s",
+            "50s",
             "--fault-interval",
             "3s",
             "--fault-length",
@@ -79,7 +101,11 @@ fn a_short_run_with_every_fault_kind_passes_and_checks_again() {
         ],
         Duration::from_secs(600),
     );
-    assert!(ok, "the run failed:\n{out}\n{err}");
+    if !ok {
+        // The cluster's directory (the nodes' logs) is kept for a look.
+        let kept = dir.keep();
+        panic!("the run failed (kept in {}):\n{out}\n{err}", kept.display());
+    }
     assert!(out.contains("PASSED"), "{out}");
     assert!(
         out.contains("0 lost writes, 0 linearizability violations, 0 damaged reads"),
@@ -90,7 +116,7 @@ fn a_short_run_with_every_fault_kind_passes_and_checks_again() {
         .lines()
         .find(|l| l.starts_with("faults:"))
         .unwrap_or_else(|| panic!("no faults line: {out}"));
-    for kind in ["kill", "pause", "partition", "slow"] {
+    for kind in &kinds {
         assert!(
             number_after(faults, &format!("{kind} ")).unwrap_or(0) >= 1,
             "no {kind}: {out}"
@@ -100,6 +126,17 @@ fn a_short_run_with_every_fault_kind_passes_and_checks_again() {
         number_after(faults, "leaders killed:").unwrap_or(0) >= 1,
         "{out}"
     );
+    // The membership change completed under the leader's death; the skewed
+    // clocks showed on the nodes.
+    assert!(out.contains("membership changes:"), "{out}");
+    assert!(!out.contains("never completed"), "{out}");
+    if kinds.contains(&"clock") {
+        let line = out
+            .lines()
+            .find(|l| l.starts_with("clock faults:"))
+            .unwrap_or_else(|| panic!("no clock line: {out}"));
+        assert!(number_after(line, "set,").unwrap_or(0) >= 1, "{out}");
+    }
     // The history names every operation; unanswered ones are there too.
     let text = std::fs::read_to_string(dir.path().join("h.jsonl")).unwrap();
     let lines = text.lines().count();
