@@ -754,7 +754,7 @@ impl MetaStore {
         let mut attempts = 0;
         let read_index: Option<LogId> = loop {
             attempts += 1;
-            match raft.ensure_linearizable().await {
+            match crate::raft::read_index(&raft).await {
                 Ok(l) => break l,
                 Err(openraft::error::RaftError::APIError(
                     openraft::error::CheckIsLeaderError::ForwardToLeader(f),

@@ -96,6 +96,34 @@ pub type LogId = openraft::LogId<NodeId>;
 pub type StoredMembership = openraft::StoredMembership<NodeId, Member>;
 pub type SnapshotMeta = openraft::SnapshotMeta<NodeId, Member>;
 
+/// How long a leader keeps trying to confirm it leads for a read before it gives
+/// up: a quorum slow to answer one heartbeat round (a busy machine, a slow link)
+/// delays the read instead of failing it.
+pub const CONFIRM_LEADERSHIP_FOR: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// The read index of a linearizable read: this node confirms it leads (a
+/// heartbeat round answered by a quorum), asking again while a quorum is slow,
+/// for up to [`CONFIRM_LEADERSHIP_FOR`]. A node that does not lead says so at once.
+pub async fn read_index(
+    raft: &Raft,
+) -> Result<
+    Option<LogId>,
+    openraft::error::RaftError<NodeId, openraft::error::CheckIsLeaderError<NodeId, Member>>,
+> {
+    use openraft::error::{CheckIsLeaderError, RaftError};
+    let deadline = tokio::time::Instant::now() + CONFIRM_LEADERSHIP_FOR;
+    loop {
+        match raft.ensure_linearizable().await {
+            Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(_)))
+                if tokio::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            other => return other,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeSet;

@@ -93,7 +93,7 @@ pub async fn handle(store: &crate::MetaStore, service: u8, body: Bytes) -> Resul
             encode(&res)
         }
         SVC_READ_INDEX => {
-            let res: Result<Option<LogId>, String> = match raft.ensure_linearizable().await {
+            let res: Result<Option<LogId>, String> = match crate::raft::read_index(raft).await {
                 Ok(l) => Ok(l),
                 Err(e) => Err(e.to_string()),
             };
