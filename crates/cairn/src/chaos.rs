@@ -164,7 +164,12 @@ struct RunInfo {
 
 const BUCKET: &str = "chaos";
 /// Flags of every node of a chaos cluster.
-const NODE_FLAGS: [&str; 3] = ["--gc-grace=1m", "--gc-interval=5s", "--move-interval=5s"];
+const NODE_FLAGS: [&str; 4] = [
+    "--gc-grace=1m",
+    "--gc-interval=5s",
+    "--receive-pin=1m",
+    "--move-interval=5s",
+];
 /// A run stops early (and says so) when the disk holding its cluster has less
 /// than this free.
 const MIN_FREE_DISK: u64 = 1 << 30;
@@ -219,8 +224,10 @@ pub async fn run(o: ChaosOptions) -> Result<()> {
                 netproxy::spawn(l, target, i, l2.clone());
             }
             let mut args = vec!["--rpc-advertise-base".to_string(), proxy_base.to_string()];
-            // Overwritten objects' blocks go within minutes, not the default hour:
-            // a long run reuses its disk (and collection runs under the faults).
+            // Overwritten objects' blocks go within minutes, not the default hour
+            // (nor ten minutes for copies received from peers): a long run reuses
+            // its disk (and collection runs under the faults); membership changes
+            // move blocks every 5 s rather than 30.
             for a in NODE_FLAGS {
                 args.push("--serve-arg".into());
                 args.push(a.to_string());
