@@ -132,9 +132,10 @@ impl Dev {
             .spawn()
             .unwrap();
         let admin = self.node(i)["admin_endpoint"].as_str().unwrap().to_string();
-        let mut child = child;
-        let up = wait_healthy_or_exit(&admin, &mut child, &log_path);
-        self.restarted.insert(i, child);
+        // Kept first: a node that never becomes healthy is still stopped with
+        // the cluster.
+        let child = self.restarted.entry(i).insert_entry(child).into_mut();
+        let up = wait_healthy_or_exit(&admin, child, &log_path);
         assert!(up, "node {i} exited when started again");
     }
 
