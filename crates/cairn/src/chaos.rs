@@ -124,17 +124,24 @@ struct Fault {
     /// A clock fault: the offset set, in seconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     skew_s: Option<i64>,
-    /// A membership change: the node removed or added ...
+    /// A membership fault: the change under the leader's death.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    member: Option<usize>,
-    /// ... and when the change was seen complete (none: it never was).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    member_done_us: Option<u64>,
+    member: Option<MemberChange>,
     from_us: u64,
     to_us: u64,
     /// The links it set (healed when it ends).
     #[serde(skip)]
     links: Vec<(usize, usize)>,
+}
+
+/// The membership change of a `member` fault.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct MemberChange {
+    /// The node removed, or added.
+    node: usize,
+    add: bool,
+    /// When the change was seen complete (none: it never was).
+    done_us: Option<u64>,
 }
 
 impl Fault {
@@ -211,7 +218,7 @@ pub async fn run(o: ChaosOptions) -> Result<()> {
     let l2 = links.clone();
     let mut c = tokio::task::spawn_blocking(move || {
         local_cluster::start_cluster_with(nodes, zones, "cairn-chaos-", nodes, |base, dir| {
-            let proxy_base = base as usize + 3 * nodes;
+            let proxy_base = proxy_port(base, nodes, 0);
             let mut listeners = Vec::new();
             for i in 0..nodes {
                 listeners.push(std::net::TcpListener::bind((
@@ -262,7 +269,7 @@ pub async fn run(o: ChaosOptions) -> Result<()> {
     }
     // Every node must be reached through its proxy, for Raft and for blocks, or
     // the link faults would miss it.
-    let proxy_base = c.base_port as usize + 3 * nodes;
+    let proxy_base = proxy_port(c.base_port, nodes, 0);
     let proxied = match local_cluster::status(&c.nodes[0].admin).await {
         Some(st) => ["members", "nodes"].iter().all(|list| {
             st[*list].as_array().is_some_and(|l| {
@@ -337,6 +344,12 @@ fn libfaketime() -> Option<PathBuf> {
     .into_iter()
     .map(PathBuf::from)
     .find(|p| p.exists())
+}
+
+/// The port of node `i`'s RPC proxy (the one it advertises): after the nodes'
+/// own 3 ports each.
+fn proxy_port(base: u16, nodes: usize, i: usize) -> usize {
+    base as usize + 3 * nodes + i
 }
 
 /// Sets node `i`'s clock to the real one plus `offset_s` seconds (its
@@ -433,7 +446,9 @@ async fn run_on(c: &mut Cluster, links: &Links, o: &ChaosOptions) -> Result<bool
             .collect();
         while Instant::now() < deadline {
             if drive_change(c, &mut ch, &all, &serving).await? {
-                faults[ch.fault].member_done_us = Some(started.elapsed().as_micros() as u64);
+                if let Some(m) = faults[ch.fault].member.as_mut() {
+                    m.done_us = Some(started.elapsed().as_micros() as u64);
+                }
                 break;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -823,7 +838,7 @@ async fn heal(c: &mut Cluster, links: &Links, f: &mut Fault) -> Result<()> {
     match f.kind {
         FaultKind::Clock => {
             f.observed_skew_s = clock_skew(c, f.node).await;
-            set_clock(c.dir.path(), f.node, 0)
+            tokio::task::block_in_place(|| set_clock(c.dir.path(), f.node, 0))
         }
         FaultKind::Kill | FaultKind::Member => {
             tokio::task::block_in_place(|| local_cluster::restart(c, f.node))
@@ -917,7 +932,9 @@ async fn nemesis(
                 .filter(|i| !active.iter().any(|&(fi, _)| faults[fi].nodes().contains(i)))
                 .collect();
             if drive_change(c, ch, &up, serving).await? {
-                faults[ch.fault].member_done_us = Some(started.elapsed().as_micros() as u64);
+                if let Some(m) = faults[ch.fault].member.as_mut() {
+                    m.done_us = Some(started.elapsed().as_micros() as u64);
+                }
                 println!(
                     "{:>7.1}s  node {} {}",
                     started.elapsed().as_secs_f64(),
@@ -967,17 +984,16 @@ async fn nemesis(
                 && healthy.len() >= 3;
             match (ready, leader) {
                 (true, Some(l)) => {
-                    let fault =
+                    let (fault, mut ch) =
                         member_fault(c, links, &mut rng, l, gone, &healthy, started).await?;
                     let length = o.fault_length.mul_f64(rng.random_range(1.0..2.0));
                     println!(
                         "{:>7.1}s  member: {} node {} with the leader (node {l}) killed, for {:.1}s",
                         started.elapsed().as_secs_f64(),
-                        if gone.is_some() { "adding" } else { "removing" },
-                        fault.0.member.unwrap_or(usize::MAX),
+                        if ch.add { "adding" } else { "removing" },
+                        ch.node,
                         length.as_secs_f64()
                     );
-                    let (fault, mut ch) = fault;
                     ch.fault = faults.len();
                     *change = Some(ch);
                     active.push((faults.len(), Instant::now() + length));
@@ -1005,7 +1021,6 @@ async fn nemesis(
             observed_skew_s: None,
             skew_s: None,
             member: None,
-            member_done_us: None,
             from_us: 0,
             to_us: u64::MAX,
             links: Vec::new(),
@@ -1058,7 +1073,7 @@ async fn nemesis(
                 // ahead or behind.
                 let size = rng.random_range(2f64.ln()..300f64.ln()).exp().round() as i64;
                 let offset = if rng.random_bool(0.5) { size } else { -size };
-                set_clock(c.dir.path(), target, offset)?;
+                tokio::task::block_in_place(|| set_clock(c.dir.path(), target, offset))?;
                 fault.skew_s = Some(offset);
                 fault.detail = format!("{offset:+} s");
             }
@@ -1192,8 +1207,11 @@ async fn member_fault(
         leader: true,
         observed_skew_s: None,
         skew_s: None,
-        member: Some(node),
-        member_done_us: None,
+        member: Some(MemberChange {
+            node,
+            add,
+            done_us: None,
+        }),
         from_us: started.elapsed().as_micros() as u64,
         to_us: u64::MAX,
         links: Vec::new(),
@@ -1207,10 +1225,7 @@ fn request_change(c: &Cluster, ch: &Change, via: usize) -> tokio::task::JoinHand
     let token = c.admin_token.clone();
     let (admin, path, body) = if ch.add {
         // Through `via`'s proxy, as the members know it.
-        let member = format!(
-            "127.0.0.1:{}",
-            c.base_port as usize + 3 * c.nodes.len() + via
-        );
+        let member = format!("127.0.0.1:{}", proxy_port(c.base_port, c.nodes.len(), via));
         (
             c.nodes[ch.node].admin.clone(),
             "/v1/cluster/join",
@@ -1388,19 +1403,16 @@ pub fn verdict(h: &History) -> bool {
             ok = false;
         }
         // A membership change must complete, the leader killed under it or not.
-        let changes: Vec<&Fault> = info
+        let changes: Vec<(&Fault, &MemberChange)> = info
             .faults
             .iter()
-            .filter(|f| f.kind == FaultKind::Member)
+            .filter_map(|f| Some((f, f.member.as_ref()?)))
             .collect();
         if !changes.is_empty() {
-            let adds = changes
-                .iter()
-                .filter(|f| f.detail.starts_with("add"))
-                .count();
+            let adds = changes.iter().filter(|(_, m)| m.add).count();
             let slowest = changes
                 .iter()
-                .filter_map(|f| Some(f.member_done_us?.saturating_sub(f.from_us)))
+                .filter_map(|(f, m)| Some(m.done_us?.saturating_sub(f.from_us)))
                 .max()
                 .unwrap_or(0);
             println!(
@@ -1410,7 +1422,7 @@ pub fn verdict(h: &History) -> bool {
                 slowest as f64 / 1e6
             );
         }
-        for f in changes.iter().filter(|f| f.member_done_us.is_none()) {
+        for (f, _) in changes.iter().filter(|(_, m)| m.done_us.is_none()) {
             println!(
                 "CHECK FAILED: the change begun at {:.1}s ({}) never completed",
                 f.from_us as f64 / 1e6,

@@ -219,20 +219,16 @@ pub async fn settled_leader(c: &Cluster) -> Result<usize> {
                             .unwrap_or_default()
                     ),
                     None => {
-                        let alive = std::fs::read_to_string(format!("/proc/{}/stat", n.pid))
-                            .is_ok_and(|st| !st.contains(") Z "));
-                        let log =
-                            std::fs::read_to_string(c.dir.path().join(format!("node{i}.log")))
-                                .unwrap_or_default();
-                        let tail: Vec<&str> = log.lines().rev().take(3).collect();
+                        let log = c.dir.path().join(format!("node{i}.log"));
+                        let (alive, tail) = tokio::task::block_in_place(|| {
+                            let alive = std::fs::read_to_string(format!("/proc/{}/stat", n.pid))
+                                .is_ok_and(|st| !st.contains(") Z "));
+                            (alive, log_tail(&log, 3))
+                        });
                         format!(
                             "no answer (process {}); its log ends:\n    {}",
                             if alive { "running" } else { "gone" },
-                            tail.into_iter()
-                                .rev()
-                                .map(|l| l.chars().take(300).collect::<String>())
-                                .collect::<Vec<_>>()
-                                .join("\n    ")
+                            tail.join("\n    ")
                         )
                     }
                 };
@@ -284,6 +280,27 @@ pub fn restart(c: &mut Cluster, i: usize) -> Result<()> {
     c.nodes[i].pid = child.id();
     c.restarted.push(child);
     Ok(())
+}
+
+/// The last `n` lines of the file at `path` (from its last 4 KiB; each cut to
+/// 300 characters).
+fn log_tail(path: &Path, n: usize) -> Vec<String> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut buf = Vec::new();
+    if let Ok(mut f) = std::fs::File::open(path) {
+        let len = f.metadata().map_or(0, |m| m.len());
+        let _ = f.seek(SeekFrom::Start(len.saturating_sub(4096)));
+        let _ = f.take(4096).read_to_end(&mut buf);
+    }
+    let text = String::from_utf8_lossy(&buf);
+    let mut lines: Vec<String> = text
+        .lines()
+        .rev()
+        .take(n)
+        .map(|l| l.chars().take(300).collect())
+        .collect();
+    lines.reverse();
+    lines
 }
 
 /// SIGTERM, then waits (up to 30 s) until the process is gone, then SIGKILL.

@@ -719,13 +719,14 @@ async fn ensure_root_key(cfg: &Config, meta: &MetaStore) -> Result<ShownKey> {
         .as_ref()
         .is_none_or(|k| k.secret != pair.secret_key || !k.root)
     {
+        let record = KeyRecord {
+            secret: pair.secret_key.clone(),
+            root: true,
+            created: existing.map(|k| k.created).unwrap_or_else(now_millis),
+        };
         let cmd = Command::PutKey {
             access_key: pair.access_key.clone(),
-            record: KeyRecord {
-                secret: pair.secret_key.clone(),
-                root: true,
-                created: existing.map(|k| k.created).unwrap_or_else(now_millis),
-            },
+            record: record.clone(),
         };
         if meta.peers().is_none() {
             meta.apply(cmd).await?;
@@ -739,7 +740,11 @@ async fn ensure_root_key(cfg: &Config, meta: &MetaStore) -> Result<ShownKey> {
                     tracing::warn!(
                         "the cluster cannot take the root key now; retrying in the background"
                     );
-                    tokio::spawn(put_root_key_later(meta.clone(), cmd));
+                    tokio::spawn(put_root_key_later(
+                        meta.clone(),
+                        pair.access_key.clone(),
+                        record,
+                    ));
                 }
                 Ok(Err(e)) => return Err(e.into()),
             }
@@ -756,20 +761,23 @@ async fn ensure_root_key(cfg: &Config, meta: &MetaStore) -> Result<ShownKey> {
 const ROOT_KEY_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Puts the root key once the cluster can take it, unless it is there by then.
-async fn put_root_key_later(meta: MetaStore, cmd: Command) {
+async fn put_root_key_later(meta: MetaStore, access_key: String, record: KeyRecord) {
     let mut delay = std::time::Duration::from_millis(200);
     loop {
         tokio::time::sleep(delay).await;
         delay = (delay * 2).min(std::time::Duration::from_secs(5));
-        if let Command::PutKey { access_key, record } = &cmd
-            && meta.read_barrier().await.is_ok()
+        if meta.read_barrier().await.is_ok()
             && meta
-                .key(access_key)
+                .key(&access_key)
                 .is_some_and(|k| k.secret == record.secret && k.root)
         {
             return;
         }
-        match tokio::time::timeout(ROOT_KEY_WAIT, meta.apply(cmd.clone())).await {
+        let cmd = Command::PutKey {
+            access_key: access_key.clone(),
+            record: record.clone(),
+        };
+        match tokio::time::timeout(ROOT_KEY_WAIT, meta.apply(cmd)).await {
             Ok(Ok(_)) => {
                 tracing::info!("root key in place");
                 return;

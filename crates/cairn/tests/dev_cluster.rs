@@ -435,6 +435,19 @@ fn placement(st: &serde_json::Value) -> cairn_placement::Placement {
 }
 
 /// Waits (up to `limit`) for `check` to hold; panics with its last message otherwise.
+/// Waits (up to 60 s) until node `at` sees exactly `left` nodes in the layout
+/// and as members: the removed one gone, no other with it.
+fn wait_until_left(dev: &Dev, at: usize, left: usize) {
+    eventually(Duration::from_secs(60), || {
+        let st = dev.status(at);
+        let n = st["nodes"].as_array().unwrap().len();
+        let members = st["members"].as_array().unwrap().len();
+        (n == left && members == left)
+            .then_some(())
+            .ok_or_else(|| format!("the node has not left, or took another along: {st}"))
+    });
+}
+
 fn eventually(limit: Duration, mut check: impl FnMut() -> Result<(), String>) {
     let deadline = Instant::now() + limit;
     loop {
@@ -555,14 +568,7 @@ fn a_removed_node_drains_before_it_leaves() {
     assert!(on_4 > 12, "node 4 held only {on_4} of 40 blocks before");
     let gone = dev.node(4)["id"].as_str().unwrap().to_string();
     dev.cluster_ok(&["remove", &gone]);
-    eventually(Duration::from_secs(60), || {
-        let st = dev.status(0);
-        let n = st["nodes"].as_array().unwrap().len();
-        let members = st["members"].as_array().unwrap().len();
-        (n == 4 && members == 4)
-            .then_some(())
-            .ok_or_else(|| format!("the node has not left, or took another along: {st}"))
-    });
+    wait_until_left(&dev, 0, 4);
     let leader = dev.status(0)["leader"].clone();
     for i in 1..4 {
         let st = dev.status(i);
@@ -662,14 +668,7 @@ fn a_drain_held_up_by_a_dead_node_finishes_when_it_returns() {
         "the node left while a node its blocks go to was down: {st}"
     );
     dev.restart(down);
-    eventually(Duration::from_secs(60), || {
-        let st = dev.status(leader);
-        let n = st["nodes"].as_array().unwrap().len();
-        let members = st["members"].as_array().unwrap().len();
-        (n == 3 && members == 3)
-            .then_some(())
-            .ok_or_else(|| format!("the node has not left: {st}"))
-    });
+    wait_until_left(&dev, leader, 3);
     let after = holders(&dev, 4);
     let kept: Vec<usize> = (0..4).filter(|&i| i != leaving).collect();
     for k in 0..30 {
