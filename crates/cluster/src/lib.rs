@@ -383,7 +383,7 @@ impl Blocks {
             });
         };
         let res = peers
-            .call(addr, svc, body, self.inner.settings.block_timeout)
+            .call_node(node, addr, svc, body, self.inner.settings.block_timeout)
             .await;
         self.note_result(node, &res);
         res

@@ -506,10 +506,7 @@ impl MetaStore {
         match raft.add_learner(id, member.clone(), true).await {
             Ok(_) => {}
             Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
-                let node = match f.leader_node {
-                    Some(n) => Some(n),
-                    None => wait_for_leader(&raft).await,
-                };
+                let node = leader_named(&raft, &f).await;
                 let req = crate::raft::network::JoinRequest {
                     node_id: id,
                     member,
@@ -546,16 +543,16 @@ impl MetaStore {
     /// `Result<(), String>`.
     async fn ask_leader<T: serde::Serialize>(
         &self,
-        node: Option<Member>,
+        node: Option<(NodeId, Member)>,
         svc: u8,
         req: &T,
     ) -> Result<()> {
-        let (Some(node), Some(peers)) = (node, &self.opts.peers) else {
+        let (Some((leader, node)), Some(peers)) = (node, &self.opts.peers) else {
             return Err(MetaError::Unavailable);
         };
         let body = crate::raft::network::encode(req).map_err(MetaError::Storage)?;
         let answer = peers
-            .call(&node.rpc, svc, body, FORWARD_TIMEOUT)
+            .call_node(leader, &node.rpc, svc, body, FORWARD_TIMEOUT)
             .await
             .map_err(|e| MetaError::Refused(format!("the leader at {}: {e}", node.rpc)))?;
         let res: std::result::Result<(), String> =
@@ -578,7 +575,7 @@ impl MetaStore {
                     .membership_config
                     .membership()
                     .get_node(&l)
-                    .cloned()
+                    .map(|n| (l, n.clone()))
             }) {
                 Some(n) => Some(n),
                 None => wait_for_leader(&raft).await,
@@ -759,16 +756,19 @@ impl MetaStore {
                 Err(openraft::error::RaftError::APIError(
                     openraft::error::CheckIsLeaderError::ForwardToLeader(f),
                 )) => {
-                    let node = match f.leader_node {
-                        Some(n) => Some(n),
-                        None => wait_for_leader(&raft).await,
-                    };
-                    let (Some(node), Some(peers)) = (node, &self.opts.peers) else {
+                    let node = leader_named(&raft, &f).await;
+                    let (Some((leader, node)), Some(peers)) = (node, &self.opts.peers) else {
                         return Err(MetaError::Unavailable);
                     };
                     let body = crate::raft::network::encode(&()).map_err(MetaError::Storage)?;
                     match peers
-                        .call(&node.rpc, SVC_READ_INDEX, body, READ_BARRIER_TIMEOUT)
+                        .call_node(
+                            leader,
+                            &node.rpc,
+                            SVC_READ_INDEX,
+                            body,
+                            READ_BARRIER_TIMEOUT,
+                        )
                         .await
                     {
                         Ok(answer) => {
@@ -1381,10 +1381,14 @@ async fn batcher(
 
 /// The leader as this node knows it, waiting a little for one to be known (a node
 /// that has just joined, or an election under way).
-async fn wait_for_leader(raft: &Raft) -> Option<Member> {
+async fn wait_for_leader(raft: &Raft) -> Option<(NodeId, Member)> {
     let leader = |m: &openraft::RaftMetrics<NodeId, Member>| {
-        m.current_leader
-            .and_then(|l| m.membership_config.membership().get_node(&l).cloned())
+        m.current_leader.and_then(|l| {
+            m.membership_config
+                .membership()
+                .get_node(&l)
+                .map(|n| (l, n.clone()))
+        })
     };
     let mut rx = raft.metrics();
     let deadline = tokio::time::Instant::now() + LEADER_WAIT;
@@ -1401,6 +1405,18 @@ async fn wait_for_leader(raft: &Raft) -> Option<Member> {
     }
 }
 
+/// The leader a refusal names (id and address), or the one known within
+/// `LEADER_WAIT`.
+async fn leader_named(
+    raft: &Raft,
+    f: &openraft::error::ForwardToLeader<NodeId, Member>,
+) -> Option<(NodeId, Member)> {
+    match (f.leader_id, &f.leader_node) {
+        (Some(id), Some(n)) => Some((id, n.clone())),
+        _ => wait_for_leader(raft).await,
+    }
+}
+
 /// How long a request waits for a leader to be known before it fails with 503.
 const LEADER_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
@@ -1413,24 +1429,22 @@ async fn propose(raft: &Raft, peers: Option<&Peers>, req: Request) -> Result<Res
         match raft.client_write(req.clone()).await {
             Ok(r) => return Ok(r.data),
             Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
-                let node = match f.leader_node {
-                    Some(n) => Some(n),
-                    None => wait_for_leader(raft).await,
-                };
-                let (Some(node), Some(peers)) = (node, peers) else {
+                let node = leader_named(raft, &f).await;
+                let (Some((leader, node)), Some(peers)) = (node, peers) else {
                     return Err(MetaError::Unavailable);
                 };
                 let body = crate::raft::network::encode(&req).map_err(MetaError::Storage)?;
                 let answer = match peers
-                    .call(&node.rpc, SVC_WRITE, body, FORWARD_TIMEOUT)
+                    .call_node(leader, &node.rpc, SVC_WRITE, body, FORWARD_TIMEOUT)
                     .await
                 {
                     Ok(a) => a,
-                    // Not sent at all (the leader this node knows is gone): once
-                    // another is elected, send it there.
-                    Err(cairn_net::RpcError::Connect { .. })
-                        if attempts < 3 && f.leader_id.is_some() =>
-                    {
+                    // Not sent at all (the leader this node knows is gone, or
+                    // another node answers at its address): once another is
+                    // elected, send it there.
+                    Err(
+                        cairn_net::RpcError::Connect { .. } | cairn_net::RpcError::WrongNode { .. },
+                    ) if attempts < 3 && f.leader_id.is_some() => {
                         if !wait_for_other_leader(raft, f.leader_id).await {
                             return Err(MetaError::Unavailable);
                         }

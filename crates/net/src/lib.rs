@@ -78,6 +78,14 @@ pub enum RpcError {
     /// The remote handler failed; its message.
     #[error("remote: {0}")]
     Remote(String),
+    /// Another node answers at the address a node was known by (it was replaced
+    /// by a new node on the same address, say): the request was not sent.
+    #[error("{addr} is node {found:016x}, not node {expected:016x}")]
+    WrongNode {
+        addr: String,
+        expected: NodeId,
+        found: NodeId,
+    },
 }
 
 /// Who this node is to its peers.
@@ -612,7 +620,31 @@ impl Peers {
         Ok(c)
     }
 
-    /// Calls `service` at `addr`, connecting if needed.
+    /// Calls `service` of node `node` at `addr`, connecting if needed. The request
+    /// is not sent when another node answers there (as the handshake proved): a
+    /// node started afresh on a former member's address must never be taken for
+    /// that member (it would, say, grant that member's vote in an election).
+    pub async fn call_node(
+        &self,
+        node: NodeId,
+        addr: &str,
+        service: u8,
+        body: Bytes,
+        timeout: Duration,
+    ) -> Result<Bytes, RpcError> {
+        let c = self.get(addr).await?;
+        if c.peer() != node {
+            return Err(RpcError::WrongNode {
+                addr: addr.to_string(),
+                expected: node,
+                found: c.peer(),
+            });
+        }
+        c.call(service, body, timeout).await
+    }
+
+    /// Calls `service` at `addr`, connecting if needed, whichever node answers
+    /// there (a join asks a member known only by its address).
     pub async fn call(
         &self,
         addr: &str,

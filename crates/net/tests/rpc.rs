@@ -255,3 +255,45 @@ async fn peers_reconnect_after_a_restart() {
     }
     assert!(ok, "no call succeeded after the restart");
 }
+
+/// A node replaced by another on the same address: a call meant for the old one
+/// is not sent to the new one (it names both), and a call for the new one works.
+#[tokio::test]
+async fn a_call_for_one_node_is_not_sent_to_another_at_its_address() {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let (stop, rx) = watch::channel(false);
+    let task = tokio::spawn(serve(l, Identity::new(2, b"k"), Arc::new(Test), rx));
+    let peers = Peers::new(Identity::new(1, b"k"), T);
+    let a = addr.to_string();
+    let got = peers.call_node(2, &a, 1, Bytes::from_static(b"x"), T).await;
+    assert!(got.is_ok(), "{got:?}");
+    stop.send(true).unwrap();
+    task.await.unwrap();
+    let l = loop {
+        if let Ok(l) = TcpListener::bind(addr).await {
+            break l;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let (_stop2, rx2) = watch::channel(false);
+    tokio::spawn(serve(l, Identity::new(3, b"k"), Arc::new(Test), rx2));
+    let mut wrong = None;
+    for _ in 0..3 {
+        match peers.call_node(2, &a, 1, Bytes::from_static(b"x"), T).await {
+            Err(e @ RpcError::WrongNode { .. }) => {
+                wrong = Some(e);
+                break;
+            }
+            Ok(_) => panic!("a call for node 2 was answered by node 3"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+    let e = wrong.expect("no WrongNode error");
+    assert_eq!(
+        e.to_string(),
+        format!("{a} is node 0000000000000003, not node 0000000000000002")
+    );
+    let got = peers.call_node(3, &a, 1, Bytes::from_static(b"y"), T).await;
+    assert!(got.is_ok(), "{got:?}");
+}

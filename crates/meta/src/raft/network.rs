@@ -148,12 +148,12 @@ impl NetClient {
         let body = encode(req)
             .map_err(|e| RPCError::Network(NetworkError::new(&std::io::Error::other(e))))?;
         let answer = peers
-            .call(&self.addr, svc, body, option.hard_ttl())
+            .call_node(self.target, &self.addr, svc, body, option.hard_ttl())
             .await
             .map_err(|e| match e {
-                RpcError::Connect { .. } | RpcError::Refused { .. } => {
-                    RPCError::Unreachable(Unreachable::new(&e))
-                }
+                RpcError::Connect { .. }
+                | RpcError::Refused { .. }
+                | RpcError::WrongNode { .. } => RPCError::Unreachable(Unreachable::new(&e)),
                 other => RPCError::Network(NetworkError::new(&other)),
             })?;
         let res: Result<Resp, E> = decode(&answer)
