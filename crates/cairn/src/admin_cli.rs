@@ -266,8 +266,8 @@ pub fn run(cmd: ClusterCmd) -> Result<()> {
                     layout.get("quorum").cloned().unwrap_or_default(),
                 );
                 println!(
-                    "{:<18} {:<22} {:<8} {:<9} {:<8} {:>10} {:>10}  rebalance",
-                    "node", "rpc address", "zone", "state", "role", "capacity", "used"
+                    "{:<18} {:<22} {:<8} {:<9} {:<14} {:<8} {:>10} {:>10}  rebalance",
+                    "node", "rpc address", "zone", "state", "health", "role", "capacity", "used"
                 );
                 for m in v
                     .get("nodes")
@@ -310,12 +310,18 @@ pub fn run(cmd: ClusterCmd) -> Result<()> {
                         },
                         None => "unreachable".into(),
                     };
+                    // The failure detector's verdict, with phi when not up.
+                    let health = match f("health").as_str() {
+                        "up" | "" => f("health"),
+                        h => format!("{h} (phi {})", f("phi")),
+                    };
                     println!(
-                        "{:<18} {:<22} {:<8} {:<9} {:<8} {:>10} {:>10}  {rebalance}",
+                        "{:<18} {:<22} {:<8} {:<9} {:<14} {:<8} {:>10} {:>10}  {rebalance}",
                         f("id"),
                         f("rpc_address"),
                         f("zone"),
                         state,
+                        health,
                         role,
                         gib("capacity"),
                         gib("used_bytes"),

@@ -36,6 +36,9 @@ pub struct FileConfig {
     pub snapshot_every: Option<u64>,
     pub log_keep: Option<u64>,
     pub receive_pin: Option<String>,
+    pub heartbeat_interval: Option<String>,
+    pub phi_suspect: Option<f64>,
+    pub phi_down: Option<f64>,
 }
 
 /// The shortest cluster secret accepted: it is all that keeps strangers out.
@@ -80,6 +83,8 @@ pub struct Config {
     /// How long a block received from another node is kept from garbage collection
     /// while the write that sent it may not have committed yet.
     pub receive_pin: Duration,
+    /// The failure detector: heartbeat interval and phi thresholds.
+    pub health: cairn_cluster::health::HealthSettings,
 }
 
 impl std::fmt::Debug for Config {
@@ -266,7 +271,17 @@ impl Config {
                 pick(o.receive_pin, fc.receive_pin),
                 cairn_cluster::DataSettings::default().recent_pin,
             )?,
+            health: {
+                let d = cairn_cluster::health::HealthSettings::default();
+                cairn_cluster::health::HealthSettings {
+                    interval: dur("heartbeat_interval", fc.heartbeat_interval, d.interval)?,
+                    suspect_phi: fc.phi_suspect.unwrap_or(d.suspect_phi),
+                    down_phi: fc.phi_down.unwrap_or(d.down_phi),
+                    ..d
+                }
+            },
         };
+        cfg.health.validate().map_err(anyhow::Error::msg)?;
         if cfg.snapshot_every == 0 {
             bail!("snapshot_every: must be at least 1 log entry");
         }
@@ -368,5 +383,32 @@ mod tests {
         }
         let err = format!("{:#}", with(None, "host:9002").unwrap_err());
         assert!(err.contains("needs rpc_address"), "{err}");
+    }
+
+    #[test]
+    fn failure_detector_settings_are_read_and_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        std::fs::write(
+            &p,
+            "heartbeat_interval = \"200ms\"\nphi_suspect = 2.5\nphi_down = 10\n",
+        )
+        .unwrap();
+        let cfg = Config::load(Some(&p), Overrides::default()).unwrap();
+        assert_eq!(cfg.health.interval, Duration::from_millis(200));
+        assert_eq!((cfg.health.suspect_phi, cfg.health.down_phi), (2.5, 10.0));
+        for (text, key) in [
+            ("phi_down = 1.0\n", "phi_down"),
+            ("phi_suspect = -1.0\n", "phi_suspect"),
+            ("heartbeat_interval = \"0s\"\n", "heartbeat_interval"),
+            ("heartbeat_interval = \"soon\"\n", "heartbeat_interval"),
+        ] {
+            std::fs::write(&p, text).unwrap();
+            let err = format!(
+                "{:#}",
+                Config::load(Some(&p), Overrides::default()).unwrap_err()
+            );
+            assert!(err.contains(key), "{text}: {err}");
+        }
     }
 }

@@ -140,6 +140,7 @@ pub async fn serve(cfg: Config) -> Result<()> {
         meta.peers().cloned(),
         DataSettings {
             recent_pin: cfg.receive_pin,
+            health: cfg.health.clone(),
             ..DataSettings::default()
         },
     )
@@ -366,6 +367,12 @@ impl ClusterAdmin for NodeCluster {
             tokio::time::timeout(std::time::Duration::from_secs(2), self.data.report_of(n.id))
         }))
         .await;
+        let health: std::collections::HashMap<u64, cairn_cluster::health::PeerHealth> = self
+            .data
+            .health()
+            .into_iter()
+            .map(|p| (p.node, p))
+            .collect();
         let nodes: Vec<serde_json::Value> = layout
             .nodes
             .iter()
@@ -383,6 +390,21 @@ impl ClusterAdmin for NodeCluster {
                     "voter": voters.contains(&n.id),
                     "reachable": matches!(r, Ok(Ok(_))),
                 });
+                // The failure detector's verdict on the node (this node: up).
+                match health.get(&n.id) {
+                    Some(h) => {
+                        v["health"] = h.health.as_str().into();
+                        v["phi"] = ((h.phi * 100.0).round() / 100.0).into();
+                        v["silent_ms"] = (h.silent_for.as_millis() as u64).into();
+                        if let Some(rtt) = h.rtt {
+                            v["rtt_ms"] = ((rtt.as_secs_f64() * 1e5).round() / 100.0).into();
+                        }
+                    }
+                    None => {
+                        v["health"] = "up".into();
+                        v["phi"] = 0.0.into();
+                    }
+                }
                 if let Ok(Ok(r)) = r {
                     let mv = &r.mover;
                     v["fs_bytes"] = r.fs_bytes.into();

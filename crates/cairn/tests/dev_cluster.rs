@@ -257,18 +257,24 @@ fn wait_healthy_or_exit(admin: &str, child: &mut Child, log: &Path) -> bool {
 }
 
 fn health_ok(admin: &str) -> bool {
+    admin_get(admin, "/health").is_some_and(|r| r.starts_with("HTTP/1.1 200"))
+}
+
+/// `GET path` on an admin endpoint: the whole response, or `None` when nothing
+/// answers.
+fn admin_get(admin: &str, path: &str) -> Option<String> {
     use std::io::{Read, Write};
     let addr = admin.trim_start_matches("http://");
-    let Ok(mut s) = std::net::TcpStream::connect(addr) else {
-        return false;
-    };
-    let _ = write!(
+    let mut s = std::net::TcpStream::connect(addr).ok()?;
+    let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+    write!(
         s,
-        "GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    );
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
     let mut out = String::new();
     let _ = s.read_to_string(&mut out);
-    out.starts_with("HTTP/1.1 200")
+    Some(out)
 }
 
 /// The block files under a data directory, by address.
@@ -647,6 +653,72 @@ fn a_node_started_without_quorum_waits_for_it() {
             .map(|_| ())
             .map_err(|e| format!("the new secret is refused: {e:?}"))
     });
+}
+
+/// The failure detector's verdict on node `of`, as node `at` exports it in its
+/// metrics (0 up, 1 suspect, 2 down).
+fn health_metric(dev: &Dev, at: usize, of: usize) -> Option<u32> {
+    let admin = dev.node(at)["admin_endpoint"].as_str().unwrap();
+    let text = admin_get(admin, "/metrics")?;
+    let prefix = format!("cairn_node_health{{node=\"{:016x}\"}} ", dev.id(of));
+    text.lines()
+        .find_map(|l| l.strip_prefix(prefix.as_str()))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .map(|v| v as u32)
+}
+
+/// How long until node `at` judges node `of` to be `want` (polled every 50 ms,
+/// at most `limit`).
+fn time_until_health(dev: &Dev, at: usize, of: usize, want: u32, limit: Duration) -> Duration {
+    let t = Instant::now();
+    while health_metric(dev, at, of) != Some(want) {
+        assert!(
+            t.elapsed() < limit,
+            "node {at} did not judge node {of} {want} within {limit:?} (now {:?})",
+            health_metric(dev, at, of)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    t.elapsed()
+}
+
+/// Every node judges the others by heartbeats (phi accrual): a node killed -9 is
+/// declared down within the 10 s bound by both others, a stopped (SIGSTOP) one too,
+/// and each is up again once it answers; status shows the state and phi.
+#[test]
+fn a_killed_or_paused_node_is_declared_down_and_up_again() {
+    let mut dev = Dev::start(3, 3, &[]);
+    let bound = Duration::from_secs(10);
+    for at in 0..3 {
+        for of in (0..3).filter(|of| *of != at) {
+            time_until_health(&dev, at, of, 0, bound);
+        }
+    }
+    dev.kill9(2);
+    let down0 = time_until_health(&dev, 0, 2, 2, bound);
+    let down1 = time_until_health(&dev, 1, 2, 2, bound);
+    eprintln!("a killed node was declared down after {down0:?} (node 0), {down1:?} (node 1)");
+    let st = dev.status(0);
+    let entry = st["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["id"].as_str() == dev.node(2)["id"].as_str())
+        .unwrap()
+        .clone();
+    assert_eq!(entry["health"], "down", "{entry}");
+    assert!(entry["phi"].as_f64().unwrap() >= 8.0, "{entry}");
+    dev.restart(2);
+    let up = time_until_health(&dev, 0, 2, 0, bound);
+    eprintln!("and up again {up:?} after it served");
+    // Stopped, not dead: its connections stay open, its answers stop.
+    let pid = dev.node(1)["pid"].as_u64().unwrap().to_string();
+    Command::new("kill").args(["-STOP", &pid]).status().unwrap();
+    let paused = time_until_health(&dev, 0, 1, 2, bound);
+    Command::new("kill").args(["-CONT", &pid]).status().unwrap();
+    eprintln!("a stopped node was declared down after {paused:?}");
+    time_until_health(&dev, 0, 1, 0, bound);
+    time_until_health(&dev, 2, 1, 0, bound);
 }
 
 /// A new node started on a member's address (the member's machine reinstalled)

@@ -15,6 +15,7 @@
 //! A node without peers, or alone in its layout, keeps every block locally: the
 //! single-node path is the same store with no network in it.
 
+pub mod health;
 pub mod mover;
 
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -42,10 +43,12 @@ pub const SVC_BLOCK_GET: u8 = 17;
 pub const SVC_BLOCK_HAS: u8 = 18;
 /// The node's [`Report`]: disk usage and the mover's progress.
 pub const SVC_REPORT: u8 = 19;
+/// A heartbeat of the failure detector ([`health`]): answered at once, empty.
+pub const SVC_PING: u8 = 20;
 
 /// Whether a service id belongs to the block layer.
 pub fn is_block_service(svc: u8) -> bool {
-    (SVC_BLOCK_PUT..=SVC_REPORT).contains(&svc)
+    (SVC_BLOCK_PUT..=SVC_PING).contains(&svc)
 }
 
 /// A node's disk and the mover's progress, as `cairn cluster status` shows them.
@@ -141,6 +144,8 @@ pub struct DataSettings {
     /// How long a block received from a peer stays pinned against garbage
     /// collection: the writer commits the metadata that names it well within this.
     pub recent_pin: Duration,
+    /// The failure detector's heartbeats and thresholds.
+    pub health: health::HealthSettings,
 }
 
 impl Default for DataSettings {
@@ -150,6 +155,7 @@ impl Default for DataSettings {
             block_timeout: Duration::from_secs(30),
             down_for: Duration::from_secs(2),
             recent_pin: Duration::from_secs(600),
+            health: health::HealthSettings::default(),
         }
     }
 }
@@ -232,6 +238,8 @@ struct Inner {
     placed: RwLock<Arc<Placed>>,
     /// Nodes whose last call failed, and when.
     down: Mutex<HashMap<u64, Instant>>,
+    /// The failure detector of each other node of the layout.
+    detectors: health::Detectors,
     /// Pins of blocks received from peers, oldest first.
     recent: Mutex<VecDeque<(Instant, PinGuard)>>,
     receiving: tokio::sync::Semaphore,
@@ -268,6 +276,7 @@ impl Blocks {
         settings: DataSettings,
         layout: Arc<Layout>,
     ) -> Blocks {
+        let detectors = health::Detectors::new(settings.health.clone());
         Blocks {
             inner: Arc::new(Inner {
                 local,
@@ -276,6 +285,7 @@ impl Blocks {
                 settings,
                 placed: RwLock::new(Arc::new(Placed::new(layout))),
                 down: Mutex::default(),
+                detectors,
                 recent: Mutex::default(),
                 receiving: tokio::sync::Semaphore::new(RECEIVING),
                 misplaced: AtomicBool::new(false),
@@ -302,7 +312,10 @@ impl Blocks {
         b.set_placed(placed);
         let weak = Arc::downgrade(&b.inner);
         tokio::spawn(follow_layout(weak.clone(), watch));
-        tokio::spawn(expire_recent_pins(weak));
+        tokio::spawn(expire_recent_pins(weak.clone()));
+        if b.inner.peers.is_some() {
+            tokio::spawn(health::heartbeats(weak));
+        }
         b
     }
 
@@ -341,11 +354,22 @@ impl Blocks {
         self.inner.peers.is_none() || placed.layout.nodes.iter().all(|n| n.id == self.inner.me)
     }
 
+    /// Nodes to try last: those whose last call failed a moment ago, and those
+    /// the failure detector holds suspect or down.
     fn down_nodes(&self) -> HashSet<u64> {
-        let mut down = lock(&self.inner.down);
-        let for_ = self.inner.settings.down_for;
-        down.retain(|_, t| t.elapsed() < for_);
-        down.keys().copied().collect()
+        let mut out: HashSet<u64> = {
+            let mut down = lock(&self.inner.down);
+            let for_ = self.inner.settings.down_for;
+            down.retain(|_, t| t.elapsed() < for_);
+            down.keys().copied().collect()
+        };
+        out.extend(self.inner.detectors.unhealthy(Instant::now()));
+        out
+    }
+
+    /// Each other node's state as the failure detector judges it now.
+    pub fn health(&self) -> Vec<health::PeerHealth> {
+        self.inner.detectors.view(Instant::now())
     }
 
     fn note_result(&self, node: u64, res: &Result<Bytes, RpcError>) {
@@ -724,6 +748,7 @@ impl Blocks {
                 .map_err(|e| e.to_string())
             }
             SVC_REPORT => Ok(self.report().await.encode()),
+            SVC_PING => Ok(Bytes::new()),
             _ => Err(format!("unknown block service {service}")),
         }
     }
