@@ -39,6 +39,7 @@ pub struct FileConfig {
     pub heartbeat_interval: Option<String>,
     pub phi_suspect: Option<f64>,
     pub phi_down: Option<f64>,
+    pub hedge_after: Option<String>,
 }
 
 /// The shortest cluster secret accepted: it is all that keeps strangers out.
@@ -85,6 +86,8 @@ pub struct Config {
     pub receive_pin: Duration,
     /// The failure detector: heartbeat interval and phi thresholds.
     pub health: cairn_cluster::health::HealthSettings,
+    /// When a block read also asks the next node.
+    pub hedge: cairn_cluster::Hedge,
 }
 
 impl std::fmt::Debug for Config {
@@ -165,6 +168,7 @@ pub struct Overrides {
     pub snapshot_every: Option<u64>,
     pub log_keep: Option<u64>,
     pub receive_pin: Option<String>,
+    pub hedge_after: Option<String>,
 }
 
 impl Config {
@@ -279,6 +283,12 @@ impl Config {
                     down_phi: fc.phi_down.unwrap_or(d.down_phi),
                     ..d
                 }
+            },
+            hedge: match pick(o.hedge_after, fc.hedge_after) {
+                Some(v) => v
+                    .parse()
+                    .map_err(|e: String| anyhow::anyhow!("hedge_after: {e}"))?,
+                None => cairn_cluster::Hedge::Auto,
             },
         };
         cfg.health.validate().map_err(anyhow::Error::msg)?;

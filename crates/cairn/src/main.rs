@@ -15,6 +15,7 @@ mod failover;
 mod local_cluster;
 mod logwriter;
 mod netproxy;
+mod pausebench;
 mod server;
 mod sigv4;
 
@@ -126,9 +127,9 @@ struct BenchArgs {
     /// Operation mix
     #[arg(long, value_enum, default_value = "put")]
     op: bench::Op,
-    /// Object size, e.g. 4KiB, 16MiB, 2GiB
-    #[arg(long, default_value = "4KiB")]
-    size: String,
+    /// Object size, e.g. 4KiB, 16MiB, 2GiB [default: 4KiB; 256KiB with --paused-node]
+    #[arg(long)]
+    size: Option<String>,
     /// Requests in flight (one connection each)
     #[arg(long, default_value_t = 1)]
     concurrency: usize,
@@ -155,9 +156,22 @@ struct BenchArgs {
     /// With --failover: how many times the leader is killed
     #[arg(long, default_value_t = 10)]
     kills: usize,
-    /// With --failover: nodes in the local cluster
-    #[arg(long, default_value_t = 3)]
-    nodes: usize,
+    /// With --failover or --paused-node: nodes in the local cluster [default: 3;
+    /// 5 with --paused-node]
+    #[arg(long)]
+    nodes: Option<usize>,
+    /// Measure GET latency with one node stopped (SIGSTOP) instead: start a local
+    /// cluster per --hedge-after value, send --rate GETs a second for --duration
+    /// healthy, then as long with one follower paused, and report both
+    #[arg(long)]
+    paused_node: bool,
+    /// With --paused-node: the hedge settings to compare, comma-separated
+    #[arg(long, default_value = "auto,off")]
+    hedge_after: String,
+    /// With --paused-node: GETs sent per second (an open loop: each on its own
+    /// connection, whether or not the earlier ones have answered)
+    #[arg(long, default_value_t = 200)]
+    rate: u64,
     /// Print the report as JSON
     #[arg(long)]
     json: bool,
@@ -227,6 +241,11 @@ struct ServeArgs {
     /// while the write that sent it may still be under way [default: 10m]
     #[arg(long, value_name = "DURATION")]
     receive_pin: Option<String>,
+    /// When a block read also asks the next node while the first has not
+    /// answered: auto (after the 95th percentile of recent reads), off, or a
+    /// duration such as 20ms [default: auto]
+    #[arg(long, value_name = "auto|off|DURATION")]
+    hedge_after: Option<String>,
 }
 
 /// Logs go to stderr through a background writer thread (`logwriter.rs`), so that a
@@ -291,6 +310,7 @@ fn run_serve(a: ServeArgs) -> anyhow::Result<()> {
             snapshot_every: a.snapshot_every,
             log_keep: a.log_keep,
             receive_pin: a.receive_pin,
+            hedge_after: a.hedge_after,
             // From the environment only: a secret on the command line shows in `ps`.
             cluster_secret: std::env::var("CAIRN_CLUSTER_SECRET").ok(),
         },
@@ -349,9 +369,28 @@ fn run_bench(a: BenchArgs) -> anyhow::Result<()> {
             .enable_all()
             .build()?;
         return rt.block_on(failover::run(failover::FailoverOptions {
-            nodes: a.nodes,
+            nodes: a.nodes.unwrap_or(3),
             kills: a.kills,
             writers: a.concurrency,
+            json: a.json,
+        }));
+    }
+    if a.paused_node {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?;
+        return rt.block_on(pausebench::run(pausebench::PauseOptions {
+            nodes: a.nodes.unwrap_or(5),
+            hedges: a
+                .hedge_after
+                .split(',')
+                .map(|h| h.trim().to_string())
+                .filter(|h| !h.is_empty())
+                .collect(),
+            rate: a.rate,
+            size: config::parse_size(a.size.as_deref().unwrap_or("256KiB"))? as u64,
+            keys: a.keys,
+            duration: config::parse_duration(a.duration.as_deref().unwrap_or("10s"))?,
             json: a.json,
         }));
     }
@@ -365,7 +404,7 @@ fn run_bench(a: BenchArgs) -> anyhow::Result<()> {
         (None, None) => Some(std::time::Duration::from_secs(10)),
         (None, Some(_)) => None,
     };
-    let size = config::parse_size(&a.size)? as u64;
+    let size = config::parse_size(a.size.as_deref().unwrap_or("4KiB"))? as u64;
     if a.concurrency == 0 {
         anyhow::bail!("--concurrency must be at least 1");
     }

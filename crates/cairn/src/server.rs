@@ -141,6 +141,7 @@ pub async fn serve(cfg: Config) -> Result<()> {
         DataSettings {
             recent_pin: cfg.receive_pin,
             health: cfg.health.clone(),
+            hedge: cfg.hedge,
             ..DataSettings::default()
         },
     )

@@ -721,6 +721,71 @@ fn a_killed_or_paused_node_is_declared_down_and_up_again() {
     time_until_health(&dev, 2, 1, 0, bound);
 }
 
+/// The sum over every node of a counter in its metrics.
+fn metric_total(dev: &Dev, nodes: usize, name: &str) -> f64 {
+    (0..nodes)
+        .filter_map(|i| admin_get(dev.node(i)["admin_endpoint"].as_str().unwrap(), "/metrics"))
+        .flat_map(|text| {
+            text.lines()
+                .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .collect::<Vec<_>>()
+        })
+        .sum()
+}
+
+/// A read whose first node does not answer (stopped with SIGSTOP, its connections
+/// open) asks the next one after the hedge delay: with one node paused, every
+/// object reads back through every other node at once. The failure detector is
+/// kept from judging the paused node (its thresholds out of reach), so only the
+/// hedge can take a read elsewhere.
+#[test]
+fn reads_hedge_around_a_paused_node() {
+    let cfg = tempfile::tempdir().unwrap();
+    let path = cfg.path().join("cairn.toml");
+    std::fs::write(&path, "phi_suspect = 90\nphi_down = 99\n").unwrap();
+    let mut dev = Dev::start(5, 3, &[&format!("--config={}", path.display())]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let c: Vec<_> = (0..5).map(|i| dev.client(i)).collect();
+    rt.block_on(async {
+        c[0].create_bucket().bucket("bkt").send().await.unwrap();
+        for i in 0..30 {
+            put(&c[i % 5], &format!("k{i}"), &object(i)).await;
+        }
+    });
+    let leader = dev.leader();
+    let paused = (0..5).find(|i| *i != leader).unwrap();
+    let pid = dev.node(paused)["pid"].as_u64().unwrap().to_string();
+    // Every copy written (the third of each block follows the acknowledgement).
+    std::thread::sleep(Duration::from_secs(1));
+    Command::new("kill").args(["-STOP", &pid]).status().unwrap();
+    let up: Vec<usize> = (0..5).filter(|i| *i != paused).collect();
+    let slowest = rt.block_on(async {
+        let mut slowest = Duration::ZERO;
+        for &u in &up {
+            for k in 0..30 {
+                let t = Instant::now();
+                let got =
+                    tokio::time::timeout(Duration::from_secs(10), get(&c[u], &format!("k{k}")))
+                        .await
+                        .unwrap_or_else(|_| {
+                            panic!("k{k} via node {u} waited 10 s on the paused node")
+                        });
+                assert_eq!(got, object(k), "k{k} via node {u}");
+                slowest = slowest.max(t.elapsed());
+            }
+        }
+        slowest
+    });
+    let hedged = metric_total(&dev, 5, "cairn_block_hedged_reads_total");
+    let wins = metric_total(&dev, 5, "cairn_block_hedge_wins_total");
+    Command::new("kill").args(["-CONT", &pid]).status().unwrap();
+    eprintln!("slowest GET with a node paused: {slowest:?}; {hedged} hedged reads, {wins} won");
+    assert!(hedged >= 1.0, "no read was hedged");
+    assert!(wins >= 1.0, "no hedged read answered first");
+    assert!(slowest < Duration::from_secs(2), "a GET took {slowest:?}");
+}
+
 /// A new node started on a member's address (the member's machine reinstalled)
 /// is not taken for that member: with the third member down, the one left has no
 /// quorum and refuses writes, rather than electing itself with the newcomer's

@@ -146,6 +146,84 @@ pub struct DataSettings {
     pub recent_pin: Duration,
     /// The failure detector's heartbeats and thresholds.
     pub health: health::HealthSettings,
+    /// When a read asks a second node while the first has not answered.
+    pub hedge: Hedge,
+}
+
+/// When a block read sends a second (hedged) request to the next node while the
+/// first has not answered.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Hedge {
+    /// Never: the next node is asked only once the first failed or timed out.
+    Off,
+    /// After this long.
+    After(Duration),
+    /// After the 95th percentile of the latest remote reads' latency (between
+    /// `HEDGE_MIN` and `HEDGE_MAX`; `HEDGE_COLD` until enough reads were seen).
+    Auto,
+}
+
+impl std::str::FromStr for Hedge {
+    type Err = String;
+    /// `auto`, `off`, or a duration (`20ms`, `1s`).
+    fn from_str(s: &str) -> Result<Hedge, String> {
+        match s.trim() {
+            "auto" => Ok(Hedge::Auto),
+            "off" => Ok(Hedge::Off),
+            d => {
+                let split = d.find(|c: char| !c.is_ascii_digit()).unwrap_or(d.len());
+                let (n, unit) = d.split_at(split);
+                let n: u64 = n
+                    .parse()
+                    .map_err(|_| format!("'{s}' is not auto, off or a duration like 20ms"))?;
+                match unit {
+                    "ms" => Ok(Hedge::After(Duration::from_millis(n))),
+                    "s" => Ok(Hedge::After(Duration::from_secs(n))),
+                    _ => Err(format!("'{s}' is not auto, off or a duration like 20ms")),
+                }
+            }
+        }
+    }
+}
+
+/// Bounds of the automatic hedge delay, and the delay used before enough remote
+/// reads were timed.
+const HEDGE_MIN: Duration = Duration::from_millis(2);
+const HEDGE_MAX: Duration = Duration::from_secs(1);
+const HEDGE_COLD: Duration = Duration::from_millis(50);
+/// Remote read latencies kept for the automatic hedge delay.
+const LATENCY_WINDOW: usize = 512;
+/// Requests one block read has in flight at most (the first and a hedge).
+const READ_FANOUT: usize = 2;
+
+/// The latest remote block reads' latencies (microseconds), oldest overwritten.
+#[derive(Default)]
+struct Latencies {
+    samples: Vec<u32>,
+    next: usize,
+}
+
+impl Latencies {
+    fn record(&mut self, d: Duration) {
+        let us = d.as_micros().min(u128::from(u32::MAX)) as u32;
+        if self.samples.len() < LATENCY_WINDOW {
+            self.samples.push(us);
+        } else {
+            self.samples[self.next] = us;
+        }
+        self.next = (self.next + 1) % LATENCY_WINDOW;
+    }
+
+    /// The `q` quantile, once at least 16 reads were timed.
+    fn quantile(&self, q: f64) -> Option<Duration> {
+        if self.samples.len() < 16 {
+            return None;
+        }
+        let mut v = self.samples.clone();
+        let i = ((v.len() - 1) as f64 * q).round() as usize;
+        let (_, x, _) = v.select_nth_unstable(i);
+        Some(Duration::from_micros(u64::from(*x)))
+    }
 }
 
 impl Default for DataSettings {
@@ -156,6 +234,7 @@ impl Default for DataSettings {
             down_for: Duration::from_secs(2),
             recent_pin: Duration::from_secs(600),
             health: health::HealthSettings::default(),
+            hedge: Hedge::Auto,
         }
     }
 }
@@ -240,6 +319,8 @@ struct Inner {
     down: Mutex<HashMap<u64, Instant>>,
     /// The failure detector of each other node of the layout.
     detectors: health::Detectors,
+    /// Latencies of the latest remote block reads (for the hedge delay).
+    latencies: Mutex<Latencies>,
     /// Pins of blocks received from peers, oldest first.
     recent: Mutex<VecDeque<(Instant, PinGuard)>>,
     receiving: tokio::sync::Semaphore,
@@ -286,6 +367,7 @@ impl Blocks {
                 placed: RwLock::new(Arc::new(Placed::new(layout))),
                 down: Mutex::default(),
                 detectors,
+                latencies: Mutex::default(),
                 recent: Mutex::default(),
                 receiving: tokio::sync::Semaphore::new(RECEIVING),
                 misplaced: AtomicBool::new(false),
@@ -557,34 +639,13 @@ impl Blocks {
                 Some(e)
             }
         };
-        let order = self.live_first(placed.read_order(&hash));
+        let order: Vec<u64> = self
+            .live_first(placed.read_order(&hash))
+            .into_iter()
+            .filter(|n| *n != self.inner.me)
+            .collect();
         let mut errors = Vec::new();
-        for node in order.into_iter().filter(|n| *n != self.inner.me) {
-            let got = match self
-                .call(
-                    &placed,
-                    node,
-                    SVC_BLOCK_GET,
-                    Bytes::copy_from_slice(&hash.0),
-                )
-                .await
-            {
-                Ok(got) => got,
-                Err(RpcError::Remote(m)) if m == NOT_FOUND => continue,
-                Err(e) => {
-                    errors.push(format!("node {node:016x}: {e}"));
-                    continue;
-                }
-            };
-            let (ok, got) = tokio::task::spawn_blocking(move || (BlockHash::of(&got) == hash, got))
-                .await
-                .map_err(task_failed)?;
-            if !ok {
-                tracing::error!(node = format!("{node:016x}"), block = %hash, "a peer sent a block that fails its check");
-                errors.push(format!("node {node:016x}: corrupt copy"));
-                continue;
-            }
-            metrics::counter!("cairn_block_remote_reads_total").increment(1);
+        if let Some(got) = self.read_remote(&placed, hash, &order, &mut errors).await? {
             buf.clear();
             buf.extend_from_slice(&got);
             return Ok(buf);
@@ -598,6 +659,108 @@ impl Blocks {
             "no copy of block {hash} could be read: {}",
             errors.join("; ")
         )))
+    }
+
+    /// The delay after which a read asks the next node as well, if any.
+    fn hedge_delay(&self) -> Option<Duration> {
+        match self.inner.settings.hedge {
+            Hedge::Off => None,
+            Hedge::After(d) => Some(d),
+            Hedge::Auto => Some(
+                lock(&self.inner.latencies)
+                    .quantile(0.95)
+                    .map_or(HEDGE_COLD, |d| d.clamp(HEDGE_MIN, HEDGE_MAX)),
+            ),
+        }
+    }
+
+    /// Reads the block from the nodes of `order`: the first is asked; the next is
+    /// asked at once when one fails (an error, a timeout, a corrupt copy) and, if
+    /// the one asked has not answered within the hedge delay, at the same time
+    /// (at most `READ_FANOUT` in flight). The first copy that passes its check is
+    /// returned; `None` when no node had a good one (`errors` says why).
+    async fn read_remote(
+        &self,
+        placed: &Arc<Placed>,
+        hash: BlockHash,
+        order: &[u64],
+        errors: &mut Vec<String>,
+    ) -> Result<Option<Bytes>, DataError> {
+        let fetch = |node: u64, hedged: bool| {
+            let (this, placed) = (self.clone(), placed.clone());
+            async move {
+                let started = Instant::now();
+                let res = this
+                    .call(
+                        &placed,
+                        node,
+                        SVC_BLOCK_GET,
+                        Bytes::copy_from_slice(&hash.0),
+                    )
+                    .await;
+                (node, hedged, started.elapsed(), res)
+            }
+        };
+        let hedge = self.hedge_delay();
+        let mut running = FuturesUnordered::new();
+        let mut next = 0;
+        let mut timer = None;
+        loop {
+            if running.is_empty() {
+                let Some(&node) = order.get(next) else {
+                    return Ok(None);
+                };
+                running.push(fetch(node, false));
+                next += 1;
+                timer = hedge.map(|d| Box::pin(tokio::time::sleep(d)));
+            }
+            let can_hedge = next < order.len() && running.len() < READ_FANOUT;
+            tokio::select! {
+                Some((node, hedged, took, res)) = running.next() => {
+                    match res {
+                        Ok(got) => {
+                            let (ok, got) = tokio::task::spawn_blocking(move || {
+                                (BlockHash::of(&got) == hash, got)
+                            })
+                            .await
+                            .map_err(task_failed)?;
+                            if ok {
+                                lock(&self.inner.latencies).record(took);
+                                metrics::counter!("cairn_block_remote_reads_total").increment(1);
+                                if hedged {
+                                    metrics::counter!("cairn_block_hedge_wins_total").increment(1);
+                                }
+                                return Ok(Some(got));
+                            }
+                            tracing::error!(node = format!("{node:016x}"), block = %hash, "a peer sent a block that fails its check");
+                            errors.push(format!("node {node:016x}: corrupt copy"));
+                        }
+                        Err(RpcError::Remote(m)) if m == NOT_FOUND => {}
+                        Err(e) => errors.push(format!("node {node:016x}: {e}")),
+                    }
+                    // Fail over to the next node at once.
+                    if let Some(&node) = order.get(next) {
+                        metrics::counter!("cairn_block_read_failovers_total").increment(1);
+                        running.push(fetch(node, false));
+                        next += 1;
+                        timer = hedge.map(|d| Box::pin(tokio::time::sleep(d)));
+                    }
+                }
+                _ = async {
+                    match timer.as_mut() {
+                        Some(t) => t.as_mut().await,
+                        None => std::future::pending().await,
+                    }
+                }, if can_hedge => {
+                    if let Some(&node) = order.get(next) {
+                        metrics::counter!("cairn_block_hedged_reads_total").increment(1);
+                        running.push(fetch(node, true));
+                        next += 1;
+                    }
+                    timer = hedge.map(|d| Box::pin(tokio::time::sleep(d)));
+                }
+            }
+        }
     }
 
     /// Which of `hashes` (at most [`MAX_HAS`]) `node` holds.
@@ -802,5 +965,44 @@ async fn follow_layout(inner: Weak<Inner>, mut watch: tokio::sync::watch::Receiv
         };
         Blocks { inner: strong }.set_placed(placed);
         tracing::info!(version, "layout changed; placement updated");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hedge_settings_parse_or_name_the_problem() {
+        assert_eq!("auto".parse::<Hedge>(), Ok(Hedge::Auto));
+        assert_eq!("off".parse::<Hedge>(), Ok(Hedge::Off));
+        assert_eq!(
+            "20ms".parse::<Hedge>(),
+            Ok(Hedge::After(Duration::from_millis(20)))
+        );
+        assert_eq!(
+            "1s".parse::<Hedge>(),
+            Ok(Hedge::After(Duration::from_secs(1)))
+        );
+        for bad in ["", "soon", "5m", "-1ms", "ms"] {
+            let e = bad.parse::<Hedge>().unwrap_err();
+            assert!(e.contains("auto, off or a duration"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn the_hedge_delay_follows_the_latest_reads() {
+        let mut l = Latencies::default();
+        assert_eq!(l.quantile(0.95), None);
+        for ms in 1..=100u64 {
+            l.record(Duration::from_millis(ms));
+        }
+        assert_eq!(l.quantile(0.95), Some(Duration::from_millis(95)));
+        // Only the latest LATENCY_WINDOW count: a fast network after a slow one.
+        for _ in 0..LATENCY_WINDOW {
+            l.record(Duration::from_millis(3));
+        }
+        assert_eq!(l.quantile(0.95), Some(Duration::from_millis(3)));
+        assert_eq!(l.samples.len(), LATENCY_WINDOW);
     }
 }
