@@ -744,7 +744,7 @@ fn reads_hedge_around_a_paused_node() {
     let cfg = tempfile::tempdir().unwrap();
     let path = cfg.path().join("cairn.toml");
     std::fs::write(&path, "phi_suspect = 90\nphi_down = 99\n").unwrap();
-    let mut dev = Dev::start(5, 3, &[&format!("--config={}", path.display())]);
+    let dev = Dev::start(5, 3, &[&format!("--config={}", path.display())]);
     let rt = tokio::runtime::Runtime::new().unwrap();
     let c: Vec<_> = (0..5).map(|i| dev.client(i)).collect();
     rt.block_on(async {
