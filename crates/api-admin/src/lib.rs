@@ -1,6 +1,8 @@
 //! The admin endpoint: `GET /health`, `GET /metrics` (Prometheus text), and the
 //! cluster's API: `GET /v1/cluster/status`, `POST /v1/cluster/join`,
-//! `POST /v1/cluster/remove`, `POST /v1/cluster/replication`.
+//! `POST /v1/cluster/remove`, `POST /v1/cluster/replication`, and the scrub of
+//! every node: `GET /v1/cluster/scrub`, `POST /v1/cluster/scrub/start`,
+//! `POST /v1/cluster/scrub/pause`.
 //!
 //! `/health` answers 200 `ok` once the node serves S3, and 503 with the reason while
 //! it starts or shuts down. What changes the cluster needs the admin token
@@ -63,6 +65,9 @@ pub trait ClusterAdmin: Send + Sync {
         replication: u8,
         write_quorum: u8,
     ) -> Result<serde_json::Value, (StatusCode, String)>;
+    /// Asks every node's scrub for its status, or to `start` (a pass now, or go
+    /// on with a paused one) or `pause`; answers each node's scrub status.
+    async fn scrub(&self, command: &str) -> Result<serde_json::Value, (StatusCode, String)>;
 }
 
 #[derive(Clone)]
@@ -156,9 +161,17 @@ impl Admin {
         let method = req.method().clone();
         match (method, path.as_str()) {
             (Method::GET, "/v1/cluster/status") => json(StatusCode::OK, &cluster.status().await),
+            (Method::GET, "/v1/cluster/scrub") => match cluster.scrub("status").await {
+                Ok(v) => json(StatusCode::OK, &v),
+                Err((status, msg)) => error_json(status, &msg),
+            },
             (
                 Method::POST,
-                p @ ("/v1/cluster/join" | "/v1/cluster/remove" | "/v1/cluster/replication"),
+                p @ ("/v1/cluster/join"
+                | "/v1/cluster/remove"
+                | "/v1/cluster/replication"
+                | "/v1/cluster/scrub/start"
+                | "/v1/cluster/scrub/pause"),
             ) => {
                 let given = req
                     .headers()
@@ -195,7 +208,9 @@ impl Admin {
                         .and_then(|m| m.as_u64())
                         .and_then(|n| u8::try_from(n).ok())
                 };
-                let res = if p == "/v1/cluster/replication" {
+                let res = if let Some(cmd) = p.strip_prefix("/v1/cluster/scrub/") {
+                    cluster.scrub(cmd).await
+                } else if p == "/v1/cluster/replication" {
                     let wq = doc.as_ref().and_then(|v| v.get("write_quorum"));
                     match (small("replication"), wq.map(|_| small("write_quorum"))) {
                         (Some(r), None) => cluster.set_replication(r, 0).await,

@@ -318,6 +318,35 @@ impl BlockStore {
         }
     }
 
+    /// Moves this node's copy of a block that failed its check out of the store,
+    /// into `<root>/quarantine/` (kept for a look, never read again), so that a good
+    /// copy can be written in its place. Returns where it went, or `None` when there
+    /// was no file.
+    pub fn quarantine(&self, hash: &BlockHash) -> Result<Option<PathBuf>> {
+        let path = self.path_of(hash);
+        let dir = self.inner.root.join("quarantine");
+        fs::create_dir_all(&dir).map_err(|e| BlockError::io("create", &dir, e))?;
+        let stamp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis());
+        let dest = dir.join(format!("{}.{stamp}", hash.to_hex()));
+        match fs::rename(&path, &dest) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(BlockError::io("rename", &path, e)),
+        }
+        if let Some(parent) = path.parent() {
+            sync_dir(parent)?;
+        }
+        sync_dir(&dir)?;
+        Ok(Some(dest))
+    }
+
+    /// The size of a block's file, if it is here.
+    pub fn file_len(&self, hash: &BlockHash) -> Option<u64> {
+        fs::metadata(self.path_of(hash)).ok().map(|m| m.len())
+    }
+
     /// Every block address present on disk (for scrub and orphan sweeps).
     pub fn list(&self) -> Result<Vec<BlockHash>> {
         let mut out = Vec::new();
@@ -472,5 +501,33 @@ mod tests {
         assert!(!s.delete_unless(&h, || true).unwrap());
         assert!(s.delete_unless(&h, || false).unwrap());
         assert!(!s.contains(&h));
+    }
+
+    #[test]
+    fn a_quarantined_copy_makes_way_for_a_good_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = BlockStore::open(dir.path()).unwrap();
+        let data = b"the bytes of a block".to_vec();
+        let h = BlockHash::of(&data);
+        s.put(&h, &data).unwrap();
+        let path = s.path_of(&h);
+        let mut bytes = std::fs::read(&path).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 1;
+        std::fs::write(&path, &bytes).unwrap();
+        assert!(matches!(s.get(&h), Err(BlockError::Corrupt { .. })));
+        // put sees a file there and writes nothing: the bad copy must go first.
+        s.put(&h, &data).unwrap();
+        assert!(matches!(s.get(&h), Err(BlockError::Corrupt { .. })));
+        let moved = s.quarantine(&h).unwrap().unwrap();
+        assert!(moved.starts_with(dir.path().join("quarantine")));
+        assert_eq!(std::fs::read(&moved).unwrap(), bytes);
+        assert!(!s.contains(&h));
+        assert_eq!(s.quarantine(&h).unwrap(), None);
+        s.put(&h, &data).unwrap();
+        assert_eq!(s.get(&h).unwrap(), data);
+        assert_eq!(s.file_len(&h), Some((HEADER_LEN + data.len()) as u64));
+        // The quarantine is not part of the store: listing shows the good copy once.
+        assert_eq!(s.list().unwrap(), vec![h]);
     }
 }

@@ -332,3 +332,107 @@ pub fn run(cmd: ClusterCmd) -> Result<()> {
         }
     })
 }
+
+#[derive(Subcommand)]
+pub enum ScrubCmd {
+    /// Start a scrub pass on every node now (a paused one goes on where it stopped)
+    Start {
+        #[command(flatten)]
+        endpoint: Endpoint,
+    },
+    /// Pause every node's scrub where it is, until the next `scrub start`
+    Pause {
+        #[command(flatten)]
+        endpoint: Endpoint,
+    },
+    /// Show each node's scrub: progress, blocks checked, bad copies found, repaired
+    Status {
+        /// Print JSON
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        endpoint: Endpoint,
+    },
+}
+
+pub fn run_scrub(cmd: ScrubCmd) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let (v, json) = match cmd {
+            ScrubCmd::Start { endpoint } => (
+                post(&endpoint, "/v1/cluster/scrub/start", serde_json::json!({})).await?,
+                false,
+            ),
+            ScrubCmd::Pause { endpoint } => (
+                post(&endpoint, "/v1/cluster/scrub/pause", serde_json::json!({})).await?,
+                false,
+            ),
+            ScrubCmd::Status { json, endpoint } => {
+                let (status, v) = request(
+                    &endpoint.admin_endpoint,
+                    http::Method::GET,
+                    "/v1/cluster/scrub",
+                    None,
+                    None,
+                )
+                .await?;
+                if !status.is_success() {
+                    return Err(fail(status, &v));
+                }
+                (v, json)
+            }
+        };
+        if json {
+            println!("{}", serde_json::to_string_pretty(&v)?);
+            return Ok(());
+        }
+        println!(
+            "{:<18} {:<8} {:>6} {:>10} {:>8} {:>8} {:>12}  last pass ended",
+            "node", "scrub", "done", "checked", "bad", "repaired", "unrepairable"
+        );
+        for n in v
+            .get("nodes")
+            .and_then(|n| n.as_array())
+            .into_iter()
+            .flatten()
+        {
+            let f = |k: &str| {
+                n.get(k)
+                    .map(|x| x.to_string().trim_matches('"').to_string())
+                    .unwrap_or_default()
+            };
+            if let Some(e) = n.get("error") {
+                println!("{:<18} unreachable: {}", f("node"), e);
+                continue;
+            }
+            let b = |k: &str| n.get(k).and_then(|x| x.as_bool()) == Some(true);
+            let state = if b("paused") {
+                "paused"
+            } else if b("running") {
+                "running"
+            } else {
+                "idle"
+            };
+            let ended = match n.get("last_done_ms").and_then(|x| x.as_u64()) {
+                Some(0) | None => "never".to_string(),
+                Some(ms) => {
+                    let ago = (cairn_types::now_millis().max(0) as u64).saturating_sub(ms) / 1000;
+                    format!("{ago} s ago")
+                }
+            };
+            println!(
+                "{:<18} {:<8} {:>5}% {:>10} {:>8} {:>8} {:>12}  {ended}",
+                f("node"),
+                state,
+                f("percent"),
+                f("blocks_checked"),
+                f("corrupt"),
+                f("repaired"),
+                f("unrepairable"),
+            );
+        }
+        Ok(())
+    })
+}

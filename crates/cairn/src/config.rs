@@ -40,6 +40,8 @@ pub struct FileConfig {
     pub phi_suspect: Option<f64>,
     pub phi_down: Option<f64>,
     pub hedge_after: Option<String>,
+    pub scrub_interval: Option<String>,
+    pub scrub_rate: Option<String>,
 }
 
 /// The shortest cluster secret accepted: it is all that keeps strangers out.
@@ -88,6 +90,10 @@ pub struct Config {
     pub health: cairn_cluster::health::HealthSettings,
     /// When a block read also asks the next node.
     pub hedge: cairn_cluster::Hedge,
+    /// Time from the end of one scrub pass to the start of the next.
+    pub scrub_interval: Duration,
+    /// Bytes per second a scrub pass reads at most.
+    pub scrub_rate: u64,
 }
 
 impl std::fmt::Debug for Config {
@@ -290,6 +296,16 @@ impl Config {
                     .map_err(|e: String| anyhow::anyhow!("hedge_after: {e}"))?,
                 None => cairn_cluster::Hedge::Auto,
             },
+            scrub_interval: dur(
+                "scrub_interval",
+                fc.scrub_interval,
+                cairn_cluster::scrub::ScrubSettings::default().interval,
+            )?,
+            scrub_rate: size(
+                "scrub_rate",
+                fc.scrub_rate,
+                cairn_cluster::scrub::ScrubSettings::default().rate as usize,
+            )? as u64,
         };
         cfg.health.validate().map_err(anyhow::Error::msg)?;
         if cfg.snapshot_every == 0 {

@@ -45,6 +45,11 @@ enum Cmd {
     /// admin API)
     #[command(subcommand)]
     Cluster(admin_cli::ClusterCmd),
+    /// Re-read every block on every node and check it against its BLAKE3 address
+    /// (a bad copy is quarantined and fetched again from another node): start,
+    /// pause, status (through a node's admin API)
+    #[command(subcommand)]
+    Scrub(admin_cli::ScrubCmd),
     /// Start a local N-node cluster on loopback (separate `cairn serve` processes)
     /// to try cairn; writes DIR/cluster.json once it serves
     DevCluster(dev_cluster::DevClusterArgs),
@@ -277,6 +282,7 @@ fn main() -> std::process::ExitCode {
         Cmd::Serve(a) => run_serve(a),
         Cmd::Bench(a) => run_bench(a),
         Cmd::Cluster(c) => admin_cli::run(c),
+        Cmd::Scrub(c) => admin_cli::run_scrub(c),
         Cmd::DevCluster(a) => dev_cluster::run(a),
         Cmd::Chaos(a) => run_chaos(a),
     };

@@ -177,6 +177,14 @@ pub async fn serve(cfg: Config) -> Result<()> {
         },
     );
     let mover_task = tokio::spawn(mover.run(stop_rx.clone()));
+    let scrub_task = tokio::spawn(data.scrub().clone().run(
+        data.clone(),
+        cairn_cluster::scrub::ScrubSettings {
+            interval: cfg.scrub_interval,
+            rate: cfg.scrub_rate,
+        },
+        stop_rx.clone(),
+    ));
     // The layout learns this node's zone, capacity and address (again, if they
     // changed); without a quorum now, it keeps trying in the background.
     tokio::spawn(keep_in_layout(meta.clone(), entry));
@@ -251,6 +259,7 @@ pub async fn serve(cfg: Config) -> Result<()> {
     let _ = ops_task.await;
     // A copy in flight is abandoned: the mover resumes from its saved place.
     let _ = tokio::time::timeout(std::time::Duration::from_secs(5), mover_task).await;
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), scrub_task).await;
     // So that the next start has little to apply again from the Raft log.
     if let Err(e) = meta.close().await {
         tracing::warn!(error = %e, "final metadata checkpoint failed; the next start applies the log");
@@ -580,6 +589,41 @@ impl ClusterAdmin for NodeCluster {
             "quorum": layout.quorum(),
             "layout_version": layout.version,
         }))
+    }
+
+    async fn scrub(&self, command: &str) -> Result<serde_json::Value, (http::StatusCode, String)> {
+        use cairn_cluster::scrub::ScrubCommand;
+        let cmd = match command {
+            "status" => ScrubCommand::Status,
+            "start" => ScrubCommand::Start,
+            "pause" => ScrubCommand::Pause,
+            other => {
+                return Err((
+                    http::StatusCode::NOT_FOUND,
+                    format!("no scrub command '{other}' (status, start, pause)"),
+                ));
+            }
+        };
+        if cmd != ScrubCommand::Status {
+            tracing::info!(command, "scrub command for every node");
+        }
+        let nodes: Vec<serde_json::Value> = self
+            .data
+            .scrub_all(cmd)
+            .await
+            .into_iter()
+            .map(|(id, res)| match res {
+                Ok(st) => {
+                    let mut v = serde_json::to_value(&st).unwrap_or_default();
+                    v["node"] = format!("{id:016x}").into();
+                    v["percent"] =
+                        ((f64::from(st.groups_done) * 1000.0 / 256.0).round() / 10.0).into();
+                    v
+                }
+                Err(e) => serde_json::json!({ "node": format!("{id:016x}"), "error": e }),
+            })
+            .collect();
+        Ok(serde_json::json!({ "nodes": nodes }))
     }
 }
 

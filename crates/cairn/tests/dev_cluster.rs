@@ -786,6 +786,165 @@ fn reads_hedge_around_a_paused_node() {
     assert!(slowest < Duration::from_secs(2), "a GET took {slowest:?}");
 }
 
+/// `cairn scrub ARGS... --admin-endpoint (node 0's) --admin-token ...`, which must
+/// succeed; its output.
+fn scrub_cmd(dev: &Dev, args: &[&str]) -> String {
+    let out = Command::new(common::binary())
+        .arg("scrub")
+        .args(args)
+        .args([
+            "--admin-endpoint",
+            dev.node(0)["admin_endpoint"].as_str().unwrap(),
+            "--admin-token",
+            dev.doc["admin_token"].as_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "scrub {args:?}: {out:?}");
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Each node's scrub status, by node index.
+fn scrub_status(dev: &Dev, nodes: usize) -> Vec<serde_json::Value> {
+    let v: serde_json::Value =
+        serde_json::from_str(&scrub_cmd(dev, &["status", "--json"])).unwrap();
+    (0..nodes)
+        .map(|i| {
+            v["nodes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|n| n["node"].as_str() == dev.node(i)["id"].as_str())
+                .unwrap_or_else(|| panic!("no scrub status of node {i}: {v}"))
+                .clone()
+        })
+        .collect()
+}
+
+/// The path of a block's file on a node.
+fn block_path(dev: &Dev, i: usize, data: &[u8]) -> PathBuf {
+    let h = hash_hex(data);
+    dev.data_dir(i).join("blocks").join(&h[..2]).join(&h)
+}
+
+/// Flips one byte of a block's payload in its file (the size stays the same).
+fn flip_byte(path: &Path) {
+    let mut bytes = std::fs::read(path).unwrap();
+    let at = bytes.len() / 2;
+    bytes[at] ^= 0x40;
+    std::fs::write(path, &bytes).unwrap();
+}
+
+/// A block file holds exactly `data` after its 16-byte header.
+fn holds(path: &Path, data: &[u8]) -> bool {
+    std::fs::read(path).is_ok_and(|b| b.len() == 16 + data.len() && &b[16..] == data)
+}
+
+/// Scrub finds a byte flipped in a block file (same size), quarantines that copy
+/// and fetches a good one from another node; a pass can be paused and goes on
+/// where it stopped; a GET through a node whose copy is bad answers the right
+/// bytes from another node and repairs the copy (read repair).
+#[test]
+fn scrub_and_reads_repair_flipped_bytes() {
+    let cfg = tempfile::tempdir().unwrap();
+    let path = cfg.path().join("cairn.toml");
+    // Slow enough (four 64 KiB blocks a second) to catch a pass running.
+    std::fs::write(&path, "scrub_rate = \"256KiB\"\n").unwrap();
+    let dev = Dev::start(3, 3, &[&format!("--config={}", path.display())]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let c: Vec<_> = (0..3).map(|i| dev.client(i)).collect();
+    rt.block_on(async {
+        c[0].create_bucket().bucket("bkt").send().await.unwrap();
+        for i in 0..12 {
+            put(&c[i % 3], &format!("k{i}"), &object(i)).await;
+        }
+    });
+    // Every copy in place (three nodes, three copies: each node holds each block).
+    eventually(Duration::from_secs(20), || {
+        for i in 0..3 {
+            for k in 0..12 {
+                if !holds(&block_path(&dev, i, &object(k)), &object(k)) {
+                    return Err(format!("node {i} lacks k{k}"));
+                }
+            }
+        }
+        Ok(())
+    });
+    // The passes begun at start (empty stores) are over.
+    eventually(Duration::from_secs(20), || {
+        let st = scrub_status(&dev, 3);
+        match st.iter().all(|n| n["running"] == false) {
+            true => Ok(()),
+            false => Err(format!("{st:?}")),
+        }
+    });
+    let bad = block_path(&dev, 1, &object(0));
+    flip_byte(&bad);
+    assert!(!holds(&bad, &object(0)));
+    scrub_cmd(&dev, &["start"]);
+    // Paused mid-pass: it stays where it is.
+    let out = scrub_cmd(&dev, &["pause"]);
+    assert!(out.contains("paused"), "{out}");
+    // A block being read as the pause came is counted: then nothing more.
+    std::thread::sleep(Duration::from_millis(500));
+    let before: Vec<u64> = scrub_status(&dev, 3)
+        .iter()
+        .map(|n| n["blocks_checked"].as_u64().unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_secs(2));
+    let st = scrub_status(&dev, 3);
+    for (i, n) in st.iter().enumerate() {
+        assert_eq!(n["paused"], true, "node {i}: {n}");
+        assert_eq!(
+            n["blocks_checked"].as_u64().unwrap(),
+            before[i],
+            "node {i} went on while paused"
+        );
+    }
+    scrub_cmd(&dev, &["start"]);
+    eventually(Duration::from_secs(60), || {
+        let st = scrub_status(&dev, 3);
+        match st
+            .iter()
+            .all(|n| n["running"] == false && n["blocks_checked"].as_u64() >= Some(12))
+        {
+            true => Ok(()),
+            false => Err(format!("{st:?}")),
+        }
+    });
+    let st = scrub_status(&dev, 3);
+    assert_eq!(
+        (st[1]["corrupt"].as_u64(), st[1]["repaired"].as_u64()),
+        (Some(1), Some(1)),
+        "{}",
+        st[1]
+    );
+    assert_eq!(st[1]["unrepairable"].as_u64(), Some(0));
+    for i in [0, 2] {
+        assert_eq!(st[i]["corrupt"].as_u64(), Some(0), "node {i}: {}", st[i]);
+    }
+    assert!(holds(&bad, &object(0)), "the bad copy was not replaced");
+    let quarantined = std::fs::read_dir(dev.data_dir(1).join("quarantine"))
+        .unwrap()
+        .count();
+    assert_eq!(quarantined, 1);
+    assert_eq!(metric_total(&dev, 3, "cairn_scrub_repaired_total"), 1.0);
+    let table = scrub_cmd(&dev, &["status"]);
+    assert!(table.contains("idle") && table.contains("100"), "{table}");
+    // Read repair: node 2's copy of k1 goes bad; a GET through node 2 answers the
+    // right bytes, and the copy is good again soon after.
+    let bad = block_path(&dev, 2, &object(1));
+    flip_byte(&bad);
+    rt.block_on(async {
+        assert_eq!(get(&c[2], "k1").await, object(1));
+    });
+    eventually(Duration::from_secs(10), || match holds(&bad, &object(1)) {
+        true => Ok(()),
+        false => Err("node 2's copy of k1 is still bad".into()),
+    });
+    assert_eq!(metric_total(&dev, 3, "cairn_read_repairs_total"), 1.0);
+}
+
 /// A new node started on a member's address (the member's machine reinstalled)
 /// is not taken for that member: with the third member down, the one left has no
 /// quorum and refuses writes, rather than electing itself with the newcomer's

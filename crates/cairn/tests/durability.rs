@@ -192,6 +192,87 @@ async fn flipped_byte_in_second_block_is_never_served() {
     assert!(srv.log_shows("BLAKE3 mismatch"), "the corruption is logged");
 }
 
+/// `cairn scrub ARGS... --json` against a single server; its JSON.
+fn scrub_json(srv: &Server, args: &[&str]) -> serde_json::Value {
+    let out = std::process::Command::new(common::binary())
+        .arg("scrub")
+        .args(args)
+        .args(["--json", "--admin-endpoint", &srv.admin, "--data-dir"])
+        .arg(&srv.dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "scrub {args:?}: {out:?}");
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// On a node of its own, scrub finds a bad copy it has nowhere to fetch again:
+/// the copy is counted as unrepairable and kept in the quarantine, and a GET of
+/// the object fails rather than serve it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scrub_on_a_lone_node_reports_what_it_cannot_repair() {
+    let srv = Server::start();
+    let s3 = srv.client();
+    s3.create_bucket().bucket("rot").send().await.unwrap();
+    let data = bytes(100 << 10, 7);
+    s3.put_object()
+        .bucket("rot")
+        .key("v")
+        .body(ByteStream::from(data.clone()))
+        .send()
+        .await
+        .unwrap();
+    let h = blake3_hex(&data);
+    let path = srv.dir.join("blocks").join(&h[..2]).join(&h);
+    let mut raw = std::fs::read(&path).unwrap();
+    let at = raw.len() / 2;
+    raw[at] ^= 0x40;
+    std::fs::write(&path, raw).unwrap();
+    let srv = tokio::task::spawn_blocking(move || {
+        // Only "start" and "pause" change anything; they print a table.
+        let out = std::process::Command::new(common::binary())
+            .args([
+                "scrub",
+                "start",
+                "--admin-endpoint",
+                &srv.admin,
+                "--data-dir",
+            ])
+            .arg(&srv.dir)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            let v = scrub_json(&srv, &["status"]);
+            let n = &v["nodes"][0];
+            if n["running"] == false && n["blocks_checked"].as_u64() >= Some(1) {
+                assert_eq!(n["corrupt"].as_u64(), Some(1), "{v}");
+                assert_eq!(n["unrepairable"].as_u64(), Some(1), "{v}");
+                assert_eq!(n["repaired"].as_u64(), Some(0), "{v}");
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the pass did not end: {v}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        srv
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        std::fs::read_dir(srv.dir.join("quarantine"))
+            .unwrap()
+            .count(),
+        1
+    );
+    assert!(!path.exists());
+    let e = s3.get_object().bucket("rot").key("v").send().await;
+    assert!(e.is_err(), "a GET served an object whose only copy is bad");
+    assert!(srv.log_shows("no good copy of the block could be fetched"));
+}
+
 fn blake3_hex(data: &[u8]) -> String {
     blake3::hash(data).to_hex().to_string()
 }

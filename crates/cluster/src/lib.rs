@@ -17,6 +17,7 @@
 
 pub mod health;
 pub mod mover;
+pub mod scrub;
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::ops::DerefMut;
@@ -45,11 +46,18 @@ pub const SVC_BLOCK_HAS: u8 = 18;
 pub const SVC_REPORT: u8 = 19;
 /// A heartbeat of the failure detector ([`health`]): answered at once, empty.
 pub const SVC_PING: u8 = 20;
+/// A scrub command (one byte, [`scrub::ScrubCommand`]); answers the node's
+/// [`scrub::ScrubStatus`].
+pub const SVC_SCRUB: u8 = 21;
 
 /// Whether a service id belongs to the block layer.
 pub fn is_block_service(svc: u8) -> bool {
-    (SVC_BLOCK_PUT..=SVC_PING).contains(&svc)
+    (SVC_BLOCK_PUT..=SVC_SCRUB).contains(&svc)
 }
+
+/// Repairs of copies found bad or missing by reads, under way at once at most
+/// (beyond, a read leaves the repair to the scrub and the mover).
+const READ_REPAIRS: usize = 4;
 
 /// A node's disk and the mover's progress, as `cairn cluster status` shows them.
 #[derive(Clone, Debug, Default)]
@@ -321,6 +329,10 @@ struct Inner {
     detectors: health::Detectors,
     /// Latencies of the latest remote block reads (for the hedge delay).
     latencies: Mutex<Latencies>,
+    /// This node's scrub.
+    scrub: scrub::Scrub,
+    /// Read repairs under way.
+    repairs: Arc<tokio::sync::Semaphore>,
     /// Pins of blocks received from peers, oldest first.
     recent: Mutex<VecDeque<(Instant, PinGuard)>>,
     receiving: tokio::sync::Semaphore,
@@ -358,6 +370,7 @@ impl Blocks {
         layout: Arc<Layout>,
     ) -> Blocks {
         let detectors = health::Detectors::new(settings.health.clone());
+        let scrub = scrub::Scrub::new(local.root());
         Blocks {
             inner: Arc::new(Inner {
                 local,
@@ -368,6 +381,8 @@ impl Blocks {
                 down: Mutex::default(),
                 detectors,
                 latencies: Mutex::default(),
+                scrub,
+                repairs: Arc::new(tokio::sync::Semaphore::new(READ_REPAIRS)),
                 recent: Mutex::default(),
                 receiving: tokio::sync::Semaphore::new(RECEIVING),
                 misplaced: AtomicBool::new(false),
@@ -639,15 +654,26 @@ impl Blocks {
                 Some(e)
             }
         };
+        let local_bad = local_err.is_some();
         let order: Vec<u64> = self
             .live_first(placed.read_order(&hash))
             .into_iter()
             .filter(|n| *n != self.inner.me)
             .collect();
         let mut errors = Vec::new();
-        if let Some(got) = self.read_remote(&placed, hash, &order, &mut errors).await? {
+        let mut lacking = Vec::new();
+        if let Some(got) = self
+            .read_remote(&placed, hash, &order, &mut errors, &mut lacking)
+            .await?
+        {
             buf.clear();
             buf.extend_from_slice(&got);
+            // Read repair: this node's bad copy, and the placement nodes that
+            // answered without a good one, get the good copy in the background.
+            if local_bad {
+                lacking.push(self.inner.me);
+            }
+            self.repair_in_background(&placed, hash, got, lacking);
             return Ok(buf);
         }
         if errors.is_empty() {
@@ -659,6 +685,139 @@ impl Blocks {
             "no copy of block {hash} could be read: {}",
             errors.join("; ")
         )))
+    }
+
+    /// Gives the nodes of `lacking` that placement names for the block a good copy
+    /// (`data`), in the background; this node's own bad copy is quarantined first.
+    /// Skipped when `READ_REPAIRS` are under way: scrub and the mover catch up.
+    fn repair_in_background(
+        &self,
+        placed: &Arc<Placed>,
+        hash: BlockHash,
+        data: Bytes,
+        lacking: Vec<u64>,
+    ) {
+        let wanted = placed.nodes(&hash);
+        let targets: Vec<u64> = lacking.into_iter().filter(|n| wanted.contains(n)).collect();
+        if targets.is_empty() {
+            return;
+        }
+        let Ok(permit) = self.inner.repairs.clone().try_acquire_owned() else {
+            metrics::counter!("cairn_read_repairs_skipped_total").increment(1);
+            return;
+        };
+        let (this, placed) = (self.clone(), placed.clone());
+        tokio::spawn(async move {
+            let _permit = permit;
+            for node in targets {
+                let res = if node == this.inner.me {
+                    this.store_good_copy(hash, data.clone()).await
+                } else {
+                    this.put_to(&placed, node, hash, data.clone()).await
+                };
+                match res {
+                    Ok(()) => {
+                        metrics::counter!("cairn_read_repairs_total").increment(1);
+                        tracing::info!(node = format!("{node:016x}"), block = %hash, "read repair: a good copy was written");
+                    }
+                    Err(e) => {
+                        tracing::warn!(node = format!("{node:016x}"), block = %hash, error = %e, "read repair failed");
+                    }
+                }
+            }
+        });
+    }
+
+    /// Replaces this node's copy of a block with `data` (a good copy, checked by
+    /// the caller): the bad one goes to the quarantine first.
+    async fn store_good_copy(&self, hash: BlockHash, data: Bytes) -> Result<(), DataError> {
+        let local = self.inner.local.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut pin = local.pin();
+            pin.add(hash);
+            if local.get(&hash).is_err() {
+                local.quarantine(&hash)?;
+            }
+            local.put(&hash, &data)
+        })
+        .await
+        .map_err(task_failed)?
+        .map_err(DataError::Block)
+    }
+
+    /// Moves this node's copy of a block (found bad) to the quarantine and writes
+    /// a good copy from another node in its place. Fails when no other node has a
+    /// good copy (the bad one stays in the quarantine).
+    pub async fn replace_local_copy(&self, hash: BlockHash) -> Result<(), DataError> {
+        let local = self.inner.local.clone();
+        tokio::task::spawn_blocking(move || local.quarantine(&hash))
+            .await
+            .map_err(task_failed)?
+            .map_err(DataError::Block)?;
+        let placed = self.placed();
+        if self.local_only_in(&placed) {
+            return Err(DataError::Unavailable(
+                "this node holds the only copy".into(),
+            ));
+        }
+        let order: Vec<u64> = self
+            .live_first(placed.read_order(&hash))
+            .into_iter()
+            .filter(|n| *n != self.inner.me)
+            .collect();
+        let (mut errors, mut lacking) = (Vec::new(), Vec::new());
+        match self
+            .read_remote(&placed, hash, &order, &mut errors, &mut lacking)
+            .await?
+        {
+            Some(good) => {
+                self.store_good_copy(hash, good.clone()).await?;
+                lacking.retain(|n| *n != self.inner.me);
+                self.repair_in_background(&placed, hash, good, lacking);
+                Ok(())
+            }
+            None => Err(DataError::Unavailable(if errors.is_empty() {
+                "no other node has a copy".into()
+            } else {
+                errors.join("; ")
+            })),
+        }
+    }
+
+    /// This node's scrub.
+    pub fn scrub(&self) -> &scrub::Scrub {
+        &self.inner.scrub
+    }
+
+    /// Carries out a scrub command on every node of the layout (this one directly);
+    /// answers each node's status or why it could not be reached.
+    pub async fn scrub_all(
+        &self,
+        cmd: scrub::ScrubCommand,
+    ) -> Vec<(u64, Result<scrub::ScrubStatus, String>)> {
+        let placed = self.placed();
+        let mut ids: Vec<u64> = placed.layout.nodes.iter().map(|n| n.id).collect();
+        if !ids.contains(&self.inner.me) {
+            ids.insert(0, self.inner.me);
+        }
+        let calls = ids.into_iter().map(|id| {
+            let (this, placed) = (self.clone(), placed.clone());
+            async move {
+                if id == this.inner.me {
+                    return (id, Ok(this.inner.scrub.command(cmd)));
+                }
+                let res = this
+                    .call(&placed, id, SVC_SCRUB, Bytes::from(vec![cmd as u8]))
+                    .await
+                    .map_err(|e| e.to_string())
+                    .and_then(|b| {
+                        scrub::ScrubStatus::decode(&b)
+                            .ok_or_else(|| format!("node {id:016x} sent a bad scrub status"))
+                    });
+                (id, res)
+            }
+        });
+        futures::future::join_all(calls).await
     }
 
     /// The delay after which a read asks the next node as well, if any.
@@ -685,6 +844,7 @@ impl Blocks {
         hash: BlockHash,
         order: &[u64],
         errors: &mut Vec<String>,
+        lacking: &mut Vec<u64>,
     ) -> Result<Option<Bytes>, DataError> {
         let fetch = |node: u64, hedged: bool| {
             let (this, placed) = (self.clone(), placed.clone());
@@ -735,7 +895,12 @@ impl Blocks {
                             tracing::error!(node = format!("{node:016x}"), block = %hash, "a peer sent a block that fails its check");
                             errors.push(format!("node {node:016x}: corrupt copy"));
                         }
-                        Err(RpcError::Remote(m)) if m == NOT_FOUND => {}
+                        Err(RpcError::Remote(m)) if m == NOT_FOUND => lacking.push(node),
+                        Err(e @ RpcError::Remote(_)) => {
+                            // It answered without a good copy (its own was bad).
+                            lacking.push(node);
+                            errors.push(format!("node {node:016x}: {e}"));
+                        }
                         Err(e) => errors.push(format!("node {node:016x}: {e}")),
                     }
                     // Fail over to the next node at once.
@@ -884,7 +1049,11 @@ impl Blocks {
                     Ok(data) => Ok(Bytes::from(data)),
                     Err(BlockError::NotFound(_)) => Err(NOT_FOUND.into()),
                     Err(e) => {
-                        tracing::error!(error = %e, "a block asked for by a peer failed its check");
+                        // Quarantined at once, so that the good copy the reader
+                        // sends back (read repair) can take its place.
+                        tracing::error!(error = %e, "a block asked for by a peer failed its check; it is quarantined");
+                        let local = self.inner.local.clone();
+                        let _ = tokio::task::spawn_blocking(move || local.quarantine(&hash)).await;
                         Err(e.to_string())
                     }
                 }
@@ -912,6 +1081,13 @@ impl Blocks {
             }
             SVC_REPORT => Ok(self.report().await.encode()),
             SVC_PING => Ok(Bytes::new()),
+            SVC_SCRUB => {
+                let cmd = body
+                    .first()
+                    .and_then(|b| scrub::ScrubCommand::from_byte(*b))
+                    .ok_or_else(|| "a scrub command is one byte: 0, 1 or 2".to_string())?;
+                Ok(self.inner.scrub.command(cmd).encode())
+            }
             _ => Err(format!("unknown block service {service}")),
         }
     }
