@@ -258,6 +258,14 @@ pub fn run(cmd: ClusterCmd) -> Result<()> {
                     s("applied_index"),
                     s("snapshot_index")
                 );
+                if let Some(r) = v.get("redundancy") {
+                    let n = r.get("blocks_at_risk").and_then(|x| x.as_u64()).unwrap_or(0);
+                    let complete = r.get("complete").and_then(|x| x.as_bool()) == Some(true);
+                    println!(
+                        "blocks with fewer live copies than wanted: {n}{}",
+                        if complete { "" } else { " (some nodes did not answer)" }
+                    );
+                }
                 let layout = v.get("layout").cloned().unwrap_or_default();
                 println!(
                     "layout version {}, {} copies per block, {} to acknowledge a write",

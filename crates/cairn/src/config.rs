@@ -33,6 +33,8 @@ pub struct FileConfig {
     pub cluster_secret: Option<String>,
     pub rebalance_rate: Option<String>,
     pub move_interval: Option<String>,
+    pub repair_after: Option<String>,
+    pub repair_interval: Option<String>,
     pub snapshot_every: Option<u64>,
     pub log_keep: Option<u64>,
     pub receive_pin: Option<String>,
@@ -79,6 +81,10 @@ pub struct Config {
     pub rebalance_rate: u64,
     /// How often blocks stored outside their placement are looked at again.
     pub move_interval: Duration,
+    /// How long a node is down before its blocks get stand-in copies.
+    pub repair_after: Duration,
+    /// How often a full pass checks every block's copies with nothing changed.
+    pub repair_interval: Duration,
     /// Raft log entries between two metadata snapshots.
     pub snapshot_every: u64,
     /// Raft log entries kept behind the latest snapshot.
@@ -171,6 +177,7 @@ pub struct Overrides {
     pub cluster_secret: Option<String>,
     pub rebalance_rate: Option<String>,
     pub move_interval: Option<String>,
+    pub repair_after: Option<String>,
     pub snapshot_every: Option<u64>,
     pub log_keep: Option<u64>,
     pub receive_pin: Option<String>,
@@ -268,6 +275,16 @@ impl Config {
                 pick(o.rebalance_rate, fc.rebalance_rate),
                 moverd.rate as usize,
             )? as u64,
+            repair_after: dur(
+                "repair_after",
+                pick(o.repair_after, fc.repair_after),
+                moverd.repair_after,
+            )?,
+            repair_interval: dur(
+                "repair_interval",
+                fc.repair_interval,
+                moverd.repair_interval,
+            )?,
             move_interval: dur(
                 "move_interval",
                 pick(o.move_interval, fc.move_interval),

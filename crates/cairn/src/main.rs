@@ -235,6 +235,10 @@ struct ServeArgs {
     /// again [default: 30s]
     #[arg(long, value_name = "DURATION")]
     move_interval: Option<String>,
+    /// How long a node is down before its blocks get stand-in copies on other
+    /// nodes (repair) [default: 10m]
+    #[arg(long, value_name = "DURATION")]
+    repair_after: Option<String>,
     /// Raft log entries between two snapshots of the metadata [default: 50000]
     #[arg(long, value_name = "ENTRIES")]
     snapshot_every: Option<u64>,
@@ -313,6 +317,7 @@ fn run_serve(a: ServeArgs) -> anyhow::Result<()> {
             capacity: a.capacity,
             rebalance_rate: a.rebalance_rate,
             move_interval: a.move_interval,
+            repair_after: a.repair_after,
             snapshot_every: a.snapshot_every,
             log_keep: a.log_keep,
             receive_pin: a.receive_pin,

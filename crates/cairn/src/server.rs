@@ -174,6 +174,8 @@ pub async fn serve(cfg: Config) -> Result<()> {
         cairn_cluster::mover::MoverSettings {
             rate: cfg.rebalance_rate,
             interval: cfg.move_interval,
+            repair_after: cfg.repair_after,
+            repair_interval: cfg.repair_interval,
         },
     );
     let mover_task = tokio::spawn(mover.run(stop_rx.clone()));
@@ -430,10 +432,21 @@ impl ClusterAdmin for NodeCluster {
                         "blocks_removed": mv.blocks_removed,
                         "blocks_left": mv.blocks_left,
                     });
+                    // Blocks this node is the first live holder of that its last
+                    // full pass left short of copies.
+                    v["blocks_at_risk"] = mv.blocks_at_risk.into();
+                    v["repair_copies"] = mv.repair_copies.into();
                 }
                 v
             })
             .collect();
+        // Each block is counted by one node (its first live holder); a node that
+        // did not answer leaves its share unknown.
+        let at_risk: u64 = nodes
+            .iter()
+            .filter_map(|n| n.get("blocks_at_risk").and_then(|x| x.as_u64()))
+            .sum();
+        let all_counted = nodes.iter().all(|n| n.get("blocks_at_risk").is_some());
         serde_json::json!({
             "node": format!("{:016x}", m.id),
             "rpc_address": self.rpc,
@@ -457,6 +470,10 @@ impl ClusterAdmin for NodeCluster {
                 "quorum": layout.quorum(),
             },
             "nodes": nodes,
+            "redundancy": {
+                "blocks_at_risk": at_risk,
+                "complete": all_counted,
+            },
         })
     }
 

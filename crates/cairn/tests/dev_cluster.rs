@@ -945,6 +945,78 @@ fn scrub_and_reads_repair_flipped_bytes() {
     assert_eq!(metric_total(&dev, 3, "cairn_read_repairs_total"), 1.0);
 }
 
+/// Repair: a node down for longer than `repair_after` has its blocks stood in for
+/// on the other nodes (every block has three live copies again, counted on disk,
+/// and status counts no block at risk); once it is back, each block is again on
+/// exactly its placement nodes (the stand-in copies dropped).
+#[test]
+fn a_node_down_past_repair_after_is_stood_in_for_then_restored() {
+    let mut dev = Dev::start(4, 4, &["--repair-after=2s", "--move-interval=1s"]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let c: Vec<_> = (0..4).map(|i| dev.client(i)).collect();
+    let n = 24;
+    rt.block_on(async {
+        c[0].create_bucket().bucket("bkt").send().await.unwrap();
+        for i in 0..n {
+            put(&c[i % 4], &format!("k{i}"), &object(i)).await;
+        }
+    });
+    let leader = dev.leader();
+    let st = dev.status(leader);
+    let p = placement(&st);
+    let ids: Vec<u64> = (0..4).map(|i| dev.id(i)).collect();
+    let dirs: Vec<PathBuf> = (0..4).map(|i| dev.data_dir(i)).collect();
+    let objects: Vec<Vec<u8>> = (0..n).map(object).collect();
+    eventually(Duration::from_secs(30), || {
+        at_placement(&p, &ids, &dirs, &objects)
+    });
+    let down = (0..4).find(|i| *i != leader).unwrap();
+    let placed_there = objects
+        .iter()
+        .filter(|o| {
+            p.nodes(&cairn_types::BlockHash::from_hex(&hash_hex(o)).unwrap())
+                .contains(&ids[down])
+        })
+        .count();
+    assert!(placed_there > 0, "no block placed on node {down}");
+    dev.kill9(down);
+    let up: Vec<usize> = (0..4).filter(|i| *i != down).collect();
+    // Three live nodes, three copies wanted: each block ends on all three.
+    eventually(Duration::from_secs(60), || {
+        let on = holders(&dev, 4);
+        for (k, o) in objects.iter().enumerate() {
+            let h = hash_hex(o);
+            let live = up.iter().filter(|i| on[**i].contains(&h)).count();
+            if live < 3 {
+                return Err(format!("k{k} has {live} live copies"));
+            }
+        }
+        Ok(())
+    });
+    eventually(Duration::from_secs(30), || {
+        let st = dev.status(leader);
+        match (
+            st["redundancy"]["blocks_at_risk"].as_u64(),
+            metric_total(&dev, 4, "cairn_repair_copies_total"),
+        ) {
+            (Some(0), made) if made >= placed_there as f64 => Ok(()),
+            other => Err(format!("at risk, stand-ins: {other:?}")),
+        }
+    });
+    rt.block_on(async {
+        for &u in &up {
+            for k in 0..n {
+                assert_eq!(get(&c[u], &format!("k{k}")).await, object(k));
+            }
+        }
+    });
+    // Back: the blocks go home, the stand-ins go.
+    dev.restart(down);
+    eventually(Duration::from_secs(60), || {
+        at_placement(&p, &ids, &dirs, &objects)
+    });
+}
+
 /// A new node started on a member's address (the member's machine reinstalled)
 /// is not taken for that member: with the third member down, the one left has no
 /// quorum and refuses writes, rather than electing itself with the newcomer's

@@ -303,6 +303,19 @@ impl Detectors {
         v
     }
 
+    /// The peers down at `now` and silent for at least `d`.
+    pub fn down_for_at_least(&self, d: Duration, now: Instant) -> Vec<u64> {
+        let peers = lock(&self.peers);
+        peers
+            .iter()
+            .filter(|(_, p)| {
+                self.health_of(p.detector.phi(now, &self.settings)) == Health::Down
+                    && now.saturating_duration_since(p.detector.last()) >= d
+            })
+            .map(|(&id, _)| id)
+            .collect()
+    }
+
     /// The peers suspect or down at `now`.
     pub fn unhealthy(&self, now: Instant) -> Vec<u64> {
         let peers = lock(&self.peers);

@@ -84,6 +84,8 @@ impl Report {
             m.blocks_removed,
             m.blocks_left,
             m.passes,
+            m.blocks_at_risk,
+            m.repair_copies,
         ];
         let mut out = Vec::with_capacity(1 + fields.len() * 8);
         out.push(1u8);
@@ -118,6 +120,8 @@ impl Report {
                 blocks_removed: f[9],
                 blocks_left: f[10],
                 passes: f[11],
+                blocks_at_risk: f.get(12).copied().unwrap_or(0),
+                repair_copies: f.get(13).copied().unwrap_or(0),
             },
         })
     }
@@ -462,6 +466,15 @@ impl Blocks {
         };
         out.extend(self.inner.detectors.unhealthy(Instant::now()));
         out
+    }
+
+    /// The nodes the failure detector has held down for at least `d`.
+    pub fn down_for_at_least(&self, d: Duration) -> HashSet<u64> {
+        self.inner
+            .detectors
+            .down_for_at_least(d, Instant::now())
+            .into_iter()
+            .collect()
     }
 
     /// Each other node's state as the failure detector judges it now.

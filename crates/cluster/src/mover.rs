@@ -14,8 +14,17 @@
 //! such blocks). Progress is saved in `mover.state` after each directory, so a pass
 //! resumes after a restart. Copies are throttled to `rate` bytes per second. A
 //! draining node that has nothing left after a full pass leaves the cluster.
+//!
+//! Repair: a full pass also runs when a node has been down (as the failure
+//! detector judges it) for `repair_after`, and every `repair_interval`. For each
+//! block placed here of which this node is the first live holder, each placement
+//! node down that long is stood in for by the next live node in the block's
+//! preference order (a fallback copy, which that node's mover takes to the
+//! placement node once it is back, and then drops). The pass counts the blocks
+//! left with fewer live copies than the layout wants: `blocks_at_risk` in status
+//! and the `cairn_blocks_at_risk` metric.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -37,6 +46,10 @@ pub struct MoverSettings {
     pub rate: u64,
     /// How often blocks stored outside their placement are looked at again.
     pub interval: Duration,
+    /// How long a node is down before its blocks get a stand-in copy elsewhere.
+    pub repair_after: Duration,
+    /// How often a full pass checks every block's copies even with no change.
+    pub repair_interval: Duration,
 }
 
 impl Default for MoverSettings {
@@ -45,6 +58,9 @@ impl Default for MoverSettings {
             // A fraction of a disk's or a link's bandwidth: client traffic first.
             rate: 64 << 20,
             interval: Duration::from_secs(30),
+            // A restart or a short outage is not worth copying a node's share.
+            repair_after: Duration::from_secs(600),
+            repair_interval: Duration::from_secs(3600),
         }
     }
 }
@@ -67,6 +83,11 @@ pub struct Progress {
     /// Blocks the last pass could not take to all their nodes (a node down).
     pub blocks_left: u64,
     pub passes: u64,
+    /// Blocks this node is the first live holder of that the last full pass left
+    /// with fewer live copies than the layout wants.
+    pub blocks_at_risk: u64,
+    /// Stand-in copies the running or last full pass made for nodes long down.
+    pub repair_copies: u64,
 }
 
 /// Where a pass stands, saved after each directory.
@@ -170,6 +191,10 @@ impl Mover {
         self.blocks.inner.misplaced.store(true, Ordering::Relaxed);
         let mut changed = self.blocks.inner.changed.subscribe();
         let mut last_short: Option<Instant> = None;
+        // The nodes long down at the last repair pass, and when a full pass last
+        // ended.
+        let mut repaired_for: HashSet<u64> = HashSet::new();
+        let mut last_full = Instant::now();
         loop {
             if *stop.borrow() {
                 return;
@@ -177,12 +202,36 @@ impl Mover {
             let placed = self.blocks.placed();
             let version = placed.layout.version;
             let idle = self.blocks.local_only_in(&placed);
+            let long_down = self.blocks.down_for_at_least(self.settings.repair_after);
+            let newly_down = long_down.iter().any(|n| !repaired_for.contains(n));
+            repaired_for.retain(|n| long_down.contains(n));
+            // A pass that left blocks at risk is run again soon (a stand-in
+            // copy failed, or a node that could take one was down too).
+            let retry = lock(&self.progress).blocks_at_risk > 0
+                && last_full.elapsed() >= self.settings.interval * 5;
+            if !idle
+                && cursor.next >= GROUPS
+                && cursor.version == version
+                && (newly_down || retry || last_full.elapsed() >= self.settings.repair_interval)
+            {
+                if newly_down {
+                    tracing::info!(
+                        nodes = ?long_down.iter().map(|n| format!("{n:016x}")).collect::<Vec<_>>(),
+                        "nodes down for longer than repair_after: their blocks get stand-in copies"
+                    );
+                }
+                repaired_for.extend(long_down.iter().copied());
+                cursor = Cursor { version, next: 0 };
+            }
             if !idle && (cursor.version != version || cursor.next < GROUPS) {
                 if cursor.version != version {
                     cursor = Cursor { version, next: 0 };
                 }
                 cursor = self.pass(&placed, Some(cursor), &stop).await;
                 last_short = Some(Instant::now());
+                if cursor.next >= GROUPS {
+                    last_full = Instant::now();
+                }
                 self.maybe_leave(&placed, cursor).await;
                 continue;
             }
@@ -261,6 +310,7 @@ impl Mover {
                 full,
                 groups_done: cur.next,
                 passes: p.passes,
+                blocks_at_risk: if full { 0 } else { p.blocks_at_risk },
                 ..Default::default()
             };
         }
@@ -310,12 +360,15 @@ impl Mover {
         p.blocks_left = left;
         p.passes += 1;
         if full && cur.next >= GROUPS {
+            metrics::gauge!("cairn_blocks_at_risk").set(p.blocks_at_risk as f64);
             tracing::info!(
                 version = cur.version,
                 copied = p.blocks_copied,
                 removed = p.blocks_removed,
+                stand_ins = p.repair_copies,
+                at_risk = p.blocks_at_risk,
                 left,
-                "blocks moved for the new layout"
+                "full pass done: blocks checked against their places"
             );
         }
         cur
@@ -330,11 +383,31 @@ impl Mover {
         throttle: &Arc<Mutex<Throttle>>,
     ) -> u64 {
         let me = self.blocks.node_id();
-        // The blocks to look at, with their placement nodes.
-        let work: Vec<(BlockHash, Vec<u64>)> = hashes
+        let down = if full {
+            self.blocks.down_for_at_least(self.settings.repair_after)
+        } else {
+            HashSet::new()
+        };
+        // The blocks to look at, with their placement nodes and, for placement
+        // nodes long down, the live nodes that stand in for them.
+        let work: Vec<(BlockHash, Vec<u64>, Vec<u64>)> = hashes
             .iter()
             .map(|h| (*h, placed.nodes(h)))
             .filter(|(_, nodes)| full || !nodes.contains(&me))
+            .map(|(h, nodes)| {
+                let gone = nodes.iter().filter(|n| down.contains(n)).count();
+                let subs = if gone == 0 {
+                    Vec::new()
+                } else {
+                    placed
+                        .preference(&h)
+                        .into_iter()
+                        .filter(|n| !nodes.contains(n) && !down.contains(n))
+                        .take(gone)
+                        .collect()
+                };
+                (h, nodes, subs)
+            })
             .collect();
         lock(&self.progress).blocks_checked += hashes.len() as u64;
         if work.is_empty() {
@@ -342,8 +415,12 @@ impl Mover {
         }
         // Ask each other node which of its blocks it has.
         let mut asks: HashMap<u64, Vec<BlockHash>> = HashMap::new();
-        for (h, nodes) in &work {
-            for n in nodes.iter().filter(|n| **n != me) {
+        for (h, nodes, subs) in &work {
+            for n in nodes
+                .iter()
+                .chain(subs)
+                .filter(|n| **n != me && !down.contains(n))
+            {
                 asks.entry(*n).or_default().push(*h);
             }
         }
@@ -356,16 +433,89 @@ impl Mover {
             }
         }
         let has = Arc::new(has);
+        let down = Arc::new(down);
         let results = futures::stream::iter(work)
-            .map(|(h, nodes)| {
-                let has = has.clone();
+            .map(|(h, nodes, subs)| {
+                let (has, down) = (has.clone(), down.clone());
                 let throttle = throttle.clone();
-                async move { self.one(placed, h, &nodes, &has, &throttle).await }
+                async move {
+                    let done = self.one(placed, h, &nodes, &has, &throttle).await;
+                    if full && nodes.contains(&me) {
+                        self.stand_in(placed, h, &nodes, &subs, &has, &down, &throttle)
+                            .await;
+                    }
+                    done
+                }
             })
             .buffer_unordered(PARALLEL)
             .collect::<Vec<bool>>()
             .await;
         results.into_iter().filter(|done| !done).count() as u64
+    }
+
+    /// For a block placed here of which this node is the first live holder: copies
+    /// it to the stand-ins of its placement nodes long down, and counts it at risk
+    /// if it still has fewer live copies than the layout wants.
+    #[allow(clippy::too_many_arguments)]
+    async fn stand_in(
+        &self,
+        placed: &Arc<Placed>,
+        h: BlockHash,
+        nodes: &[u64],
+        subs: &[u64],
+        has: &HashMap<(u64, BlockHash), bool>,
+        down: &HashSet<u64>,
+        throttle: &Arc<Mutex<Throttle>>,
+    ) {
+        let me = self.blocks.node_id();
+        let holds = |n: u64| n == me || has.get(&(n, h)) == Some(&true);
+        let first_live = nodes
+            .iter()
+            .copied()
+            .find(|n| holds(*n) && !down.contains(n));
+        if first_live != Some(me) {
+            return;
+        }
+        let mut live = nodes
+            .iter()
+            .chain(subs)
+            .filter(|n| holds(**n) && !down.contains(n))
+            .count();
+        let want = placed.layout.copies().min(placed.layout.nodes.len());
+        let missing: Vec<u64> = subs
+            .iter()
+            .copied()
+            .filter(|n| has.get(&(*n, h)) == Some(&false))
+            .collect();
+        if live < want && !missing.is_empty() {
+            let store = self.blocks.store().clone();
+            if let Ok(Ok(data)) = tokio::task::spawn_blocking(move || store.get(&h)).await {
+                let data = Bytes::from(data);
+                let len = data.len() as u64;
+                for n in missing {
+                    if live >= want {
+                        break;
+                    }
+                    match self.blocks.put_to(placed, n, h, data.clone()).await {
+                        Ok(()) => {
+                            live += 1;
+                            lock(&self.progress).repair_copies += 1;
+                            metrics::counter!("cairn_repair_copies_total").increment(1);
+                        }
+                        Err(e) => {
+                            tracing::debug!(node = format!("{n:016x}"), error = %e, "a stand-in copy failed; retried on the next pass");
+                        }
+                    }
+                    let pause = lock(throttle).pause(len);
+                    if !pause.is_zero() {
+                        tokio::time::sleep(pause).await;
+                    }
+                }
+            }
+        }
+        if live < want {
+            lock(&self.progress).blocks_at_risk += 1;
+        }
     }
 
     /// Takes one block where it belongs; returns whether it is done.
