@@ -55,6 +55,9 @@ pub enum FaultKind {
     /// drains, then leaves, and is stopped), or a new node added in the place of
     /// the last one removed.
     Member,
+    /// One byte flipped in a block file on one node's disk (its size kept): read
+    /// repair or scrub must find the copy bad, never serve it, and replace it.
+    Corrupt,
 }
 
 impl FaultKind {
@@ -66,8 +69,9 @@ impl FaultKind {
             "slow" => Ok(FaultKind::Slow),
             "clock" => Ok(FaultKind::Clock),
             "member" => Ok(FaultKind::Member),
+            "corrupt" => Ok(FaultKind::Corrupt),
             other => bail!(
-                "unknown fault kind '{other}' (kinds: kill, pause, partition, slow, clock, member)"
+                "unknown fault kind '{other}' (kinds: kill, pause, partition, slow, clock, member, corrupt)"
             ),
         }
     }
@@ -80,6 +84,7 @@ impl FaultKind {
             FaultKind::Slow => "slow",
             FaultKind::Clock => "clock",
             FaultKind::Member => "member",
+            FaultKind::Corrupt => "corrupt",
         }
     }
 }
@@ -127,6 +132,12 @@ struct Fault {
     /// A membership fault: the change under the leader's death.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     member: Option<MemberChange>,
+    /// A corrupt fault: the block whose copy was flipped (hex), and whether that
+    /// copy was good again (or gone) once the run was over.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    block: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    repaired: Option<bool>,
     from_us: u64,
     to_us: u64,
     /// The links it set (healed when it ends).
@@ -167,16 +178,42 @@ struct RunInfo {
     min_acked: usize,
     settle_ms: u64,
     elections: Option<u64>,
+    /// Check 4: the copies on disk of the blocks of every key's last value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    redundancy: Option<Redundancy>,
+}
+
+/// Check 4, as the run found it after healing: each key's last value's block
+/// counted in the block files (that verify) on the disks of the nodes in the
+/// cluster, and what the scrub run then found.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct Redundancy {
+    copies_wanted: usize,
+    blocks: usize,
+    /// Blocks with fewer good copies on disk than wanted: key, block, copies.
+    short: Vec<(String, String, usize)>,
+    /// How long the copies took to be complete (or the wait gave up).
+    waited_ms: u64,
+    scrub_checked: u64,
+    scrub_corrupt: u64,
+    scrub_repaired: u64,
+    scrub_unrepairable: u64,
+    /// The scrub did not end on every node in time.
+    scrub_unfinished: bool,
 }
 
 const BUCKET: &str = "chaos";
 /// Flags of every node of a chaos cluster.
-const NODE_FLAGS: [&str; 4] = [
+const NODE_FLAGS: [&str; 6] = [
     "--gc-grace=1m",
     "--gc-interval=5s",
     "--receive-pin=1m",
     "--move-interval=5s",
+    "--repair-after=10s",
+    "--repair-interval=20s",
 ];
+/// How long check 4 waits for every block to have its copies, after healing.
+const REDUNDANCY_WAIT: Duration = Duration::from_secs(120);
 /// A run stops early (and says so) when the disk holding its cluster has less
 /// than this free.
 const MIN_FREE_DISK: u64 = 1 << 30;
@@ -477,6 +514,20 @@ async fn run_on(c: &mut Cluster, links: &Links, o: &ChaosOptions) -> Result<bool
     };
     fin.final_reads(conns()?, &serving).await;
 
+    // Scrub on every node (bad copies found and replaced), then check 4.
+    let scrub = scrub_all(c).await;
+    let mut ops_now = ops.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    ops_now.sort_by_key(|op| (op.invoked_us, op.id));
+    let redundancy = redundancy(c, &ops_now, scrub).await;
+    for f in faults.iter_mut().filter(|f| f.kind == FaultKind::Corrupt) {
+        if let (Some(b), false) = (&f.block, c.nodes[f.node].gone) {
+            let (dir, b) = (data_dir(c, f.node), b.clone());
+            f.repaired = tokio::task::spawn_blocking(move || copy_state(&dir, &b) != Some(false))
+                .await
+                .ok();
+        }
+    }
+
     let mut ops = std::mem::take(&mut *ops.lock().unwrap_or_else(|p| p.into_inner()));
     ops.sort_by_key(|op| (op.invoked_us, op.id));
     let info = RunInfo {
@@ -489,6 +540,7 @@ async fn run_on(c: &mut Cluster, links: &Links, o: &ChaosOptions) -> Result<bool
         min_acked: o.min_acked,
         settle_ms: settle.as_millis() as u64,
         elections,
+        redundancy: Some(redundancy),
     };
     let h = History {
         header: Header {
@@ -508,7 +560,209 @@ async fn run_on(c: &mut Cluster, links: &Links, o: &ChaosOptions) -> Result<bool
     })
 }
 
-/// Current Raft term as node `i` reports it.
+/// Node `i`'s data directory (from its command line).
+fn data_dir(c: &Cluster, i: usize) -> PathBuf {
+    let argv = &c.nodes[i].argv;
+    argv.iter()
+        .position(|a| a == "--data-dir")
+        .and_then(|p| argv.get(p + 1))
+        .map(PathBuf::from)
+        .unwrap_or_else(|| c.dir.path().join(format!("node{i}")))
+}
+
+/// The file of block `hex` in a data directory.
+fn block_file(dir: &Path, hex: &str) -> PathBuf {
+    dir.join("blocks").join(&hex[..2]).join(hex)
+}
+
+/// Flips one byte of the payload of a block file in `dir` chosen by `pick` (its
+/// size kept); the block's address, or `None` when there is no block file.
+fn flip_random_block(dir: &Path, pick: u64) -> std::io::Result<Option<String>> {
+    for g in 0..256u64 {
+        let group = dir.join("blocks").join(format!("{:02x}", (pick + g) % 256));
+        let mut names: Vec<String> = match std::fs::read_dir(&group) {
+            Ok(rd) => rd
+                .filter_map(|e| e.ok()?.file_name().into_string().ok())
+                .filter(|n| n.len() == 64)
+                .collect(),
+            Err(_) => continue,
+        };
+        if names.is_empty() {
+            continue;
+        }
+        names.sort();
+        let name = names.swap_remove((pick as usize / 256) % names.len());
+        let path = group.join(&name);
+        let mut bytes = std::fs::read(&path)?;
+        if bytes.len() <= 16 {
+            continue;
+        }
+        let at = 16 + (pick as usize) % (bytes.len() - 16);
+        bytes[at] ^= 0x20;
+        std::fs::write(&path, &bytes)?;
+        return Ok(Some(name));
+    }
+    Ok(None)
+}
+
+/// Whether the copy of block `hex` in `dir` is good (`None`: there is none).
+fn copy_state(dir: &Path, hex: &str) -> Option<bool> {
+    let bytes = std::fs::read(block_file(dir, hex)).ok()?;
+    Some(bytes.len() >= 16 && blake3::hash(&bytes[16..]).to_hex().as_str() == hex)
+}
+
+/// What a scrub of every node found, summed.
+#[derive(Default)]
+struct ScrubSums {
+    checked: u64,
+    corrupt: u64,
+    repaired: u64,
+    unrepairable: u64,
+    unfinished: bool,
+}
+
+/// Starts a scrub pass on every node (through a node in the cluster) and waits
+/// until each has ended one.
+async fn scrub_all(c: &Cluster) -> ScrubSums {
+    use crate::admin_cli::request;
+    let Some(via) = (0..c.nodes.len()).find(|&i| !c.nodes[i].gone) else {
+        return ScrubSums::default();
+    };
+    let admin = c.nodes[via].admin.clone();
+    let passes = |v: &serde_json::Value| -> Vec<(String, u64, bool)> {
+        v["nodes"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|n| {
+                (
+                    n["node"].as_str().unwrap_or_default().to_string(),
+                    n["passes"].as_u64().unwrap_or(0),
+                    n["running"].as_bool().unwrap_or(true),
+                )
+            })
+            .collect()
+    };
+    let before = match request(&admin, http::Method::GET, "/v1/cluster/scrub", None, None).await {
+        Ok((st, v)) if st.is_success() => passes(&v),
+        _ => {
+            return ScrubSums {
+                unfinished: true,
+                ..ScrubSums::default()
+            };
+        }
+    };
+    let started = request(
+        &admin,
+        http::Method::POST,
+        "/v1/cluster/scrub/start",
+        Some(&c.admin_token),
+        Some(serde_json::json!({})),
+    )
+    .await;
+    if !matches!(started, Ok((st, _)) if st.is_success()) {
+        return ScrubSums {
+            unfinished: true,
+            ..ScrubSums::default()
+        };
+    }
+    let deadline = Instant::now() + REDUNDANCY_WAIT;
+    loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let Ok((st, v)) = request(&admin, http::Method::GET, "/v1/cluster/scrub", None, None).await
+        else {
+            continue;
+        };
+        if !st.is_success() {
+            continue;
+        }
+        let now = passes(&v);
+        let done = now.iter().all(|(id, p, running)| {
+            !running && before.iter().find(|b| &b.0 == id).is_none_or(|b| *p > b.1)
+        });
+        if done || Instant::now() > deadline {
+            let mut sums = ScrubSums {
+                unfinished: !done,
+                ..ScrubSums::default()
+            };
+            for n in v["nodes"].as_array().into_iter().flatten() {
+                let f = |k: &str| n[k].as_u64().unwrap_or(0);
+                sums.checked += f("blocks_checked");
+                sums.corrupt += f("corrupt");
+                sums.repaired += f("repaired");
+                sums.unrepairable += f("unrepairable");
+            }
+            return sums;
+        }
+    }
+}
+
+/// Check 4: the block of each key's last value (as the final reads found it)
+/// has its full count of good copies on the disks of the nodes in the cluster,
+/// waiting up to `REDUNDANCY_WAIT` for repair and the mover to get there.
+async fn redundancy(c: &Cluster, ops: &[Op], scrub: ScrubSums) -> Redundancy {
+    let mut last: BTreeMap<String, u64> = BTreeMap::new();
+    for op in ops.iter().filter(|o| o.client == u32::MAX) {
+        if let Outcome::Found { value } = op.outcome {
+            last.insert(op.key.clone(), value);
+        }
+    }
+    // Values above the inline limit (8 KiB) are one block each.
+    let blocks: Vec<(String, String)> = last
+        .into_iter()
+        .filter(|(_, v)| history::size_of(*v) > 8 << 10)
+        .map(|(k, v)| (k, blake3::hash(&history::body_of(v)).to_hex().to_string()))
+        .collect();
+    let mut copies_wanted = 3;
+    for i in (0..c.nodes.len()).filter(|&i| !c.nodes[i].gone) {
+        if let Some(st) = local_cluster::status(&c.nodes[i].admin).await
+            && let Some(n) = st["layout"]["copies"].as_u64()
+        {
+            copies_wanted = n as usize;
+            break;
+        }
+    }
+    let dirs: Vec<PathBuf> = (0..c.nodes.len())
+        .filter(|&i| !c.nodes[i].gone)
+        .map(|i| data_dir(c, i))
+        .collect();
+    let started = Instant::now();
+    let short = loop {
+        let (dirs, blocks) = (dirs.clone(), blocks.clone());
+        let short: Vec<(String, String, usize)> = tokio::task::spawn_blocking(move || {
+            blocks
+                .iter()
+                .map(|(k, h)| {
+                    let n = dirs
+                        .iter()
+                        .filter(|d| copy_state(d, h) == Some(true))
+                        .count();
+                    (k.clone(), h.clone(), n)
+                })
+                .filter(|(_, _, n)| *n < copies_wanted)
+                .collect()
+        })
+        .await
+        .unwrap_or_default();
+        if short.is_empty() || started.elapsed() > REDUNDANCY_WAIT {
+            break short;
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    };
+    Redundancy {
+        copies_wanted,
+        blocks: blocks.len(),
+        short,
+        waited_ms: started.elapsed().as_millis() as u64,
+        scrub_checked: scrub.checked,
+        scrub_corrupt: scrub.corrupt,
+        scrub_repaired: scrub.repaired,
+        scrub_unrepairable: scrub.unrepairable,
+        scrub_unfinished: scrub.unfinished,
+    }
+}
+
+/// Current Raft term as node `i` reports it./// Current Raft term as node `i` reports it.
 async fn term_of(c: &Cluster, i: usize) -> Option<u64> {
     local_cluster::status(&c.nodes[i].admin).await?["term"].as_u64()
 }
@@ -847,6 +1101,8 @@ async fn heal(c: &mut Cluster, links: &Links, f: &mut Fault) -> Result<()> {
             signal(c.nodes[f.node].pid, rustix::process::Signal::CONT);
             Ok(())
         }
+        // A flipped byte stays until read repair or scrub replaces the copy.
+        FaultKind::Corrupt => Ok(()),
         FaultKind::Partition | FaultKind::Slow => {
             for &(a, b) in &f.links {
                 links.set(a, b, None);
@@ -1004,6 +1260,40 @@ async fn nemesis(
             }
             continue;
         }
+        if kind == FaultKind::Corrupt {
+            // A block file of a healthy node; none yet (early in a run): later.
+            let target = healthy[rng.random_range(0..healthy.len())];
+            let (dir, pick) = (data_dir(c, target), rng.random::<u64>());
+            let flipped = tokio::task::spawn_blocking(move || flip_random_block(&dir, pick))
+                .await?
+                .unwrap_or(None);
+            let Some(block) = flipped else {
+                kinds.insert(0, kind);
+                continue;
+            };
+            println!(
+                "{:>7.1}s  corrupt node {target}: a byte of block {} flipped",
+                started.elapsed().as_secs_f64(),
+                &block[..16]
+            );
+            let at = started.elapsed().as_micros() as u64;
+            faults.push(Fault {
+                kind,
+                node: target,
+                group: Vec::new(),
+                detail: format!("block {}", &block[..16]),
+                leader: leader == Some(target),
+                observed_skew_s: None,
+                skew_s: None,
+                member: None,
+                block: Some(block),
+                repaired: None,
+                from_us: at,
+                to_us: at,
+                links: Vec::new(),
+            });
+            continue;
+        }
         // The first kill goes to the leader (a run must kill one); later faults
         // hit it a third of the time.
         let leader_killed = faults.iter().any(|f| f.kind == FaultKind::Kill && f.leader);
@@ -1021,6 +1311,8 @@ async fn nemesis(
             observed_skew_s: None,
             skew_s: None,
             member: None,
+            block: None,
+            repaired: None,
             from_us: 0,
             to_us: u64::MAX,
             links: Vec::new(),
@@ -1078,7 +1370,7 @@ async fn nemesis(
                 fault.detail = format!("{offset:+} s");
             }
             // Started above.
-            FaultKind::Member => {}
+            FaultKind::Member | FaultKind::Corrupt => {}
         }
         fault.from_us = started.elapsed().as_micros() as u64;
         let length = o.fault_length.mul_f64(rng.random_range(1.0..2.0));
@@ -1212,6 +1504,8 @@ async fn member_fault(
             add,
             done_us: None,
         }),
+        block: None,
+        repaired: None,
         from_us: started.elapsed().as_micros() as u64,
         to_us: u64::MAX,
         links: Vec::new(),
@@ -1436,6 +1730,61 @@ pub fn verdict(h: &History) -> bool {
         {
             println!("CHECK FAILED: no leader was killed");
             ok = false;
+        }
+        // Check 4: every block at its full count of good copies on disk.
+        if let Some(r) = &info.redundancy {
+            println!(
+                "redundancy: {} blocks of the keys' last values, {} with fewer than {} good copies on disk (after {:.1}s); scrub: {} blocks checked, {} bad copies, {} repaired, {} unrepairable{}",
+                r.blocks,
+                r.short.len(),
+                r.copies_wanted,
+                r.waited_ms as f64 / 1000.0,
+                r.scrub_checked,
+                r.scrub_corrupt,
+                r.scrub_repaired,
+                r.scrub_unrepairable,
+                if r.scrub_unfinished {
+                    " (the scrub did not end everywhere)"
+                } else {
+                    ""
+                }
+            );
+            for (key, block, n) in &r.short {
+                println!(
+                    "CHECK FAILED: key {key}: block {} has {n} good copies, {} wanted",
+                    &block[..16],
+                    r.copies_wanted
+                );
+                ok = false;
+            }
+            if r.scrub_unfinished {
+                println!("CHECK FAILED: the scrub did not end on every node");
+                ok = false;
+            }
+        }
+        let corrupts: Vec<&Fault> = info
+            .faults
+            .iter()
+            .filter(|f| f.kind == FaultKind::Corrupt)
+            .collect();
+        if !corrupts.is_empty() {
+            let fixed = corrupts
+                .iter()
+                .filter(|f| f.repaired != Some(false))
+                .count();
+            println!(
+                "flipped copies: {}, {fixed} good again or gone by the end",
+                corrupts.len()
+            );
+            for f in corrupts.iter().filter(|f| f.repaired == Some(false)) {
+                println!(
+                    "CHECK FAILED: the copy of {} flipped on node {} at {:.1}s is still bad",
+                    f.detail,
+                    f.node,
+                    f.from_us as f64 / 1e6
+                );
+                ok = false;
+            }
         }
         if acked < info.min_acked {
             println!(

@@ -178,6 +178,7 @@ pub struct Overrides {
     pub rebalance_rate: Option<String>,
     pub move_interval: Option<String>,
     pub repair_after: Option<String>,
+    pub repair_interval: Option<String>,
     pub snapshot_every: Option<u64>,
     pub log_keep: Option<u64>,
     pub receive_pin: Option<String>,
@@ -282,7 +283,7 @@ impl Config {
             )?,
             repair_interval: dur(
                 "repair_interval",
-                fc.repair_interval,
+                pick(o.repair_interval, fc.repair_interval),
                 moverd.repair_interval,
             )?,
             move_interval: dur(

@@ -78,9 +78,9 @@ struct ChaosArgs {
     /// Keys the clients share
     #[arg(long, default_value_t = 8)]
     keys: usize,
-    /// Fault kinds, comma-separated (kill, pause, partition, slow, clock, member;
-    /// clock needs libfaketime)
-    #[arg(long, default_value = "kill,pause,partition,slow,clock,member")]
+    /// Fault kinds, comma-separated (kill, pause, partition, slow, clock, member,
+    /// corrupt; clock needs libfaketime)
+    #[arg(long, default_value = "kill,pause,partition,slow,clock,member,corrupt")]
     faults: String,
     /// Mean time between the starts of two faults
     #[arg(long, default_value = "4s")]
@@ -239,6 +239,10 @@ struct ServeArgs {
     /// nodes (repair) [default: 10m]
     #[arg(long, value_name = "DURATION")]
     repair_after: Option<String>,
+    /// How often every node checks all its blocks' copies with nothing changed
+    /// [default: 1h]
+    #[arg(long, value_name = "DURATION")]
+    repair_interval: Option<String>,
     /// Raft log entries between two snapshots of the metadata [default: 50000]
     #[arg(long, value_name = "ENTRIES")]
     snapshot_every: Option<u64>,
@@ -318,6 +322,7 @@ fn run_serve(a: ServeArgs) -> anyhow::Result<()> {
             rebalance_rate: a.rebalance_rate,
             move_interval: a.move_interval,
             repair_after: a.repair_after,
+            repair_interval: a.repair_interval,
             snapshot_every: a.snapshot_every,
             log_keep: a.log_keep,
             receive_pin: a.receive_pin,

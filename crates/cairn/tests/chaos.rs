@@ -73,7 +73,7 @@ fn have_libfaketime() -> bool {
 #[test]
 fn a_short_run_with_every_fault_kind_passes_and_checks_again() {
     let dir = tempfile::tempdir().unwrap();
-    let mut kinds = vec!["kill", "pause", "partition", "slow", "member"];
+    let mut kinds = vec!["kill", "pause", "partition", "slow", "member", "corrupt"];
     if have_libfaketime() {
         kinds.push("clock");
     } else {
@@ -137,6 +137,21 @@ fn a_short_run_with_every_fault_kind_passes_and_checks_again() {
             .unwrap_or_else(|| panic!("no clock line: {out}"));
         assert!(number_after(line, "set,").unwrap_or(0) >= 1, "{out}");
     }
+    // Check 4 ran: every block of the keys' last values at its copies on disk;
+    // every flipped copy good again (or collected).
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("redundancy:"))
+        .unwrap_or_else(|| panic!("no redundancy line: {out}"));
+    assert!(line.contains(", 0 with fewer than 3 good copies"), "{out}");
+    let flipped = out
+        .lines()
+        .find(|l| l.starts_with("flipped copies:"))
+        .unwrap_or_else(|| panic!("no flipped copies line: {out}"));
+    assert!(
+        number_after(flipped, "flipped copies:").unwrap_or(0) >= 1,
+        "{out}"
+    );
     // The history names every operation; unanswered ones are there too.
     let text = std::fs::read_to_string(dir.path().join("h.jsonl")).unwrap();
     let lines = text.lines().count();
@@ -212,6 +227,31 @@ fn saved_histories_that_break_the_rules_fail_the_check() {
         assert!(out.contains("FAILED"), "{name}: {out}");
         assert!(err.contains("fails its checks"), "{name}: {err}");
     }
+    // A run whose blocks did not get their copies back (check 4), and whose
+    // flipped copy stayed bad, fails on its record alone.
+    let block = "ab".repeat(32);
+    let header = format!(
+        r#"{{"format":1,"bucket":"chaos","keys":["a/0"],"run":{{"seed":1,"nodes":5,"zones":3,"clients":1,"faults_enabled":["corrupt"],"faults":[{{"kind":"corrupt","node":1,"detail":"block abababababababab","leader":false,"block":"{block}","repaired":false,"from_us":5,"to_us":5}}],"min_acked":0,"settle_ms":0,"elections":0,"redundancy":{{"copies_wanted":3,"blocks":1,"short":[["a/0","{block}",2]],"waited_ms":120000,"scrub_checked":9,"scrub_corrupt":1,"scrub_repaired":0,"scrub_unrepairable":1,"scrub_unfinished":false}}}}}}"#
+    );
+    std::fs::write(
+        dir.path().join("short.jsonl"),
+        format!("{header}\n{}\n", op(0, &put(1), 0, 10, ok)),
+    )
+    .unwrap();
+    let (ok, out, _) = cairn_in(
+        dir.path(),
+        &["chaos", "--check", "short.jsonl"],
+        Duration::from_secs(60),
+    );
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("CHECK FAILED: key a/0: block abababababababab has 2 good copies, 3 wanted"),
+        "{out}"
+    );
+    assert!(
+        out.contains("CHECK FAILED: the copy of block abababababababab flipped on node 1"),
+        "{out}"
+    );
     // A damaged file is refused with the line named.
     std::fs::write(
         dir.path().join("bad.jsonl"),
