@@ -58,6 +58,9 @@ pub enum FaultKind {
     /// One byte flipped in a block file on one node's disk (its size kept): read
     /// repair or scrub must find the copy bad, never serve it, and replace it.
     Corrupt,
+    /// The disk of one node full (its data on a tmpfs whose size is cut to what it
+    /// holds), then space again; the node must recover without a restart.
+    Disk,
 }
 
 impl FaultKind {
@@ -70,8 +73,9 @@ impl FaultKind {
             "clock" => Ok(FaultKind::Clock),
             "member" => Ok(FaultKind::Member),
             "corrupt" => Ok(FaultKind::Corrupt),
+            "disk" => Ok(FaultKind::Disk),
             other => bail!(
-                "unknown fault kind '{other}' (kinds: kill, pause, partition, slow, clock, member, corrupt)"
+                "unknown fault kind '{other}' (kinds: kill, pause, partition, slow, clock, member, corrupt, disk)"
             ),
         }
     }
@@ -85,6 +89,7 @@ impl FaultKind {
             FaultKind::Clock => "clock",
             FaultKind::Member => "member",
             FaultKind::Corrupt => "corrupt",
+            FaultKind::Disk => "disk",
         }
     }
 }
@@ -212,6 +217,68 @@ const NODE_FLAGS: [&str; 6] = [
     "--repair-after=10s",
     "--repair-interval=20s",
 ];
+/// The node whose data is on a tmpfs of its own (for disk faults): the last.
+fn disk_node(nodes: usize) -> usize {
+    nodes - 1
+}
+/// Size of that tmpfs while no disk fault cuts it (only pages in use take memory).
+const DISK_SIZE: &str = "8g";
+
+/// A tmpfs mounted for a chaos run, unmounted when dropped.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(at: &Path, size: &str) -> Result<Tmpfs> {
+        std::fs::create_dir_all(at)?;
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(at)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            bail!(
+                "cannot mount a tmpfs at {} (disk faults need root)",
+                at.display()
+            );
+        }
+        Ok(Tmpfs(at.to_path_buf()))
+    }
+
+    /// Sets the size limit (`mount -o remount,size=`).
+    fn resize(&self, size: &str) -> bool {
+        std::process::Command::new("mount")
+            .args(["-o", &format!("remount,size={size}")])
+            .arg(&self.0)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    }
+
+    /// Cuts the size limit to what the file system holds: every write that needs
+    /// a new page fails with ENOSPC. Whether it could.
+    fn fill(&self) -> bool {
+        let Ok(st) = rustix::fs::statvfs(&self.0) else {
+            return false;
+        };
+        let used_kib = (st.f_blocks - st.f_bfree) * st.f_frsize / 1024;
+        // Pages taken between the look and the cut: a little more each try.
+        [0, 256, 1024, 4096]
+            .iter()
+            .any(|extra| self.resize(&format!("{}k", used_kib + extra + 4)))
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
+}
+
 /// How long check 4 waits for every block to have its copies, after healing.
 const REDUNDANCY_WAIT: Duration = Duration::from_secs(120);
 /// A run stops early (and says so) when the disk holding its cluster has less
@@ -253,8 +320,28 @@ pub async fn run(o: ChaosOptions) -> Result<()> {
     // slowed.
     let links = Links::new();
     let l2 = links.clone();
+    // Disk faults: the last node's data on a tmpfs of its own.
+    let with_disk = o.faults.contains(&FaultKind::Disk);
+    if with_disk {
+        let probe = tempfile::tempdir()?;
+        drop(
+            Tmpfs::mount(probe.path(), "1m")
+                .context("disk faults need to mount a tmpfs (run as root, or leave out disk)")?,
+        );
+    }
+    let disk_mount: Arc<Mutex<Option<Tmpfs>>> = Arc::default();
+    let dm = disk_mount.clone();
     let mut c = tokio::task::spawn_blocking(move || {
         local_cluster::start_cluster_with(nodes, zones, "cairn-chaos-", nodes, |base, dir| {
+            if with_disk {
+                // Another attempt (ports in use) unmounts the last one's first.
+                let mut slot = dm.lock().unwrap_or_else(|p| p.into_inner());
+                *slot = None;
+                *slot = Some(Tmpfs::mount(
+                    &dir.join(format!("node{}", disk_node(nodes))),
+                    DISK_SIZE,
+                )?);
+            }
             let proxy_base = proxy_port(base, nodes, 0);
             let mut listeners = Vec::new();
             for i in 0..nodes {
@@ -339,19 +426,30 @@ pub async fn run(o: ChaosOptions) -> Result<()> {
             .collect::<Vec<_>>()
             .join(", ")
     );
-    let res = run_on(&mut c, &links, &o).await;
+    let disk = disk_mount.lock().unwrap_or_else(|p| p.into_inner()).take();
+    let res = run_on(&mut c, &links, disk.as_ref(), &o).await;
     // Every process goes, paused ones too (SIGTERM waits for SIGCONT).
     for n in &c.nodes {
         signal(n.pid, rustix::process::Signal::CONT);
     }
+    // The nodes stop first, then the disk node's tmpfs is unmounted.
+    let stop = move |c: Cluster, disk: Option<Tmpfs>| {
+        tokio::task::spawn_blocking(move || {
+            drop(c);
+            drop(disk);
+        })
+    };
     match res {
         Ok(true) => {
-            tokio::task::spawn_blocking(move || drop(c)).await?;
+            let path = c.dir.path().to_path_buf();
+            stop(c, disk).await?;
+            // What the mount point kept of the cluster's directory.
+            let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(&path)).await;
             Ok(())
         }
         Ok(false) => {
             let dir = std::mem::replace(&mut c.dir, tempfile::tempdir()?).keep();
-            tokio::task::spawn_blocking(move || drop(c)).await?;
+            stop(c, disk).await?;
             bail!(
                 "the run failed its checks; history in {}, the nodes' logs in {}",
                 o.history.display(),
@@ -360,7 +458,7 @@ pub async fn run(o: ChaosOptions) -> Result<()> {
         }
         Err(e) => {
             let dir = std::mem::replace(&mut c.dir, tempfile::tempdir()?).keep();
-            tokio::task::spawn_blocking(move || drop(c)).await?;
+            stop(c, disk).await?;
             Err(e.context(format!("the nodes' logs are kept in {}", dir.display())))
         }
     }
@@ -409,7 +507,12 @@ async fn clock_skew(c: &Cluster, i: usize) -> Option<f64> {
 }
 
 /// The run itself; whether every check passed.
-async fn run_on(c: &mut Cluster, links: &Links, o: &ChaosOptions) -> Result<bool> {
+async fn run_on(
+    c: &mut Cluster,
+    links: &Links,
+    disk: Option<&Tmpfs>,
+    o: &ChaosOptions,
+) -> Result<bool> {
     let signer = Arc::new(Signer {
         access_key: c.access_key.clone(),
         secret_key: c.secret_key.clone(),
@@ -462,7 +565,17 @@ async fn run_on(c: &mut Cluster, links: &Links, o: &ChaosOptions) -> Result<bool
 
     let mut faults = Vec::new();
     let mut change = None;
-    let res = nemesis(c, links, o, started, &serving, &mut faults, &mut change).await;
+    let res = nemesis(
+        c,
+        links,
+        disk,
+        o,
+        started,
+        &serving,
+        &mut faults,
+        &mut change,
+    )
+    .await;
     stop.store(true, Ordering::Relaxed);
     for cl in clients {
         cl.await?;
@@ -471,7 +584,7 @@ async fn run_on(c: &mut Cluster, links: &Links, o: &ChaosOptions) -> Result<bool
     // Heal whatever is still broken.
     let now_us = started.elapsed().as_micros() as u64;
     for f in faults.iter_mut().filter(|f| f.to_us == u64::MAX) {
-        heal(c, links, f).await?;
+        heal(c, links, disk, f).await?;
         f.to_us = now_us;
     }
     // A membership change under way is seen through.
@@ -1088,8 +1201,18 @@ fn signal(pid: u32, sig: rustix::process::Signal) {
 }
 
 /// Ends a fault.
-async fn heal(c: &mut Cluster, links: &Links, f: &mut Fault) -> Result<()> {
+async fn heal(c: &mut Cluster, links: &Links, disk: Option<&Tmpfs>, f: &mut Fault) -> Result<()> {
     match f.kind {
+        FaultKind::Disk => {
+            let ok = disk.is_some_and(|d| tokio::task::block_in_place(|| d.resize(DISK_SIZE)));
+            if !ok {
+                bail!(
+                    "the disk of node {} could not be given its space back",
+                    f.node
+                );
+            }
+            Ok(())
+        }
         FaultKind::Clock => {
             f.observed_skew_s = clock_skew(c, f.node).await;
             tokio::task::block_in_place(|| set_clock(c.dir.path(), f.node, 0))
@@ -1127,9 +1250,11 @@ async fn leader_of(c: &Cluster, among: &[usize]) -> Option<usize> {
 /// Injects faults until the run's time is up, into `faults` (those still active
 /// with `to_us == u64::MAX`); a membership change still under way is left in
 /// `change`.
+#[allow(clippy::too_many_arguments)]
 async fn nemesis(
     c: &mut Cluster,
     links: &Links,
+    disk: Option<&Tmpfs>,
     o: &ChaosOptions,
     started: Instant,
     serving: &[AtomicBool],
@@ -1175,7 +1300,7 @@ async fn nemesis(
             let (fi, until) = active[k];
             if until <= now {
                 active.swap_remove(k);
-                heal(c, links, &mut faults[fi]).await?;
+                heal(c, links, disk, &mut faults[fi]).await?;
                 faults[fi].to_us = started.elapsed().as_micros() as u64;
             } else {
                 k += 1;
@@ -1229,6 +1354,49 @@ async fn nemesis(
         };
         let healthy: Vec<usize> = (0..n).filter(|i| !faulty.contains(i)).collect();
         let leader = leader_of(c, &healthy).await;
+        // The node on its own tmpfs stays in the cluster, for the disk faults.
+        let removable: Vec<usize> = healthy
+            .iter()
+            .copied()
+            .filter(|&i| disk.is_none() || i != disk_node(n))
+            .collect();
+        if kind == FaultKind::Disk {
+            let target = disk_node(n);
+            let ok = healthy.contains(&target)
+                && disk.is_some_and(|d| tokio::task::block_in_place(|| d.fill()));
+            if !ok {
+                kinds.insert(0, kind);
+                continue;
+            }
+            let length = o.fault_length.mul_f64(rng.random_range(1.0..2.0));
+            println!(
+                "{:>7.1}s  disk of node {target} full{} for {:.1}s",
+                started.elapsed().as_secs_f64(),
+                if leader == Some(target) {
+                    " (leader)"
+                } else {
+                    ""
+                },
+                length.as_secs_f64()
+            );
+            active.push((faults.len(), Instant::now() + length));
+            faults.push(Fault {
+                kind,
+                node: target,
+                group: Vec::new(),
+                detail: String::new(),
+                leader: leader == Some(target),
+                observed_skew_s: None,
+                skew_s: None,
+                member: None,
+                block: None,
+                repaired: None,
+                from_us: started.elapsed().as_micros() as u64,
+                to_us: u64::MAX,
+                links: Vec::new(),
+            });
+            continue;
+        }
         if kind == FaultKind::Member {
             // One change at a time, under a leader that can be killed; a removal
             // needs room for two faulty nodes (the leader and the one leaving).
@@ -1241,7 +1409,7 @@ async fn nemesis(
             match (ready, leader) {
                 (true, Some(l)) => {
                     let (fault, mut ch) =
-                        member_fault(c, links, &mut rng, l, gone, &healthy, started).await?;
+                        member_fault(c, links, &mut rng, l, gone, &removable, started).await?;
                     let length = o.fault_length.mul_f64(rng.random_range(1.0..2.0));
                     println!(
                         "{:>7.1}s  member: {} node {} with the leader (node {l}) killed, for {:.1}s",
@@ -1370,7 +1538,7 @@ async fn nemesis(
                 fault.detail = format!("{offset:+} s");
             }
             // Started above.
-            FaultKind::Member | FaultKind::Corrupt => {}
+            FaultKind::Member | FaultKind::Corrupt | FaultKind::Disk => {}
         }
         fault.from_us = started.elapsed().as_micros() as u64;
         let length = o.fault_length.mul_f64(rng.random_range(1.0..2.0));

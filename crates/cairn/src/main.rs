@@ -79,8 +79,11 @@ struct ChaosArgs {
     #[arg(long, default_value_t = 8)]
     keys: usize,
     /// Fault kinds, comma-separated (kill, pause, partition, slow, clock, member,
-    /// corrupt; clock needs libfaketime)
-    #[arg(long, default_value = "kill,pause,partition,slow,clock,member,corrupt")]
+    /// corrupt, disk; clock needs libfaketime, disk needs root to mount a tmpfs)
+    #[arg(
+        long,
+        default_value = "kill,pause,partition,slow,clock,member,corrupt,disk"
+    )]
     faults: String,
     /// Mean time between the starts of two faults
     #[arg(long, default_value = "4s")]

@@ -70,6 +70,14 @@ fn have_libfaketime() -> bool {
         || std::path::Path::new("/usr/lib/faketime/libfaketime.so.1").exists()
 }
 
+/// Whether this test runs as root (a tmpfs can be mounted, for disk faults).
+fn is_root() -> bool {
+    std::process::Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+}
+
 #[test]
 fn a_short_run_with_every_fault_kind_passes_and_checks_again() {
     let dir = tempfile::tempdir().unwrap();
@@ -78,6 +86,11 @@ fn a_short_run_with_every_fault_kind_passes_and_checks_again() {
         kinds.push("clock");
     } else {
         eprintln!("libfaketime is not installed: this run has no clock faults");
+    }
+    if is_root() {
+        kinds.push("disk");
+    } else {
+        eprintln!("not root (no tmpfs to mount): this run has no disk faults");
     }
     let faults = kinds.join(",");
     let (ok, out, err) = cairn_in(

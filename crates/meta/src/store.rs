@@ -151,6 +151,13 @@ pub(crate) struct Shared {
     cache_bytes: usize,
     pub(crate) records: crate::cache::RecordCache,
     db: RwLock<Option<Arc<Database>>>,
+    /// Set while the database, reopened after an I/O error, holds less than was
+    /// applied before it (its last checkpoint): readers get `Unavailable`, never
+    /// that older state, until the entries are applied again.
+    behind: std::sync::atomic::AtomicBool,
+    /// Tests: the next commits this many fail as on a full disk.
+    #[cfg(test)]
+    pub(crate) fail_commits: std::sync::atomic::AtomicUsize,
     keys: KeyCache,
     buckets: BucketCache,
     /// The layout as last committed; watchers learn of every change.
@@ -158,12 +165,47 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    /// The database, for readers and writers: `Unavailable` while it is behind
+    /// what was applied (being recovered after an I/O error).
     pub(crate) fn get(&self) -> Result<Arc<Database>> {
+        if self.behind.load(std::sync::atomic::Ordering::Acquire) {
+            return Err(MetaError::Unavailable);
+        }
+        self.get_even_behind()
+    }
+
+    /// The database whatever it holds: for the apply thread, which brings it back.
+    pub(crate) fn get_even_behind(&self) -> Result<Arc<Database>> {
         self.db
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
             .ok_or(MetaError::Unavailable)
+    }
+
+    /// Whether a commit may go ahead: in tests that ask for it, the next ones fail
+    /// as on a full disk.
+    pub(crate) fn commit_allowed(&self) -> Result<()> {
+        #[cfg(test)]
+        {
+            use std::sync::atomic::Ordering::SeqCst;
+            if self
+                .fail_commits
+                .fetch_update(SeqCst, SeqCst, |n| n.checked_sub(1))
+                .is_ok()
+            {
+                return Err(MetaError::NoSpace(
+                    "a full disk (injected by a test)".into(),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Marks the database as behind what was applied (or caught up again).
+    pub(crate) fn set_behind(&self, behind: bool) {
+        self.behind
+            .store(behind, std::sync::atomic::Ordering::Release);
     }
 
     /// Keeps the in-memory caches in step with a committed command.
@@ -197,6 +239,7 @@ impl Shared {
             }
             drop(old);
         }
+        self.commit_allowed()?;
         let db = open_db(&self.path, self.cache_bytes)?;
         *self.db.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(db));
         tracing::info!(path = %self.path.display(), "metadata database reopened");
@@ -1285,6 +1328,9 @@ async fn open_shared(path: &Path, opts: &MetaOptions) -> Result<Arc<Shared>> {
             cache_bytes,
             records: crate::cache::RecordCache::new(memory / 4),
             db: RwLock::new(Some(Arc::new(db))),
+            behind: std::sync::atomic::AtomicBool::new(false),
+            #[cfg(test)]
+            fail_commits: std::sync::atomic::AtomicUsize::new(0),
             keys: RwLock::new(Default::default()),
             buckets: RwLock::new(Default::default()),
             layout: tokio::sync::watch::channel(Arc::new(Layout::default())).0,
@@ -1628,6 +1674,72 @@ mod tests {
         .await
         .unwrap();
         assert_eq!(s.buckets().len(), 21);
+    }
+
+    /// When a checkpoint fails (a full disk) and so do the first tries to open the
+    /// database again, reads answer `Unavailable` (never an older state), the
+    /// apply thread tries again at its ticks, and the object applied before the
+    /// failure is read back once it succeeds. (`cairn chaos` with disk faults found
+    /// a reopened database read at its last checkpoint, before the entries after it
+    /// were applied again.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn reads_wait_out_a_failed_checkpoint_and_its_recovery() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("meta.redb");
+        let s = MetaStore::open(&path).await.unwrap();
+        s.apply(Command::CreateBucket {
+            bucket: "b".into(),
+            now: 1,
+        })
+        .await
+        .unwrap();
+        s.checkpoint().await.unwrap();
+        let rec = crate::ObjectRecord {
+            size: 1,
+            etag: "e".into(),
+            last_modified: 1,
+            headers: Default::default(),
+            checksums: Default::default(),
+            parts_count: None,
+            data: crate::ObjectData::Inline(b"x".to_vec()),
+        };
+        s.apply(Command::PutObject {
+            bucket: "b".into(),
+            key: "k".into(),
+            record: rec,
+            cond: crate::WriteCondition::None,
+        })
+        .await
+        .unwrap();
+        assert!(s.object("b", "k").await.unwrap().is_some());
+        // The checkpoint fails, and so do the next two tries to open the database.
+        s.shared
+            .fail_commits
+            .store(3, std::sync::atomic::Ordering::SeqCst);
+        assert!(s.checkpoint().await.is_err());
+        let started = std::time::Instant::now();
+        let mut unavailable = 0;
+        loop {
+            match s.object("b", "k").await {
+                Ok(Some(_)) => break,
+                Ok(None) => panic!("the object is read as missing after a failed checkpoint"),
+                Err(MetaError::Unavailable) => unavailable += 1,
+                Err(e) => panic!("{e}"),
+            }
+            assert!(
+                started.elapsed() < std::time::Duration::from_secs(30),
+                "the database never recovered"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        assert!(unavailable > 0, "no read saw the recovery");
+        assert_eq!(
+            s.shared
+                .fail_commits
+                .load(std::sync::atomic::Ordering::SeqCst),
+            0
+        );
+        s.checkpoint().await.unwrap();
     }
 
     /// Concurrent commands share entries: fewer entries than commands.

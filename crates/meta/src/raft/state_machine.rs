@@ -140,6 +140,7 @@ impl StateMachine {
             applied,
             membership,
             durable: applied,
+            owed: None,
             last_checkpoint: Instant::now(),
             bytes_since: 0,
         };
@@ -513,6 +514,10 @@ struct Applier {
     membership: StoredMembership,
     /// The last applied log id the database file holds durably.
     durable: Option<LogId>,
+    /// After an I/O error: the last entry applied before it, which the reopened
+    /// database (back at its checkpoint) must get again before it applies or
+    /// serves anything else.
+    owed: Option<LogId>,
     last_checkpoint: Instant,
     bytes_since: u64,
 }
@@ -543,7 +548,16 @@ impl Applier {
                 Job::Checkpoint(reply) => {
                     let _ = reply.send(self.checkpoint());
                 }
-                Job::Tick => self.maybe_checkpoint(false),
+                Job::Tick => {
+                    if self.owed.is_some() {
+                        // Readers wait on it: tried again at each tick.
+                        if let Err(e) = self.recover() {
+                            tracing::warn!(error = %e, "recovering the metadata database failed; retrying");
+                        }
+                    } else {
+                        self.maybe_checkpoint(false);
+                    }
+                }
             }
         }
         // No checkpoint on the way out: `MetaStore::close` makes one; after a drop
@@ -558,6 +572,8 @@ impl Applier {
     /// Applies `entries`; on a storage error, recovers and tries again until it
     /// works (committed entries cannot be skipped).
     fn apply_until_done(&mut self, entries: &[Entry]) -> Vec<Response> {
+        // Entries are applied in order: what an I/O error undid comes first.
+        self.recover_until_done();
         loop {
             match self.try_apply(entries, true) {
                 Ok(r) => return r,
@@ -572,12 +588,23 @@ impl Applier {
         }
     }
 
+    /// Recovers (see [`Applier::recover`]) until the database holds every entry
+    /// applied before an I/O error.
+    fn recover_until_done(&mut self) {
+        while self.owed.is_some() {
+            if let Err(e) = self.recover() {
+                tracing::error!(error = %e, "recovering the metadata database failed; retrying");
+                std::thread::sleep(RETRY);
+            }
+        }
+    }
+
     /// Applies entries in one transaction committed without an fsync.
     fn try_apply(&mut self, entries: &[Entry], answer: bool) -> Result<Vec<Response>> {
         let Some(last) = entries.last() else {
             return Ok(Vec::new());
         };
-        let db = self.shared.get()?;
+        let db = self.shared.get_even_behind()?;
         let mut txn = db.begin_write()?;
         let _ = txn.set_durability(redb::Durability::None);
         let mut responses = Vec::with_capacity(entries.len());
@@ -623,6 +650,7 @@ impl Applier {
                 st.insert("membership", crate::records::encode(m)?.as_slice())?;
             }
         }
+        self.shared.commit_allowed()?;
         let records = &self.shared.records;
         records.begin_change(changed.iter().map(|k| k.as_slice()));
         let res = txn.commit();
@@ -645,12 +673,21 @@ impl Applier {
 
     /// Reopens the database (it reverts to its last checkpoint) and applies again the
     /// entries after it, up to the last one applied.
+    /// Until it succeeds the database is marked behind (readers get `Unavailable`),
+    /// and nothing new is applied.
     fn recover(&mut self) -> Result<()> {
+        self.shared.set_behind(true);
+        if self
+            .owed
+            .is_none_or(|o| self.applied.is_some_and(|a| a > o))
+        {
+            self.owed = self.applied;
+        }
         self.shared.records.clear();
         self.shared.reopen()?;
-        let db = self.shared.get()?;
+        let db = self.shared.get_even_behind()?;
         let (durable, membership) = read_raft_state(&db)?;
-        let target = self.applied;
+        let target = self.owed;
         self.applied = durable;
         self.membership = membership;
         self.durable = durable;
@@ -675,6 +712,8 @@ impl Applier {
         }
         self.shared.records.clear();
         self.shared.reload_caches(&db)?;
+        self.owed = None;
+        self.shared.set_behind(false);
         tracing::info!(applied = ?self.applied, "metadata database recovered from the Raft log");
         Ok(())
     }
@@ -690,11 +729,17 @@ impl Applier {
     }
 
     fn checkpoint(&mut self) -> Result<()> {
+        if self.owed.is_some() {
+            self.recover()?;
+        }
         if self.applied == self.durable {
             return Ok(());
         }
         let started = Instant::now();
-        let res = self.shared.get().and_then(|db| checkpoint(&db));
+        let res = self
+            .shared
+            .get()
+            .and_then(|db| self.shared.commit_allowed().and_then(|()| checkpoint(&db)));
         metrics::histogram!("cairn_meta_checkpoint_seconds")
             .record(started.elapsed().as_secs_f64());
         match &res {
