@@ -161,6 +161,26 @@ struct MemberChange {
 }
 
 impl Fault {
+    /// A fault of `kind` on `node` beginning at `from_us`, under way (its details
+    /// filled in by the caller).
+    fn new(kind: FaultKind, node: usize, leader: bool, from_us: u64) -> Fault {
+        Fault {
+            kind,
+            node,
+            group: Vec::new(),
+            detail: String::new(),
+            leader,
+            observed_skew_s: None,
+            skew_s: None,
+            member: None,
+            block: None,
+            repaired: None,
+            from_us,
+            to_us: u64::MAX,
+            links: Vec::new(),
+        }
+    }
+
     /// The nodes it makes faulty.
     fn nodes(&self) -> Vec<usize> {
         if self.group.is_empty() {
@@ -1380,21 +1400,12 @@ async fn nemesis(
                 length.as_secs_f64()
             );
             active.push((faults.len(), Instant::now() + length));
-            faults.push(Fault {
+            faults.push(Fault::new(
                 kind,
-                node: target,
-                group: Vec::new(),
-                detail: String::new(),
-                leader: leader == Some(target),
-                observed_skew_s: None,
-                skew_s: None,
-                member: None,
-                block: None,
-                repaired: None,
-                from_us: started.elapsed().as_micros() as u64,
-                to_us: u64::MAX,
-                links: Vec::new(),
-            });
+                target,
+                leader == Some(target),
+                started.elapsed().as_micros() as u64,
+            ));
             continue;
         }
         if kind == FaultKind::Member {
@@ -1445,21 +1456,11 @@ async fn nemesis(
                 &block[..16]
             );
             let at = started.elapsed().as_micros() as u64;
-            faults.push(Fault {
-                kind,
-                node: target,
-                group: Vec::new(),
-                detail: format!("block {}", &block[..16]),
-                leader: leader == Some(target),
-                observed_skew_s: None,
-                skew_s: None,
-                member: None,
-                block: Some(block),
-                repaired: None,
-                from_us: at,
-                to_us: at,
-                links: Vec::new(),
-            });
+            let mut fault = Fault::new(kind, target, leader == Some(target), at);
+            fault.detail = format!("block {}", &block[..16]);
+            fault.block = Some(block);
+            fault.to_us = at;
+            faults.push(fault);
             continue;
         }
         // The first kill goes to the leader (a run must kill one); later faults
@@ -1470,21 +1471,7 @@ async fn nemesis(
             Some(l) if healthy.contains(&l) && (first_kill || rng.random_range(0..3) == 0) => l,
             _ => healthy[rng.random_range(0..healthy.len())],
         };
-        let mut fault = Fault {
-            kind,
-            node: target,
-            group: Vec::new(),
-            detail: String::new(),
-            leader: leader == Some(target),
-            observed_skew_s: None,
-            skew_s: None,
-            member: None,
-            block: None,
-            repaired: None,
-            from_us: 0,
-            to_us: u64::MAX,
-            links: Vec::new(),
-        };
+        let mut fault = Fault::new(kind, target, leader == Some(target), 0);
         match kind {
             FaultKind::Kill => {
                 let pid = c.nodes[target].pid;
@@ -1659,25 +1646,18 @@ async fn member_fault(
     tokio::time::sleep(Duration::from_millis(rng.random_range(0..300))).await;
     let pid = c.nodes[l].pid;
     tokio::task::spawn_blocking(move || local_cluster::kill9(pid)).await??;
-    let fault = Fault {
-        kind: FaultKind::Member,
-        node: l,
-        group: Vec::new(),
-        detail: format!("{} node {node}", if add { "add" } else { "remove" }),
-        leader: true,
-        observed_skew_s: None,
-        skew_s: None,
-        member: Some(MemberChange {
-            node,
-            add,
-            done_us: None,
-        }),
-        block: None,
-        repaired: None,
-        from_us: started.elapsed().as_micros() as u64,
-        to_us: u64::MAX,
-        links: Vec::new(),
-    };
+    let mut fault = Fault::new(
+        FaultKind::Member,
+        l,
+        true,
+        started.elapsed().as_micros() as u64,
+    );
+    fault.detail = format!("{} node {node}", if add { "add" } else { "remove" });
+    fault.member = Some(MemberChange {
+        node,
+        add,
+        done_us: None,
+    });
     Ok((fault, ch))
 }
 

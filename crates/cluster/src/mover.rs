@@ -9,6 +9,11 @@
 //!   that lack it if no placement node ranked before this one holds it (so that one
 //!   holder, not all, sends each copy).
 //!
+//! A block no record names (garbage waiting for collection, or the block of a
+//! write not yet committed, which its writer takes care of) is never copied: a
+//! copy made after a node collected its own would outlive the collection. A node
+//! that holds such a block outside its placement removes it unless it is pinned.
+//!
 //! A pass runs after each layout change (a full pass), and every `interval` while a
 //! block was stored here outside its placement (a short pass, which looks only at
 //! such blocks). Progress is saved in `mover.state` after each directory, so a pass
@@ -413,6 +418,34 @@ impl Mover {
         if work.is_empty() {
             return 0;
         }
+        // Blocks no record names are not copied (see the module docs).
+        let (meta, asked) = (
+            self.meta.clone(),
+            work.iter().map(|(h, _, _)| *h).collect::<Vec<_>>(),
+        );
+        let refs = tokio::task::spawn_blocking(move || meta.refcounts_blocking(&asked))
+            .await
+            .ok()
+            .and_then(|r| r.ok());
+        let mut left = 0u64;
+        let work: Vec<(BlockHash, Vec<u64>, Vec<u64>)> = match refs {
+            // Unknown (the metadata cannot be read now): as if named.
+            None => work,
+            Some(refs) => {
+                let mut named = Vec::with_capacity(work.len());
+                for ((h, nodes, subs), n) in work.into_iter().zip(refs) {
+                    if n > 0 {
+                        named.push((h, nodes, subs));
+                    } else if !nodes.contains(&me) && !self.drop_unnamed(h).await {
+                        left += 1;
+                    }
+                }
+                named
+            }
+        };
+        if work.is_empty() {
+            return left;
+        }
         // Ask each other node which of its blocks it has.
         let mut asks: HashMap<u64, Vec<BlockHash>> = HashMap::new();
         for (h, nodes, subs) in &work {
@@ -450,7 +483,33 @@ impl Mover {
             .buffer_unordered(PARALLEL)
             .collect::<Vec<bool>>()
             .await;
-        results.into_iter().filter(|done| !done).count() as u64
+        left + results.into_iter().filter(|done| !done).count() as u64
+    }
+
+    /// Removes this node's copy of a block no record names, held outside its
+    /// placement, unless a write in flight pins it; whether it is gone.
+    async fn drop_unnamed(&self, h: BlockHash) -> bool {
+        let (store, meta) = (self.blocks.store().clone(), self.meta.clone());
+        match tokio::task::spawn_blocking(move || {
+            store.delete_unless(&h, || {
+                meta.refcount_blocking(&h).map(|n| n > 0).unwrap_or(true)
+            })?;
+            Ok::<_, BlockError>(!store.contains(&h))
+        })
+        .await
+        {
+            Ok(Ok(gone)) => {
+                if gone {
+                    lock(&self.progress).blocks_removed += 1;
+                }
+                gone
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "removing an unnamed block failed");
+                false
+            }
+            Err(_) => false,
+        }
     }
 
     /// For a block placed here of which this node is the first live holder: copies

@@ -1122,6 +1122,17 @@ impl MetaStore {
 
     /// How many objects and parts name this block. Blocking (used under the block
     /// store's pin lock by garbage collection).
+    /// How many records name each block, in one read (blocking: call it on a
+    /// blocking thread).
+    pub fn refcounts_blocking(&self, hashes: &[BlockHash]) -> Result<Vec<u64>> {
+        let txn = self.shared.get()?.begin_read()?;
+        let t = txn.open_table(BLOCK_REFS)?;
+        hashes
+            .iter()
+            .map(|h| Ok(t.get(h.0.as_slice())?.map(|v| v.value()).unwrap_or(0)))
+            .collect()
+    }
+
     pub fn refcount_blocking(&self, hash: &BlockHash) -> Result<u64> {
         let txn = self.shared.get()?.begin_read()?;
         let t = txn.open_table(BLOCK_REFS)?;
