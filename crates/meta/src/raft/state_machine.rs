@@ -776,13 +776,44 @@ pub struct SnapshotBuilder {
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
+    /// Builds the snapshot; on a full disk (or while the database recovers from
+    /// one) it waits and tries again rather than fail: openraft stops a node whose
+    /// snapshot fails, and a full disk must not need a restart.
     async fn build_snapshot(&mut self) -> SResult<Snapshot<TypeConfig>> {
+        let mut logged = false;
+        let (meta, path) = loop {
+            match self.try_build().await {
+                Ok(done) => break done,
+                Err(e) if e.is_no_space() || matches!(e, MetaError::Unavailable) => {
+                    if !logged {
+                        tracing::error!(error = %e, "building a metadata snapshot failed: the disk is full; retrying");
+                        logged = true;
+                    }
+                    tokio::time::sleep(RETRY).await;
+                }
+                Err(e) => return Err(snap_err(e)),
+            }
+        };
+        self.sm.set_current(meta.clone(), path.clone()).await;
+        let file = tokio::fs::File::open(&path).await.map_err(snap_err)?;
+        let bytes = file.metadata().await.map(|m| m.len()).unwrap_or(0);
+        metrics::counter!("cairn_meta_snapshots_built_total").increment(1);
+        tracing::info!(last_log = ?meta.last_log_id.map(|l| l.index), bytes, "metadata snapshot built");
+        Ok(Snapshot {
+            meta,
+            snapshot: Box::new(file),
+        })
+    }
+}
+
+impl SnapshotBuilder {
+    /// One try: a checkpoint and a read transaction, then the file.
+    async fn try_build(&mut self) -> Result<(SnapshotMeta, PathBuf)> {
         let (txn, applied, membership) = self
             .sm
             .call(Job::BeginSnapshot)
             .await
-            .map_err(snap_err)?
-            .map_err(snap_err)?;
+            .map_err(|e| MetaError::Storage(e.to_string()))??;
         let meta = SnapshotMeta {
             last_log_id: applied,
             last_membership: membership,
@@ -795,21 +826,11 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
         };
         let dir = self.sm.sm.snapshot_dir.clone();
         let path = dir.join(format!("{}.snap", meta.snapshot_id));
-        let m = meta.clone();
-        let p = path.clone();
+        let (m, p) = (meta.clone(), path.clone());
         tokio::task::spawn_blocking(move || write_snapshot(&txn, &m, &p))
             .await
-            .map_err(snap_err)?
-            .map_err(snap_err)?;
-        self.sm.set_current(meta.clone(), path.clone()).await;
-        let file = tokio::fs::File::open(&path).await.map_err(snap_err)?;
-        let bytes = file.metadata().await.map(|m| m.len()).unwrap_or(0);
-        metrics::counter!("cairn_meta_snapshots_built_total").increment(1);
-        tracing::info!(last_log = ?meta.last_log_id.map(|l| l.index), bytes, "metadata snapshot built");
-        Ok(Snapshot {
-            meta,
-            snapshot: Box::new(file),
-        })
+            .map_err(|e| MetaError::Storage(e.to_string()))??;
+        Ok((meta, path))
     }
 }
 
