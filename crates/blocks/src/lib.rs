@@ -342,11 +342,6 @@ impl BlockStore {
         Ok(Some(dest))
     }
 
-    /// The size of a block's file, if it is here.
-    pub fn file_len(&self, hash: &BlockHash) -> Option<u64> {
-        fs::metadata(self.path_of(hash)).ok().map(|m| m.len())
-    }
-
     /// Every block address present on disk (for scrub and orphan sweeps).
     pub fn list(&self) -> Result<Vec<BlockHash>> {
         let mut out = Vec::new();
@@ -526,7 +521,6 @@ mod tests {
         assert_eq!(s.quarantine(&h).unwrap(), None);
         s.put(&h, &data).unwrap();
         assert_eq!(s.get(&h).unwrap(), data);
-        assert_eq!(s.file_len(&h), Some((HEADER_LEN + data.len()) as u64));
         // The quarantine is not part of the store: listing shows the good copy once.
         assert_eq!(s.list().unwrap(), vec![h]);
     }

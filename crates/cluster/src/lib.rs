@@ -817,7 +817,7 @@ impl Blocks {
             let (this, placed) = (self.clone(), placed.clone());
             async move {
                 if id == this.inner.me {
-                    return (id, Ok(this.inner.scrub.command(cmd)));
+                    return (id, Ok(this.inner.scrub.command(cmd).await));
                 }
                 let res = this
                     .call(&placed, id, SVC_SCRUB, Bytes::from(vec![cmd as u8]))
@@ -1099,7 +1099,7 @@ impl Blocks {
                     .first()
                     .and_then(|b| scrub::ScrubCommand::from_byte(*b))
                     .ok_or_else(|| "a scrub command is one byte: 0, 1 or 2".to_string())?;
-                Ok(self.inner.scrub.command(cmd).encode())
+                Ok(self.inner.scrub.command(cmd).await.encode())
             }
             _ => Err(format!("unknown block service {service}")),
         }

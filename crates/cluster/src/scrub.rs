@@ -142,9 +142,15 @@ impl Scrub {
         lock(&self.state).clone()
     }
 
+    /// Writes `st` to `scrub.state` on a blocking thread.
+    async fn persist(&self, st: ScrubStatus) {
+        let path = self.path.clone();
+        let _ = tokio::task::spawn_blocking(move || save(&path, &st)).await;
+    }
+
     /// Carries out an operator's command; answers the status after it.
-    pub fn command(&self, c: ScrubCommand) -> ScrubStatus {
-        {
+    pub async fn command(&self, c: ScrubCommand) -> ScrubStatus {
+        let after = {
             let mut st = lock(&self.state);
             match c {
                 ScrubCommand::Status => {}
@@ -156,12 +162,13 @@ impl Scrub {
                 }
                 ScrubCommand::Pause => st.paused = st.running,
             }
-            if c != ScrubCommand::Status {
-                let _ = save(&self.path, &st);
-            }
+            st.clone()
+        };
+        if c != ScrubCommand::Status {
+            self.persist(after.clone()).await;
         }
         self.wake.notify_one();
-        self.status()
+        after
     }
 
     /// Runs passes until `stop` turns true.
@@ -237,11 +244,14 @@ impl Scrub {
                 st.groups_done
             };
             if group >= GROUPS {
-                let mut st = lock(&self.state);
-                st.running = false;
-                st.last_done_ms = now_ms();
-                st.passes += 1;
-                let _ = save(&self.path, &st);
+                let st = {
+                    let mut st = lock(&self.state);
+                    st.running = false;
+                    st.last_done_ms = now_ms();
+                    st.passes += 1;
+                    st.clone()
+                };
+                self.persist(st.clone()).await;
                 tracing::info!(
                     checked = st.blocks_checked,
                     corrupt = st.corrupt,
@@ -278,9 +288,10 @@ impl Scrub {
                 let n = match res {
                     Ok(Ok(n)) => n,
                     Ok(Err(BlockError::NotFound(_))) => continue, // collected meanwhile
+                    // Its bytes do not count as checked.
                     Ok(Err(e)) => {
                         self.bad_copy(blocks, hash, &e).await;
-                        store.file_len(&hash).unwrap_or(0)
+                        0
                     }
                     Err(_) => return,
                 };
@@ -300,11 +311,14 @@ impl Scrub {
                     }
                 }
             }
-            let mut st = lock(&self.state);
-            st.groups_done = group + 1;
+            let st = {
+                let mut st = lock(&self.state);
+                st.groups_done = group + 1;
+                st.clone()
+            };
             metrics::gauge!("cairn_scrub_progress_ratio")
                 .set(f64::from(st.groups_done) / f64::from(GROUPS));
-            let _ = save(&self.path, &st);
+            self.persist(st).await;
         }
     }
 
