@@ -879,7 +879,7 @@ fn scrub_and_reads_repair_flipped_bytes() {
         }
         Ok(())
     });
-    // The passes begun at start (empty stores) are over.
+    // No pass runs yet (the first is due an interval after the first start).
     eventually(Duration::from_secs(20), || {
         let st = scrub_status(&dev, 3);
         match st.iter().all(|n| n["running"] == false) {

@@ -6,8 +6,8 @@
 //! directory, so that a pass resumes after a restart. A copy that fails its check
 //! (or cannot be read) is moved to the quarantine and fetched again from another
 //! node that holds a good one; one with no good copy anywhere is counted as
-//! unrepairable and logged. A pass starts `interval` after the last one ended, or
-//! at once on `start`; `pause` holds it where it is (kept across restarts) until
+//! unrepairable and logged. A pass starts `interval` after the last one ended (the
+//! first `interval` after the node first started), or at once on `start`; `pause` holds it where it is (kept across restarts) until
 //! the next `start`.
 
 use std::path::{Path, PathBuf};
@@ -60,6 +60,11 @@ pub struct ScrubStatus {
     pub started_ms: u64,
     pub last_done_ms: u64,
     pub passes: u64,
+    /// When the node first started (ms since the epoch): its first pass is due
+    /// one interval later, not at once, so a new node does not begin by reading
+    /// its whole disk.
+    #[serde(default)]
+    pub since_ms: u64,
 }
 
 impl ScrubStatus {
@@ -106,11 +111,21 @@ fn state_path(root: &Path) -> PathBuf {
     root.join("scrub.state")
 }
 
+/// The saved state; a node without one (new) starts its schedule now.
 fn load(path: &Path) -> ScrubStatus {
-    std::fs::read(path)
+    let saved = std::fs::read(path)
         .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok())
-        .unwrap_or_default()
+        .and_then(|b| serde_json::from_slice(&b).ok());
+    saved.unwrap_or_else(|| {
+        let st = ScrubStatus {
+            since_ms: now_ms(),
+            ..ScrubStatus::default()
+        };
+        if let Err(e) = save(path, &st) {
+            tracing::warn!(error = %e, "scrub: cannot save its state");
+        }
+        st
+    })
 }
 
 fn save(path: &Path, st: &ScrubStatus) -> std::io::Result<()> {
@@ -193,7 +208,8 @@ impl Scrub {
                 } else if st.running {
                     Some(Duration::ZERO)
                 } else {
-                    let due = st.last_done_ms + settings.interval.as_millis() as u64;
+                    let due =
+                        st.last_done_ms.max(st.since_ms) + settings.interval.as_millis() as u64;
                     let now = now_ms();
                     if due <= now {
                         begin(&mut st);
@@ -352,7 +368,28 @@ fn begin(st: &mut ScrubStatus) {
         started_ms: now_ms(),
         last_done_ms: st.last_done_ms,
         passes: st.passes,
+        since_ms: st.since_ms,
         ..ScrubStatus::default()
     };
     metrics::gauge!("cairn_scrub_progress_ratio").set(0.0);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_new_node_schedules_its_first_pass_an_interval_after_its_first_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = state_path(dir.path());
+        let before = now_ms();
+        let st = load(&path);
+        assert!(!st.running);
+        assert!(st.since_ms >= before && st.since_ms <= now_ms());
+        // Kept: a restart does not move the schedule.
+        assert_eq!(load(&path), st);
+        // A state saved before the field existed reads as "since ever".
+        std::fs::write(&path, br#"{"running":false,"paused":false,"groups_done":0,"blocks_checked":0,"bytes_checked":0,"corrupt":0,"repaired":0,"unrepairable":0,"started_ms":0,"last_done_ms":0,"passes":0}"#).unwrap();
+        assert_eq!(load(&path).since_ms, 0);
+    }
 }
