@@ -1,6 +1,7 @@
 //! The admin endpoint: `GET /health`, `GET /metrics` (Prometheus text), and the
 //! cluster's API: `GET /v1/cluster/status`, `POST /v1/cluster/join`,
-//! `POST /v1/cluster/remove`, `POST /v1/cluster/replication`, and the scrub of
+//! `POST /v1/cluster/remove`, `POST /v1/cluster/replication`, `POST
+//! /v1/cluster/class` and `POST /v1/cluster/bucket-class` (storage classes), and the scrub of
 //! every node: `GET /v1/cluster/scrub`, `POST /v1/cluster/scrub/start`,
 //! `POST /v1/cluster/scrub/pause`.
 //!
@@ -64,6 +65,13 @@ pub trait ClusterAdmin: Send + Sync {
         &self,
         replication: u8,
         write_quorum: u8,
+    ) -> Result<serde_json::Value, (StatusCode, String)>;
+    /// Sets the storage class of new objects: of `bucket`'s (`default`: back to
+    /// the cluster's), or with no bucket the cluster's default.
+    async fn set_class(
+        &self,
+        bucket: Option<&str>,
+        class: &str,
     ) -> Result<serde_json::Value, (StatusCode, String)>;
     /// Asks every node's scrub for its status, or to `start` (a pass now, or go
     /// on with a paused one) or `pause`; answers each node's scrub status.
@@ -170,6 +178,8 @@ impl Admin {
                 p @ ("/v1/cluster/join"
                 | "/v1/cluster/remove"
                 | "/v1/cluster/replication"
+                | "/v1/cluster/class"
+                | "/v1/cluster/bucket-class"
                 | "/v1/cluster/scrub/start"
                 | "/v1/cluster/scrub/pause"),
             ) => {
@@ -220,6 +230,19 @@ impl Admin {
                                 StatusCode::BAD_REQUEST,
                                 "the body must be JSON: {\"replication\": N, \"write_quorum\": W} \
                                  (numbers up to 255; write_quorum optional, 0 for a majority)",
+                            );
+                        }
+                    }
+                } else if p == "/v1/cluster/class" || p == "/v1/cluster/bucket-class" {
+                    let bucket = field("bucket");
+                    match (field("class"), p == "/v1/cluster/bucket-class", bucket) {
+                        (Some(c), false, _) => cluster.set_class(None, &c).await,
+                        (Some(c), true, Some(b)) => cluster.set_class(Some(&b), &c).await,
+                        _ => {
+                            return error_json(
+                                StatusCode::BAD_REQUEST,
+                                "the body must be JSON: {\"class\": \"EC:3+2\"} (or \"replicated\"), \
+                                 with \"bucket\": \"NAME\" for a bucket (whose class may also be \"default\")",
                             );
                         }
                     }

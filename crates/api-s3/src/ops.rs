@@ -339,7 +339,7 @@ impl Cairn {
         // In a cluster the blocks may be on other nodes: their garbage collection
         // waits a grace period after the last reference goes, far longer than a copy.
         let check = self.blocks.local_only();
-        let blocks: Vec<_> = rec.data.blocks().iter().map(|b| b.hash).collect();
+        let blocks = rec.data.hashes();
         tokio::task::spawn_blocking(move || {
             let mut pin = store.pin();
             for h in blocks {
@@ -504,6 +504,7 @@ impl S3 for Cairn {
             input.body,
             wanted,
             &self.put_limits(limits::MAX_PUT_SIZE),
+            self.meta.class_of(&input.bucket),
         )
         .await?;
         let trailer_sums = trailers
@@ -1058,7 +1059,9 @@ impl S3 for Cairn {
         // Parts are always stored as blocks: a completed object is their concatenation.
         let mut lim = self.put_limits(limits::MAX_PUT_SIZE);
         lim.inline_max = 0;
-        let ing = write::ingest(&self.blocks, &self.buffers, input.body, wanted, &lim).await?;
+        let class = self.meta.class_of(&input.bucket);
+        let ing =
+            write::ingest(&self.blocks, &self.buffers, input.body, wanted, &lim, class).await?;
         let trailers = match &req.trailing_headers {
             Some(t) => t.read(write::from_trailers).unwrap_or(trailers),
             None => trailers,
@@ -1158,7 +1161,16 @@ impl S3 for Cairn {
         };
         let mut lim = self.put_limits(limits::MAX_PUT_SIZE);
         lim.inline_max = 0;
-        let ing = write::ingest(&self.blocks, &self.buffers, body, Wanted::default(), &lim).await?;
+        let class = self.meta.class_of(&input.bucket);
+        let ing = write::ingest(
+            &self.blocks,
+            &self.buffers,
+            body,
+            Wanted::default(),
+            &lim,
+            class,
+        )
+        .await?;
         let etag_s = ing.etag();
         let now = now_millis();
         let data = match ing.data {

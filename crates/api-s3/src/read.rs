@@ -17,16 +17,17 @@ use s3s::S3Result;
 use s3s::dto::StreamingBlob;
 
 use cairn_cluster::{Blocks, DataError};
-use cairn_meta::{ObjectData, ObjectRecord};
-use cairn_types::BlockRef;
+use cairn_meta::{ClassedBlock, ObjectData, ObjectRecord};
+use cairn_types::StorageClass;
 
 use crate::error;
 
 /// The blocks overlapping `range`, each with the byte range to take from it.
-pub fn plan(blocks: &[BlockRef], range: &Range<u64>) -> Vec<(BlockRef, Range<usize>)> {
+pub fn plan(blocks: &[ClassedBlock], range: &Range<u64>) -> Vec<(ClassedBlock, Range<usize>)> {
     let mut out = Vec::new();
     let mut offset = 0u64;
-    for b in blocks {
+    for cb in blocks {
+        let b = &cb.block;
         let start = offset;
         let end = offset + u64::from(b.len);
         offset = end;
@@ -38,7 +39,7 @@ pub fn plan(blocks: &[BlockRef], range: &Range<u64>) -> Vec<(BlockRef, Range<usi
         }
         let from = range.start.saturating_sub(start) as usize;
         let to = (range.end.min(end) - start) as usize;
-        out.push((*b, from..to));
+        out.push((*cb, from..to));
     }
     out
 }
@@ -46,13 +47,19 @@ pub fn plan(blocks: &[BlockRef], range: &Range<u64>) -> Vec<(BlockRef, Range<usi
 async fn read_block(
     store: Blocks,
     buffers: Arc<BlockBuffers>,
-    b: BlockRef,
+    cb: ClassedBlock,
 ) -> Result<Bytes, DataError> {
     let buf = buffers
         .take()
         .await
         .map_err(|_| DataError::Unavailable("shutting down".into()))?;
-    let data = store.read(b.hash, buf).await?;
+    let b = cb.block;
+    let data = match cb.class {
+        StorageClass::Replicated => store.read(b.hash, buf).await?,
+        StorageClass::Erasure { data, parity } => {
+            store.read_coded(b.hash, b.len, data, parity, buf).await?
+        }
+    };
     if data.len() != b.len as usize {
         return Err(DataError::Block(cairn_blocks::BlockError::Corrupt {
             hash: b.hash,
@@ -82,12 +89,13 @@ pub async fn body(
                 async move { Ok(slice) },
             )))
         }
-        ObjectData::Blocks(blocks) => {
+        ObjectData::Blocks(_) | ObjectData::Classed(_) => {
+            let blocks = rec.data.blocks();
             let store = store.clone();
             let buffers = buffers.clone();
             // Up to READ_AHEAD blocks are read and verified at once, the first of
             // them together with the next.
-            let mut reads = stream::iter(plan(blocks, &range))
+            let mut reads = stream::iter(plan(&blocks, &range))
                 .map(move |(b, r)| {
                     let (store, buffers) = (store.clone(), buffers.clone());
                     async move { read_block(store, buffers, b).await.map(|d| d.slice(r)) }
@@ -118,12 +126,15 @@ const READ_AHEAD: usize = 2;
 #[cfg(test)]
 mod tests {
     use super::*;
-    use cairn_types::BlockHash;
+    use cairn_types::{BlockHash, BlockRef};
 
-    fn b(len: u32) -> BlockRef {
-        BlockRef {
-            hash: BlockHash::of(&len.to_le_bytes()),
-            len,
+    fn b(len: u32) -> ClassedBlock {
+        ClassedBlock {
+            block: BlockRef {
+                hash: BlockHash::of(&len.to_le_bytes()),
+                len,
+            },
+            class: StorageClass::Replicated,
         }
     }
 
@@ -148,7 +159,7 @@ mod tests {
     proptest::proptest! {
         #[test]
         fn plan_covers_exactly_the_range(lens in proptest::collection::vec(1u32..50, 1..8), a in 0u64..400, n in 1u64..400) {
-            let blocks: Vec<BlockRef> = lens.iter().map(|&l| b(l)).collect();
+            let blocks: Vec<ClassedBlock> = lens.iter().map(|&l| b(l)).collect();
             let total: u64 = lens.iter().map(|&l| u64::from(l)).sum();
             let start = a.min(total - 1);
             let end = (start + n).min(total);

@@ -20,8 +20,8 @@ use cairn_blocks::PinGuard;
 use cairn_cluster::{Blocks, DataError};
 
 use crate::buffers::{BlockBuf, BlockBuffers};
-use cairn_meta::{Checksums, ObjectData};
-use cairn_types::{BlockHash, BlockRef};
+use cairn_meta::{Checksums, ClassedBlock, ObjectData};
+use cairn_types::{BlockHash, BlockRef, StorageClass};
 
 use crate::error;
 
@@ -51,7 +51,7 @@ struct Hashing {
 type Block = BlockBuf;
 
 type HashTask = tokio::task::JoinHandle<(Hashing, Block)>;
-type WriteTask = tokio::task::JoinHandle<Result<(BlockRef, PinGuard), DataError>>;
+type WriteTask = tokio::task::JoinHandle<Result<(ClassedBlock, PinGuard), DataError>>;
 
 /// Block writes (fsyncs) of one request that may be in flight at once.
 const WRITES_IN_FLIGHT: usize = 2;
@@ -65,8 +65,10 @@ struct Pipeline {
     state: Option<Hashing>,
     hashing: Option<HashTask>,
     writing: std::collections::VecDeque<WriteTask>,
-    blocks: Vec<BlockRef>,
+    blocks: Vec<ClassedBlock>,
     pins: Vec<PinGuard>,
+    /// The class the blocks are written in (on a node alone, always whole).
+    class: StorageClass,
 }
 
 fn lost() -> S3Error {
@@ -110,11 +112,16 @@ impl Pipeline {
                 let mut pin = store.pin();
                 pin.add(hash);
                 store.put(&hash, &block)?;
-                let len = block.len() as u32;
-                Ok((BlockRef { hash, len }, pin))
+                let block = BlockRef {
+                    hash,
+                    len: block.len() as u32,
+                };
+                let class = StorageClass::Replicated;
+                Ok((ClassedBlock { block, class }, pin))
             })
         } else {
             // Hashed on a blocking thread, then written to the block's nodes.
+            let class = self.class;
             tokio::spawn(async move {
                 let store = blocks.store().clone();
                 let (hash, pin, block) = tokio::task::spawn_blocking(move || {
@@ -126,8 +133,15 @@ impl Pipeline {
                 .await
                 .map_err(|e| DataError::Unavailable(format!("hashing task: {e}")))?;
                 let len = block.len() as u32;
-                blocks.put(hash, bytes::Bytes::from_owner(block)).await?;
-                Ok((BlockRef { hash, len }, pin))
+                let data = bytes::Bytes::from_owner(block);
+                match class {
+                    StorageClass::Replicated => blocks.put(hash, data).await?,
+                    StorageClass::Erasure { data: k, parity: m } => {
+                        blocks.put_coded(hash, data, k, m).await?
+                    }
+                }
+                let block = BlockRef { hash, len };
+                Ok((ClassedBlock { block, class }, pin))
             })
         };
         self.writing.push_back(task);
@@ -143,7 +157,7 @@ impl Pipeline {
         Ok(())
     }
 
-    async fn finish(mut self) -> S3Result<(Hashing, Vec<BlockRef>, Vec<PinGuard>)> {
+    async fn finish(mut self) -> S3Result<(Hashing, Vec<ClassedBlock>, Vec<PinGuard>)> {
         self.advance().await?;
         while !self.writing.is_empty() {
             self.finish_write().await?;
@@ -237,6 +251,7 @@ pub async fn ingest(
     body: Option<StreamingBlob>,
     wanted: Wanted,
     limits: &Limits,
+    class: StorageClass,
 ) -> S3Result<Ingested> {
     let bs = limits.block_size;
     let mut pipe = Pipeline {
@@ -249,6 +264,7 @@ pub async fn ingest(
         writing: std::collections::VecDeque::new(),
         blocks: Vec::new(),
         pins: Vec::new(),
+        class,
     };
     // Small bodies collect in `small`; once a body outgrows the inline size it moves
     // to a block buffer from the pool.
@@ -311,7 +327,7 @@ pub async fn ingest(
     Ok(Ingested {
         size,
         md5: st.md5.finalize().into(),
-        data: ObjectData::Blocks(blocks),
+        data: ObjectData::from_blocks(blocks),
         computed: st.checksums.finalize(),
         pins,
     })

@@ -7,6 +7,11 @@
 //! re-hashes the bytes and refuses a block whose hash does not match its name, so no
 //! byte of a corrupt block is ever handed out.
 //!
+//! An erasure-coded block is kept as shards instead (`<hex>.s/<k>+<m>.<i>` next
+//! to where its whole copy would be), each file carrying its payload's BLAKE3 in
+//! its header; pins, garbage collection and the sweep treat a block's shards with
+//! the block.
+//!
 //! Everything here is blocking file I/O: async callers run it on `spawn_blocking`.
 //!
 //! Garbage collection coordinates with writers through pins: a writer pins the
@@ -20,13 +25,21 @@ use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use cairn_types::BlockHash;
+use cairn_types::{BlockHash, ShardId};
 
 /// File header: magic, format version, reserved, payload length.
 const MAGIC: &[u8; 4] = b"CRNB";
 /// Version of the block file format written by this binary.
 pub const BLOCK_FORMAT_VERSION: u8 = 1;
 const HEADER_LEN: usize = 16;
+/// A shard file's header: magic, format version, reserved, payload length, then the
+/// payload's BLAKE3 (a shard is named by its block and place, not by its bytes).
+const SHARD_MAGIC: &[u8; 4] = b"CRNS";
+pub const SHARD_FORMAT_VERSION: u8 = 1;
+const SHARD_HEADER_LEN: usize = 48;
+/// Suffix of the directory holding a block's shards, next to where its whole copy
+/// would be: `<root>/blocks/ab/<hex>.s/<k>+<m>.<i>`.
+const SHARD_DIR_SUFFIX: &str = ".s";
 /// Largest block a header may claim (the largest configurable block size).
 const MAX_BLOCK_LEN: u64 = 64 << 20;
 
@@ -226,61 +239,156 @@ impl BlockStore {
     /// Reads a whole block into `data` (replacing its contents; a buffer with room for
     /// the block is not reallocated) and verifies it against its address.
     pub fn get_into(&self, hash: &BlockHash, data: &mut Vec<u8>) -> Result<()> {
-        data.clear();
         let path = self.path_of(hash);
-        let mut f = match File::open(&path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                return Err(BlockError::NotFound(*hash));
-            }
-            Err(e) => return Err(BlockError::io("open", &path, e)),
-        };
-        let mut header = [0u8; HEADER_LEN];
-        let corrupt = |reason: String| BlockError::Corrupt {
-            hash: *hash,
-            path: path.clone(),
-            reason,
-        };
-        if let Err(e) = f.read_exact(&mut header) {
-            if e.kind() == io::ErrorKind::UnexpectedEof {
-                return Err(corrupt("file shorter than its header".into()));
-            }
-            return Err(BlockError::io("read", &path, e));
-        }
-        if &header[..4] != MAGIC {
-            return Err(corrupt("bad magic".into()));
-        }
-        if header[4] > BLOCK_FORMAT_VERSION {
-            return Err(corrupt(format!(
-                "block format version {} is newer than this binary knows ({BLOCK_FORMAT_VERSION})",
-                header[4]
-            )));
-        }
-        let len = u64::from_le_bytes(header[8..16].try_into().unwrap_or([0; 8]));
-        if len > MAX_BLOCK_LEN {
-            return Err(corrupt(format!("header claims {len} bytes")));
-        }
-        data.reserve_exact(len as usize);
-        (&mut f)
-            .take(len)
-            .read_to_end(data)
-            .map_err(|e| BlockError::io("read", &path, e))?;
-        let mut extra = [0u8; 1];
-        let longer = f
-            .read(&mut extra)
-            .map_err(|e| BlockError::io("read", &path, e))?
-            > 0;
-        if data.len() as u64 != len || longer {
-            return Err(corrupt(format!(
-                "length {}{} differs from header {len}",
-                data.len(),
-                if longer { "+" } else { "" }
-            )));
-        }
+        read_checked(&path, *hash, false, data)?;
         if BlockHash::of(data) != *hash {
-            return Err(corrupt("BLAKE3 mismatch".into()));
+            return Err(BlockError::Corrupt {
+                hash: *hash,
+                path,
+                reason: "BLAKE3 mismatch".into(),
+            });
         }
         Ok(())
+    }
+
+    /// The directory of a block's shards.
+    fn shard_dir(&self, block: &BlockHash) -> PathBuf {
+        let hex = block.to_hex();
+        self.inner
+            .blocks
+            .join(&hex[..2])
+            .join(format!("{hex}{SHARD_DIR_SUFFIX}"))
+    }
+
+    pub fn shard_path(&self, id: &ShardId) -> PathBuf {
+        self.shard_dir(&id.block).join(id.file_name())
+    }
+
+    /// Whether this shard's file is present (its content is not checked).
+    pub fn has_shard(&self, id: &ShardId) -> bool {
+        self.shard_path(id).exists()
+    }
+
+    /// Stores one shard and returns once it is durable; a shard already present is
+    /// not written again. The caller must hold a pin on the shard's block.
+    pub fn put_shard(&self, id: &ShardId, data: &[u8]) -> Result<()> {
+        let dest = self.shard_path(id);
+        if dest.exists() {
+            return Ok(());
+        }
+        let dir = self.shard_dir(&id.block);
+        if !dir.exists() {
+            fs::create_dir_all(&dir).map_err(|e| BlockError::io("create dir", &dir, e))?;
+            sync_dir(dir.parent().unwrap_or(&self.inner.blocks))?;
+        }
+        let tmp = self.inner.tmp.join(format!(
+            "{}.{}.{:016x}",
+            id.block.to_hex(),
+            id.file_name(),
+            rand::random::<u64>()
+        ));
+        let mut header = [0u8; SHARD_HEADER_LEN];
+        header[..4].copy_from_slice(SHARD_MAGIC);
+        header[4] = SHARD_FORMAT_VERSION;
+        header[8..16].copy_from_slice(&(data.len() as u64).to_le_bytes());
+        header[16..48].copy_from_slice(blake3::hash(data).as_bytes());
+        let res = write_file(&tmp, &header, data)
+            .and_then(|()| fs::rename(&tmp, &dest).map_err(|e| BlockError::io("rename", &dest, e)));
+        if let Err(e) = res {
+            let _ = fs::remove_file(&tmp);
+            return Err(e);
+        }
+        sync_dir(&dir)
+    }
+
+    /// Reads one shard into `data` and checks it against the BLAKE3 in its header.
+    pub fn get_shard_into(&self, id: &ShardId, data: &mut Vec<u8>) -> Result<()> {
+        let path = self.shard_path(id);
+        let header = read_checked(&path, id.block, true, data)?;
+        if blake3::hash(data).as_bytes()[..] != header[16..48] {
+            return Err(BlockError::Corrupt {
+                hash: id.block,
+                path,
+                reason: format!("shard {} fails its BLAKE3", id.file_name()),
+            });
+        }
+        Ok(())
+    }
+
+    /// The shards of `block` on this node.
+    pub fn shards_of(&self, block: &BlockHash) -> Result<Vec<ShardId>> {
+        let dir = self.shard_dir(block);
+        let rd = match fs::read_dir(&dir) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(BlockError::io("read dir", &dir, e)),
+        };
+        let mut out = Vec::new();
+        for entry in rd {
+            let entry = entry.map_err(|e| BlockError::io("read dir", &dir, e))?;
+            if let Some(id) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| ShardId::parse(*block, n))
+            {
+                out.push(id);
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// Moves a shard that failed its check into the quarantine (see
+    /// [`BlockStore::quarantine`]).
+    pub fn quarantine_shard(&self, id: &ShardId) -> Result<Option<PathBuf>> {
+        let name = format!("{}.{}", id.block.to_hex(), id.file_name());
+        self.quarantine_file(&self.shard_path(id), &name)
+    }
+
+    /// Removes this node's copy of a shard that its placement node is known to
+    /// hold (see [`BlockStore::remove_surplus_copy`]).
+    pub fn remove_surplus_shard(&self, id: &ShardId) -> Result<bool> {
+        let path = self.shard_path(id);
+        let removed = match fs::remove_file(&path) {
+            Ok(()) => true,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => false,
+            Err(e) => return Err(BlockError::io("remove", &path, e)),
+        };
+        // Left empty: removed (another shard written meanwhile keeps it).
+        let _ = fs::remove_dir(self.shard_dir(&id.block));
+        Ok(removed)
+    }
+
+    /// The shards on disk whose block address starts with the byte `group`.
+    pub fn list_shards_group(&self, group: u8) -> Result<Vec<ShardId>> {
+        let mut out = Vec::new();
+        let d = self.inner.blocks.join(format!("{group:02x}"));
+        let rd = match fs::read_dir(&d) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(out),
+            Err(e) => return Err(BlockError::io("read dir", &d, e)),
+        };
+        for entry in rd {
+            let entry = entry.map_err(|e| BlockError::io("read dir", &d, e))?;
+            let block = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.strip_suffix(SHARD_DIR_SUFFIX))
+                .and_then(BlockHash::from_hex);
+            if let Some(b) = block {
+                out.extend(self.shards_of(&b)?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every shard on disk.
+    pub fn list_shards(&self) -> Result<Vec<ShardId>> {
+        let mut out = Vec::new();
+        for i in 0..=255u8 {
+            out.extend(self.list_shards_group(i)?);
+        }
+        Ok(out)
     }
 
     /// Deletes the block unless it is pinned or `still_needed` says it is referenced.
@@ -296,11 +404,17 @@ impl BlockStore {
             return Ok(false);
         }
         let path = self.path_of(hash);
-        let removed = match fs::remove_file(&path) {
+        let mut removed = match fs::remove_file(&path) {
             Ok(()) => true,
             Err(e) if e.kind() == io::ErrorKind::NotFound => false,
             Err(e) => return Err(BlockError::io("remove", &path, e)),
         };
+        let dir = self.shard_dir(hash);
+        match fs::remove_dir_all(&dir) {
+            Ok(()) => removed = true,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(BlockError::io("remove", &dir, e)),
+        }
         drop(pins);
         Ok(removed)
     }
@@ -323,17 +437,20 @@ impl BlockStore {
     /// copy can be written in its place. Returns where it went, or `None` when there
     /// was no file.
     pub fn quarantine(&self, hash: &BlockHash) -> Result<Option<PathBuf>> {
-        let path = self.path_of(hash);
+        self.quarantine_file(&self.path_of(hash), &hash.to_hex())
+    }
+
+    fn quarantine_file(&self, path: &Path, name: &str) -> Result<Option<PathBuf>> {
         let dir = self.inner.root.join("quarantine");
         fs::create_dir_all(&dir).map_err(|e| BlockError::io("create", &dir, e))?;
         let stamp = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis());
-        let dest = dir.join(format!("{}.{stamp}", hash.to_hex()));
-        match fs::rename(&path, &dest) {
+        let dest = dir.join(format!("{name}.{stamp}"));
+        match fs::rename(path, &dest) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(BlockError::io("rename", &path, e)),
+            Err(e) => return Err(BlockError::io("rename", path, e)),
         }
         if let Some(parent) = path.parent() {
             sync_dir(parent)?;
@@ -372,22 +489,93 @@ impl BlockStore {
 }
 
 fn write_block_file(path: &Path, data: &[u8]) -> Result<()> {
+    let mut header = [0u8; HEADER_LEN];
+    header[..4].copy_from_slice(MAGIC);
+    header[4] = BLOCK_FORMAT_VERSION;
+    header[8..16].copy_from_slice(&(data.len() as u64).to_le_bytes());
+    write_file(path, &header, data)
+}
+
+/// Writes a new file of `header` and `data` and fsyncs it.
+fn write_file(path: &Path, header: &[u8], data: &[u8]) -> Result<()> {
     let mut f = OpenOptions::new()
         .write(true)
         .create_new(true)
         .open(path)
         .map_err(|e| BlockError::io("create", path, e))?;
-    let mut header = [0u8; HEADER_LEN];
-    header[..4].copy_from_slice(MAGIC);
-    header[4] = BLOCK_FORMAT_VERSION;
-    header[8..16].copy_from_slice(&(data.len() as u64).to_le_bytes());
-    f.write_all(&header)
+    f.write_all(header)
         .and_then(|()| f.write_all(data))
         .map_err(|e| BlockError::io("write", path, e))?;
     if unsafe_test_skip_fsync("block") {
         return Ok(());
     }
     f.sync_all().map_err(|e| BlockError::io("fsync", path, e))
+}
+
+/// Reads a block file (or, `shard`, a shard file) into `data`: checks its magic,
+/// version and length, not its hash. Returns the header (its first 16 bytes for a
+/// block, 48 for a shard).
+fn read_checked(
+    path: &Path,
+    hash: BlockHash,
+    shard: bool,
+    data: &mut Vec<u8>,
+) -> Result<[u8; SHARD_HEADER_LEN]> {
+    data.clear();
+    let mut f = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            return Err(BlockError::NotFound(hash));
+        }
+        Err(e) => return Err(BlockError::io("open", path, e)),
+    };
+    let corrupt = |reason: String| BlockError::Corrupt {
+        hash,
+        path: path.to_path_buf(),
+        reason,
+    };
+    let (magic, version, header_len) = match shard {
+        false => (MAGIC, BLOCK_FORMAT_VERSION, HEADER_LEN),
+        true => (SHARD_MAGIC, SHARD_FORMAT_VERSION, SHARD_HEADER_LEN),
+    };
+    let mut header = [0u8; SHARD_HEADER_LEN];
+    if let Err(e) = f.read_exact(&mut header[..header_len]) {
+        if e.kind() == io::ErrorKind::UnexpectedEof {
+            return Err(corrupt("file shorter than its header".into()));
+        }
+        return Err(BlockError::io("read", path, e));
+    }
+    if &header[..4] != magic {
+        return Err(corrupt("bad magic".into()));
+    }
+    if header[4] > version {
+        return Err(corrupt(format!(
+            "format version {} is newer than this binary knows ({version})",
+            header[4]
+        )));
+    }
+    let len = u64::from_le_bytes(header[8..16].try_into().unwrap_or([0; 8]));
+    if len > MAX_BLOCK_LEN {
+        return Err(corrupt(format!("header claims {len} bytes")));
+    }
+    data.reserve_exact(len as usize);
+    (&mut f)
+        .take(len)
+        .read_to_end(data)
+        .map_err(|e| BlockError::io("read", path, e))?;
+    let mut extra = [0u8; 1];
+    let longer = f
+        .read(&mut extra)
+        .map_err(|e| BlockError::io("read", path, e))?
+        > 0;
+    if data.len() as u64 != len || longer {
+        return Err(corrupt(format!(
+            "length {}{} differs from header {len}",
+            data.len(),
+            if longer { "+" } else { "" }
+        )));
+    }
+    Ok(header)
 }
 
 /// fsyncs a directory so that a rename or create inside it is durable.
@@ -523,5 +711,72 @@ mod tests {
         assert_eq!(s.get(&h).unwrap(), data);
         // The quarantine is not part of the store: listing shows the good copy once.
         assert_eq!(s.list().unwrap(), vec![h]);
+    }
+
+    #[test]
+    fn shards_are_stored_checked_listed_and_collected_with_their_block() {
+        let (_d, s) = store();
+        let block = BlockHash::of(b"the whole block");
+        let id = |index| ShardId {
+            block,
+            data: 3,
+            parity: 2,
+            index,
+        };
+        let mut pin = s.pin();
+        pin.add(block);
+        s.put_shard(&id(1), b"shard one").unwrap();
+        s.put_shard(&id(4), b"shard four").unwrap();
+        // Written again: kept as it is.
+        s.put_shard(&id(1), b"something else").unwrap();
+        let mut buf = Vec::new();
+        s.get_shard_into(&id(1), &mut buf).unwrap();
+        assert_eq!(buf, b"shard one");
+        assert!(matches!(
+            s.get_shard_into(&id(0), &mut buf),
+            Err(BlockError::NotFound(_))
+        ));
+        assert_eq!(s.shards_of(&block).unwrap(), vec![id(1), id(4)]);
+        assert_eq!(s.list_shards().unwrap(), vec![id(1), id(4)]);
+        assert!(s.list().unwrap().is_empty(), "shards are not whole blocks");
+        // A flipped byte fails the check; quarantined, it makes way for a good one.
+        let path = s.shard_path(&id(4));
+        let mut raw = std::fs::read(&path).unwrap();
+        let last = raw.len() - 1;
+        raw[last] ^= 1;
+        std::fs::write(&path, raw).unwrap();
+        let e = s.get_shard_into(&id(4), &mut buf).unwrap_err();
+        assert!(matches!(e, BlockError::Corrupt { .. }), "{e}");
+        assert!(s.quarantine_shard(&id(4)).unwrap().is_some());
+        s.put_shard(&id(4), b"shard four").unwrap();
+        s.get_shard_into(&id(4), &mut buf).unwrap();
+        assert_eq!(buf, b"shard four");
+        // A header claiming another length is refused.
+        let mut raw = std::fs::read(&path).unwrap();
+        raw.truncate(raw.len() - 2);
+        std::fs::write(&path, raw).unwrap();
+        assert!(s.get_shard_into(&id(4), &mut buf).is_err());
+        // Collected with the block (once unpinned).
+        assert!(!s.delete_unless(&block, || false).unwrap());
+        drop(pin);
+        assert!(s.delete_unless(&block, || false).unwrap());
+        assert!(s.list_shards().unwrap().is_empty());
+        assert!(!s.has_shard(&id(1)));
+    }
+
+    #[test]
+    fn a_surplus_shard_is_removed_with_its_empty_directory() {
+        let (_d, s) = store();
+        let block = BlockHash::of(b"b");
+        let id = ShardId {
+            block,
+            data: 2,
+            parity: 1,
+            index: 2,
+        };
+        s.put_shard(&id, b"x").unwrap();
+        assert!(s.remove_surplus_shard(&id).unwrap());
+        assert!(!s.remove_surplus_shard(&id).unwrap());
+        assert!(!s.shard_dir(&block).exists());
     }
 }

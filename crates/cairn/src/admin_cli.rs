@@ -60,6 +60,15 @@ pub enum ClusterCmd {
         #[command(flatten)]
         endpoint: Endpoint,
     },
+    /// Set the storage class of the buckets that name none: `replicated`, or
+    /// `EC:k+m` (each block cut into k data and m parity shards on k+m nodes; any
+    /// k give it back). Objects written before keep their class
+    SetClass {
+        #[arg(value_name = "CLASS")]
+        class: String,
+        #[command(flatten)]
+        endpoint: Endpoint,
+    },
     /// Show the cluster as the node at --admin-endpoint sees it
     Status {
         /// Print JSON
@@ -203,6 +212,19 @@ pub fn run(cmd: ClusterCmd) -> Result<()> {
                 );
                 Ok(())
             }
+            ClusterCmd::SetClass { class, endpoint } => {
+                let v = post(
+                    &endpoint,
+                    "/v1/cluster/class",
+                    serde_json::json!({ "class": class }),
+                )
+                .await?;
+                println!(
+                    "default storage class {}",
+                    v["default_class"].as_str().unwrap_or("?")
+                );
+                Ok(())
+            }
             ClusterCmd::Remove {
                 node,
                 force,
@@ -335,6 +357,49 @@ pub fn run(cmd: ClusterCmd) -> Result<()> {
                         gib("used_bytes"),
                     );
                 }
+                Ok(())
+            }
+        }
+    })
+}
+
+#[derive(Subcommand)]
+pub enum BucketCmd {
+    /// Set how BUCKET's new objects are stored: `replicated`, `EC:k+m` (each
+    /// block cut into k data and m parity shards on k+m nodes; any k give it
+    /// back), or `default` (the cluster's). Objects written before keep their class
+    SetClass {
+        #[arg(value_name = "BUCKET")]
+        bucket: String,
+        #[arg(value_name = "CLASS")]
+        class: String,
+        #[command(flatten)]
+        endpoint: Endpoint,
+    },
+}
+
+pub fn run_bucket(cmd: BucketCmd) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        match cmd {
+            BucketCmd::SetClass {
+                bucket,
+                class,
+                endpoint,
+            } => {
+                let v = post(
+                    &endpoint,
+                    "/v1/cluster/bucket-class",
+                    serde_json::json!({ "bucket": bucket, "class": class }),
+                )
+                .await?;
+                println!(
+                    "bucket {bucket}: storage class {} ({})",
+                    v["class"].as_str().unwrap_or("?"),
+                    v["effective"].as_str().unwrap_or("?")
+                );
                 Ok(())
             }
         }

@@ -50,6 +50,10 @@ enum Cmd {
     /// pause, status (through a node's admin API)
     #[command(subcommand)]
     Scrub(admin_cli::ScrubCmd),
+    /// Set a bucket's storage class (replicated or erasure-coded; through a
+    /// node's admin API)
+    #[command(subcommand)]
+    Bucket(admin_cli::BucketCmd),
     /// Start a local N-node cluster on loopback (separate `cairn serve` processes)
     /// to try cairn; writes DIR/cluster.json once it serves
     DevCluster(dev_cluster::DevClusterArgs),
@@ -294,6 +298,7 @@ fn main() -> std::process::ExitCode {
         Cmd::Bench(a) => run_bench(a),
         Cmd::Cluster(c) => admin_cli::run(c),
         Cmd::Scrub(c) => admin_cli::run_scrub(c),
+        Cmd::Bucket(c) => admin_cli::run_bucket(c),
         Cmd::DevCluster(a) => dev_cluster::run(a),
         Cmd::Chaos(a) => run_chaos(a),
     };

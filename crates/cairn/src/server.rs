@@ -465,6 +465,7 @@ impl ClusterAdmin for NodeCluster {
             "layout": {
                 "version": layout.version,
                 "replication": layout.replication,
+                "default_class": layout.default_class.to_string(),
                 "write_quorum": layout.write_quorum,
                 "copies": layout.copies(),
                 "quorum": layout.quorum(),
@@ -606,6 +607,55 @@ impl ClusterAdmin for NodeCluster {
             "quorum": layout.quorum(),
             "layout_version": layout.version,
         }))
+    }
+
+    async fn set_class(
+        &self,
+        bucket: Option<&str>,
+        class: &str,
+    ) -> Result<serde_json::Value, (http::StatusCode, String)> {
+        use http::StatusCode;
+        let parsed = match (bucket, class.trim()) {
+            (Some(_), "default") => None,
+            _ => Some(
+                class
+                    .parse::<cairn_types::StorageClass>()
+                    .map_err(|e| (StatusCode::BAD_REQUEST, e))?,
+            ),
+        };
+        let cmd = match (bucket, parsed) {
+            (Some(b), c) => cairn_meta::Command::SetBucketClass {
+                bucket: b.to_string(),
+                class: c,
+            },
+            (None, Some(c)) => cairn_meta::Command::SetDefaultClass { class: c },
+            (None, None) => return Err((StatusCode::BAD_REQUEST, "no class given".into())),
+        };
+        match self.meta.apply(cmd).await {
+            Ok(_) => {}
+            Err(cairn_meta::MetaError::Refused(msg)) => return Err((StatusCode::BAD_REQUEST, msg)),
+            Err(cairn_meta::MetaError::NoSuchBucket) => {
+                return Err((
+                    StatusCode::NOT_FOUND,
+                    format!("no bucket '{}'", bucket.unwrap_or_default()),
+                ));
+            }
+            Err(e) => return Err((StatusCode::SERVICE_UNAVAILABLE, e.to_string())),
+        }
+        let default = self.meta.layout().default_class;
+        tracing::info!(
+            bucket,
+            class,
+            "storage class set; new objects are written in it"
+        );
+        Ok(match bucket {
+            Some(b) => serde_json::json!({
+                "bucket": b,
+                "class": parsed.map(|c| c.to_string()).unwrap_or_else(|| "default".into()),
+                "effective": parsed.unwrap_or(default).to_string(),
+            }),
+            None => serde_json::json!({ "default_class": default.to_string() }),
+        })
     }
 
     async fn scrub(&self, command: &str) -> Result<serde_json::Value, (http::StatusCode, String)> {

@@ -342,17 +342,27 @@ async fn unreferenced_blocks_are_collected_after_grace() {
         got.body.collect().await.unwrap().into_bytes().to_vec(),
         keep
     );
+    // And a shard no record names (as an erasure-coded write cut short leaves).
+    let shard_owner = blake3_hex(b"orphan shard");
+    let shard_dir = data_dir
+        .join("blocks")
+        .join(&shard_owner[..2])
+        .join(format!("{shard_owner}.s"));
+    std::fs::create_dir_all(&shard_dir).unwrap();
+    std::fs::write(shard_dir.join("3+2.1"), b"whatever").unwrap();
     drop(srv);
-    // The sweep at start removes the never-named block once it is older than the grace.
+    // The sweep at start removes the never-named block and shard once they are older
+    // than the grace.
     std::thread::sleep(Duration::from_millis(1100));
     let _srv = Server::start_in(&data_dir, &["--gc-grace", "1s", "--gc-interval", "200ms"]);
     for _ in 0..100 {
-        if !orphan_path.exists() {
+        if !orphan_path.exists() && !shard_dir.exists() {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(!orphan_path.exists(), "orphan block was not swept");
+    assert!(!shard_dir.exists(), "orphan shard was not swept");
     assert_eq!(count_block_files(&data_dir), 3);
 }
 

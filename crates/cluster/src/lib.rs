@@ -15,6 +15,7 @@
 //! A node without peers, or alone in its layout, keeps every block locally: the
 //! single-node path is the same store with no network in it.
 
+pub mod coded;
 pub mod health;
 pub mod mover;
 pub mod scrub;
@@ -49,10 +50,17 @@ pub const SVC_PING: u8 = 20;
 /// A scrub command (one byte, [`scrub::ScrubCommand`]); answers the node's
 /// [`scrub::ScrubStatus`].
 pub const SVC_SCRUB: u8 = 21;
+/// Stores a shard (its name, [`coded`], then its bytes); answers the bytes' BLAKE3
+/// once fsynced.
+pub const SVC_SHARD_PUT: u8 = 22;
+/// Answers the shard named by the body, or [`NOT_FOUND`].
+pub const SVC_SHARD_GET: u8 = 23;
+/// For each shard name in the body, one byte: 1 if the shard is here.
+pub const SVC_SHARD_HAS: u8 = 24;
 
 /// Whether a service id belongs to the block layer.
 pub fn is_block_service(svc: u8) -> bool {
-    (SVC_BLOCK_PUT..=SVC_SCRUB).contains(&svc)
+    (SVC_BLOCK_PUT..=SVC_SHARD_HAS).contains(&svc)
 }
 
 /// Repairs of copies found bad or missing by reads, under way at once at most
@@ -1101,6 +1109,7 @@ impl Blocks {
                     .ok_or_else(|| "a scrub command is one byte: 0, 1 or 2".to_string())?;
                 Ok(self.inner.scrub.command(cmd).await.encode())
             }
+            SVC_SHARD_PUT | SVC_SHARD_GET | SVC_SHARD_HAS => self.handle_shard(service, body).await,
             _ => Err(format!("unknown block service {service}")),
         }
     }

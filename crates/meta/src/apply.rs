@@ -6,7 +6,7 @@
 
 use redb::{ReadableTable, Table, WriteTransaction};
 
-use cairn_types::{BlockHash, BlockRef, UnixMillis};
+use cairn_types::{BlockHash, StorageClass, UnixMillis};
 
 use crate::records::{
     BucketRecord, KeyRecord, Layout, ObjectData, ObjectRecord, PartRecord, UploadRecord, decode,
@@ -114,7 +114,32 @@ pub(crate) fn apply(tb: &mut Tables<'_>, cmd: &Command) -> Result<Outcome> {
             l.write_quorum = *write_quorum;
             Ok(())
         }),
+        Command::SetDefaultClass { class } => change_layout(tb, |l| {
+            l.check_class(*class)?;
+            l.default_class = *class;
+            Ok(())
+        }),
+        Command::SetBucketClass { bucket, class } => set_bucket_class(tb, bucket, *class),
     }
+}
+
+fn set_bucket_class(
+    tb: &mut Tables<'_>,
+    bucket: &str,
+    class: Option<StorageClass>,
+) -> Result<Outcome> {
+    let layout = read_layout(&tb.cluster)?;
+    if let Some(c) = class {
+        layout.check_class(c)?;
+    }
+    let t = &mut tb.buckets;
+    let mut rec = match t.get(bucket)? {
+        Some(v) => BucketRecord::decode(v.value())?,
+        None => return Err(MetaError::NoSuchBucket),
+    };
+    rec.class = class;
+    t.insert(bucket, encode(&rec)?.as_slice())?;
+    Ok(Outcome::Done)
 }
 
 fn require_bucket(tb: &mut Tables<'_>, bucket: &str) -> Result<()> {
@@ -130,7 +155,11 @@ fn create_bucket(tb: &mut Tables<'_>, bucket: &str, now: UnixMillis) -> Result<O
     if t.get(bucket)?.is_some() {
         return Err(MetaError::BucketAlreadyOwnedByYou);
     }
-    t.insert(bucket, encode(&BucketRecord { created: now })?.as_slice())?;
+    let rec = BucketRecord {
+        created: now,
+        class: None,
+    };
+    t.insert(bucket, encode(&rec)?.as_slice())?;
     Ok(Outcome::Done)
 }
 
@@ -201,9 +230,9 @@ fn put_object(
     let old = get_object(tb, &okey)?;
     check_condition(old.as_ref(), cond)?;
     let encoded = encode(&record)?;
-    add_refs(tb, record.data.blocks())?;
+    add_refs(tb, &record.data.hashes())?;
     if let Some(old) = &old {
-        drop_refs(tb, old.data.blocks(), record.last_modified)?;
+        drop_refs(tb, &old.data.hashes(), record.last_modified)?;
     }
     tb.objects.insert(okey.as_slice(), encoded.as_slice())?;
     Ok(())
@@ -213,7 +242,7 @@ fn delete_object(tb: &mut Tables<'_>, bucket: &str, key: &str, now: UnixMillis) 
     require_bucket(tb, bucket)?;
     let okey = keys::object(bucket, key);
     if let Some(old) = get_object(tb, &okey)? {
-        drop_refs(tb, old.data.blocks(), now)?;
+        drop_refs(tb, &old.data.hashes(), now)?;
         tb.objects.remove(okey.as_slice())?;
     }
     Ok(Outcome::Done)
@@ -264,9 +293,9 @@ fn put_part(
         v.map(|v| decode(v.value())).transpose()?
     };
     let encoded = encode(record)?;
-    add_refs(tb, record.data.blocks())?;
+    add_refs(tb, &record.data.hashes())?;
     if let Some(old) = old {
-        drop_refs(tb, old.data.blocks(), record.last_modified)?;
+        drop_refs(tb, &old.data.hashes(), record.last_modified)?;
     }
     tb.parts.insert(pkey.as_slice(), encoded.as_slice())?;
     Ok(Outcome::Done)
@@ -295,7 +324,7 @@ fn complete_upload(
     require_bucket(tb, bucket)?;
     get_upload(tb, bucket, key, upload_id)?;
     let parts = load_parts(tb, upload_id)?;
-    let mut blocks: Vec<BlockRef> = Vec::new();
+    let mut blocks = Vec::new();
     let mut size = 0u64;
     for (number, etag) in wanted {
         let part = parts
@@ -304,11 +333,11 @@ fn complete_upload(
             .map(|(_, p)| p)
             .filter(|p| p.etag == *etag)
             .ok_or(MetaError::InvalidPart(*number))?;
-        blocks.extend_from_slice(part.data.blocks());
+        blocks.extend(part.data.blocks());
         size += part.size;
     }
     record.size = size;
-    record.data = ObjectData::Blocks(blocks);
+    record.data = ObjectData::from_blocks(blocks);
     // The object takes its references before the parts drop theirs, so shared blocks
     // never pass through zero.
     put_object(tb, bucket, key, &record, cond)?;
@@ -339,7 +368,7 @@ fn remove_upload(
 ) -> Result<()> {
     for (n, p) in &parts {
         tb.parts.remove(keys::part(upload_id, *n).as_slice())?;
-        drop_refs(tb, p.data.blocks(), now)?;
+        drop_refs(tb, &p.data.hashes(), now)?;
     }
     tb.uploads
         .remove(keys::upload(bucket, key, upload_id).as_slice())?;
@@ -354,7 +383,7 @@ fn put_key(tb: &mut Tables<'_>, access_key: &str, record: &KeyRecord) -> Result<
 /// The layout as stored (the default, empty, before the first node is set).
 pub(crate) fn read_layout(t: &impl ReadableTable<&'static str, &'static [u8]>) -> Result<Layout> {
     match t.get(LAYOUT)? {
-        Some(v) => decode(v.value()),
+        Some(v) => Layout::decode(v.value()),
         None => Ok(Layout::default()),
     }
 }
@@ -374,14 +403,14 @@ fn change_layout(
     Ok(Outcome::Done)
 }
 
-fn add_refs(tb: &mut Tables<'_>, blocks: &[BlockRef]) -> Result<()> {
+fn add_refs(tb: &mut Tables<'_>, blocks: &[BlockHash]) -> Result<()> {
     if blocks.is_empty() {
         return Ok(());
     }
     let refs = &mut tb.refs;
     let gc = &mut tb.gc;
     for b in blocks {
-        let h = b.hash.0;
+        let h = b.0;
         let n = refs.get(h.as_slice())?.map(|v| v.value()).unwrap_or(0);
         refs.insert(h.as_slice(), n + 1)?;
         if n == 0 {
@@ -391,14 +420,14 @@ fn add_refs(tb: &mut Tables<'_>, blocks: &[BlockRef]) -> Result<()> {
     Ok(())
 }
 
-fn drop_refs(tb: &mut Tables<'_>, blocks: &[BlockRef], now: UnixMillis) -> Result<()> {
+fn drop_refs(tb: &mut Tables<'_>, blocks: &[BlockHash], now: UnixMillis) -> Result<()> {
     if blocks.is_empty() {
         return Ok(());
     }
     let refs = &mut tb.refs;
     let gc = &mut tb.gc;
     for b in blocks {
-        decrement(refs, gc, &b.hash, now)?;
+        decrement(refs, gc, b, now)?;
     }
     Ok(())
 }

@@ -23,6 +23,7 @@ impl quick_cache::Weighter<Vec<u8>, Arc<ObjectRecord>> for Weight {
         let data = match &val.data {
             ObjectData::Inline(d) => d.len(),
             ObjectData::Blocks(b) => b.len() * 48,
+            ObjectData::Classed(b) => b.len() * 56,
         };
         (key.len() + data + 256) as u64
     }

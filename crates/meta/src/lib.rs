@@ -26,15 +26,15 @@ mod segments;
 mod store;
 
 pub use records::{
-    BucketRecord, Checksums, DEFAULT_REPLICATION, KeyRecord, Layout, LayoutNode, NodeState,
-    ObjectData, ObjectRecord, PartRecord, RECORD_VERSION, StoredHeaders, UploadRecord,
+    BucketRecord, Checksums, ClassedBlock, DEFAULT_REPLICATION, KeyRecord, Layout, LayoutNode,
+    NodeState, ObjectData, ObjectRecord, PartRecord, RECORD_VERSION, StoredHeaders, UploadRecord,
 };
 pub use store::{
     DEFAULT_CACHE_BYTES, DEFAULT_LOG_KEEP, DEFAULT_SNAPSHOT_EVERY, ListEntry, ListPage, ListQuery,
     MetaOptions, MetaStore, UploadEntry,
 };
 
-use cairn_types::{BlockHash, UnixMillis};
+use cairn_types::{BlockHash, StorageClass, UnixMillis};
 
 /// A change to the metadata. See the crate docs.
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
@@ -110,6 +110,16 @@ pub enum Command {
         replication: u8,
         write_quorum: u8,
     },
+    /// The storage class of buckets that name none (refused if the layout cannot
+    /// place it).
+    SetDefaultClass {
+        class: StorageClass,
+    },
+    /// A bucket's storage class for its new objects (`None`: the cluster's default).
+    SetBucketClass {
+        bucket: String,
+        class: Option<StorageClass>,
+    },
 }
 
 impl Command {
@@ -120,6 +130,7 @@ impl Command {
             Command::SetLayoutNode { .. }
                 | Command::RemoveLayoutNode { .. }
                 | Command::SetReplication { .. }
+                | Command::SetDefaultClass { .. }
         )
     }
 
@@ -131,6 +142,7 @@ impl Command {
                 256 + match &record.data {
                     ObjectData::Inline(d) => d.len(),
                     ObjectData::Blocks(b) => b.len() * 40,
+                    ObjectData::Classed(b) => b.len() * 44,
                 }
             }
             _ => 256,

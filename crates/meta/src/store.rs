@@ -9,7 +9,7 @@ use openraft::storage::RaftLogStorage;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use tokio::sync::{mpsc, oneshot};
 
-use cairn_types::{BlockHash, UnixMillis};
+use cairn_types::{BlockHash, StorageClass, UnixMillis};
 
 use crate::log::LogRecord;
 use crate::raft::log_store::LogStore;
@@ -217,11 +217,21 @@ impl Shared {
             }
             Command::CreateBucket { bucket, now } => {
                 let mut b = self.buckets.write().unwrap_or_else(|p| p.into_inner());
-                b.insert(bucket.clone(), BucketRecord { created: *now });
+                let rec = BucketRecord {
+                    created: *now,
+                    class: None,
+                };
+                b.insert(bucket.clone(), rec);
             }
             Command::DeleteBucket { bucket, .. } => {
                 let mut b = self.buckets.write().unwrap_or_else(|p| p.into_inner());
                 b.remove(bucket);
+            }
+            Command::SetBucketClass { bucket, class } => {
+                let mut b = self.buckets.write().unwrap_or_else(|p| p.into_inner());
+                if let Some(rec) = b.get_mut(bucket) {
+                    rec.class = *class;
+                }
             }
             _ => {}
         }
@@ -257,7 +267,7 @@ impl Shared {
         }
         for item in txn.open_table(BUCKETS)?.iter()? {
             let (k, v) = item?;
-            buckets.insert(k.value().to_string(), decode(v.value())?);
+            buckets.insert(k.value().to_string(), BucketRecord::decode(v.value())?);
         }
         *self.keys.write().unwrap_or_else(|p| p.into_inner()) = keys;
         *self.buckets.write().unwrap_or_else(|p| p.into_inner()) = buckets;
@@ -854,6 +864,14 @@ impl MetaStore {
     }
 
     /// The bucket's record (from memory; no I/O).
+    /// The storage class a new object of `bucket` is written in: the bucket's own,
+    /// else the cluster's default (as this node last applied them).
+    pub fn class_of(&self, bucket: &str) -> StorageClass {
+        self.bucket(bucket)
+            .and_then(|b| b.class)
+            .unwrap_or_else(|| self.layout().default_class)
+    }
+
     pub fn bucket(&self, bucket: &str) -> Option<BucketRecord> {
         self.shared
             .buckets

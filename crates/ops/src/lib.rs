@@ -162,7 +162,8 @@ pub async fn collect_queue(
     Ok(stats)
 }
 
-/// Removes block files that no metadata names and that are older than `grace`.
+/// Removes block and shard files that no metadata names and that are older than
+/// `grace`.
 pub async fn sweep_orphans(
     meta: &MetaStore,
     blocks: &BlockStore,
@@ -172,21 +173,33 @@ pub async fn sweep_orphans(
     tokio::task::spawn_blocking(move || -> Result<GcStats> {
         let mut stats = GcStats::default();
         let now = SystemTime::now();
-        for h in b.list()? {
-            let old_enough = std::fs::metadata(b.path_of(&h))
+        let old_enough = |path: &std::path::Path| {
+            std::fs::metadata(path)
                 .and_then(|md| md.modified())
                 .ok()
                 .and_then(|t| now.duration_since(t).ok())
-                .is_some_and(|age| age >= grace);
-            if !old_enough {
-                continue;
+                .is_some_and(|age| age >= grace)
+        };
+        let mut candidates: Vec<BlockHash> = Vec::new();
+        for group in 0..=255u8 {
+            for h in b.list_group(group)? {
+                if old_enough(&b.path_of(&h)) {
+                    candidates.push(h);
+                }
             }
-            if b.delete_unless(&h, || {
-                m.refcount_blocking(&h).map(|n| n > 0).unwrap_or(true)
-            })? {
-                stats.removed += 1;
-            } else {
-                stats.kept += 1;
+            for id in b.list_shards_group(group)? {
+                if old_enough(&b.shard_path(&id)) && candidates.last() != Some(&id.block) {
+                    candidates.push(id.block);
+                }
+            }
+            for h in candidates.drain(..) {
+                if b.delete_unless(&h, || {
+                    m.refcount_blocking(&h).map(|n| n > 0).unwrap_or(true)
+                })? {
+                    stats.removed += 1;
+                } else {
+                    stats.kept += 1;
+                }
             }
         }
         Ok(stats)
