@@ -32,11 +32,12 @@ const MAGIC: &[u8; 4] = b"CRNB";
 /// Version of the block file format written by this binary.
 pub const BLOCK_FORMAT_VERSION: u8 = 1;
 const HEADER_LEN: usize = 16;
-/// A shard file's header: magic, format version, reserved, payload length, then the
-/// payload's BLAKE3 (a shard is named by its block and place, not by its bytes).
+/// A shard file's header: magic, format version, reserved, payload length, the
+/// payload's BLAKE3 (a shard is named by its block and place, not by its bytes),
+/// then the length of the whole block (what decoding trims the padding to).
 const SHARD_MAGIC: &[u8; 4] = b"CRNS";
 pub const SHARD_FORMAT_VERSION: u8 = 1;
-const SHARD_HEADER_LEN: usize = 48;
+const SHARD_HEADER_LEN: usize = 56;
 /// Suffix of the directory holding a block's shards, next to where its whole copy
 /// would be: `<root>/blocks/ab/<hex>.s/<k>+<m>.<i>`.
 const SHARD_DIR_SUFFIX: &str = ".s";
@@ -271,7 +272,7 @@ impl BlockStore {
 
     /// Stores one shard and returns once it is durable; a shard already present is
     /// not written again. The caller must hold a pin on the shard's block.
-    pub fn put_shard(&self, id: &ShardId, data: &[u8]) -> Result<()> {
+    pub fn put_shard(&self, id: &ShardId, block_len: u64, data: &[u8]) -> Result<()> {
         let dest = self.shard_path(id);
         if dest.exists() {
             return Ok(());
@@ -292,6 +293,7 @@ impl BlockStore {
         header[4] = SHARD_FORMAT_VERSION;
         header[8..16].copy_from_slice(&(data.len() as u64).to_le_bytes());
         header[16..48].copy_from_slice(blake3::hash(data).as_bytes());
+        header[48..56].copy_from_slice(&block_len.to_le_bytes());
         let res = write_file(&tmp, &header, data)
             .and_then(|()| fs::rename(&tmp, &dest).map_err(|e| BlockError::io("rename", &dest, e)));
         if let Err(e) = res {
@@ -301,8 +303,9 @@ impl BlockStore {
         sync_dir(&dir)
     }
 
-    /// Reads one shard into `data` and checks it against the BLAKE3 in its header.
-    pub fn get_shard_into(&self, id: &ShardId, data: &mut Vec<u8>) -> Result<()> {
+    /// Reads one shard into `data` and checks it against the BLAKE3 in its header;
+    /// returns the length of the whole block.
+    pub fn get_shard_into(&self, id: &ShardId, data: &mut Vec<u8>) -> Result<u64> {
         let path = self.shard_path(id);
         let header = read_checked(&path, id.block, true, data)?;
         if blake3::hash(data).as_bytes()[..] != header[16..48] {
@@ -312,7 +315,15 @@ impl BlockStore {
                 reason: format!("shard {} fails its BLAKE3", id.file_name()),
             });
         }
-        Ok(())
+        let block_len = u64::from_le_bytes(header[48..56].try_into().unwrap_or([0; 8]));
+        if block_len > MAX_BLOCK_LEN {
+            return Err(BlockError::Corrupt {
+                hash: id.block,
+                path,
+                reason: format!("shard header claims a block of {block_len} bytes"),
+            });
+        }
+        Ok(block_len)
     }
 
     /// The shards of `block` on this node.
@@ -514,7 +525,7 @@ fn write_file(path: &Path, header: &[u8], data: &[u8]) -> Result<()> {
 
 /// Reads a block file (or, `shard`, a shard file) into `data`: checks its magic,
 /// version and length, not its hash. Returns the header (its first 16 bytes for a
-/// block, 48 for a shard).
+/// block, 56 for a shard).
 fn read_checked(
     path: &Path,
     hash: BlockHash,
@@ -725,12 +736,12 @@ mod tests {
         };
         let mut pin = s.pin();
         pin.add(block);
-        s.put_shard(&id(1), b"shard one").unwrap();
-        s.put_shard(&id(4), b"shard four").unwrap();
+        s.put_shard(&id(1), 9, b"shard one").unwrap();
+        s.put_shard(&id(4), 9, b"shard four").unwrap();
         // Written again: kept as it is.
-        s.put_shard(&id(1), b"something else").unwrap();
+        s.put_shard(&id(1), 9, b"something else").unwrap();
         let mut buf = Vec::new();
-        s.get_shard_into(&id(1), &mut buf).unwrap();
+        assert_eq!(s.get_shard_into(&id(1), &mut buf).unwrap(), 9);
         assert_eq!(buf, b"shard one");
         assert!(matches!(
             s.get_shard_into(&id(0), &mut buf),
@@ -748,7 +759,7 @@ mod tests {
         let e = s.get_shard_into(&id(4), &mut buf).unwrap_err();
         assert!(matches!(e, BlockError::Corrupt { .. }), "{e}");
         assert!(s.quarantine_shard(&id(4)).unwrap().is_some());
-        s.put_shard(&id(4), b"shard four").unwrap();
+        s.put_shard(&id(4), 9, b"shard four").unwrap();
         s.get_shard_into(&id(4), &mut buf).unwrap();
         assert_eq!(buf, b"shard four");
         // A header claiming another length is refused.
@@ -774,7 +785,7 @@ mod tests {
             parity: 1,
             index: 2,
         };
-        s.put_shard(&id, b"x").unwrap();
+        s.put_shard(&id, 1, b"xx").unwrap();
         assert!(s.remove_surplus_shard(&id).unwrap());
         assert!(!s.remove_surplus_shard(&id).unwrap());
         assert!(!s.shard_dir(&block).exists());

@@ -1758,7 +1758,7 @@ fn an_erasure_coded_bucket_reads_through_two_lost_shards() {
         }
     });
     // Five shards on five nodes, one each, each a third of the block (rounded up
-    // to even) plus its 48-byte header; no whole copy anywhere.
+    // to even) plus its 56-byte header; no whole copy anywhere.
     // (The fifth may still be on its way: a write returns after four.)
     eventually(Duration::from_secs(20), || {
         let n = shard_files(&dev, 5, &objs[0]).len();
@@ -1776,7 +1776,7 @@ fn an_erasure_coded_bucket_reads_through_two_lost_shards() {
     for s in &shards {
         assert_eq!(
             std::fs::metadata(&s.2).unwrap().len() as usize,
-            48 + shard_len
+            56 + shard_len
         );
     }
     for i in 0..5 {
@@ -1814,6 +1814,22 @@ fn an_erasure_coded_bucket_reads_through_two_lost_shards() {
             ),
         }
     });
+    // A byte flipped in a shard of e1's first block: scrub finds it, quarantines
+    // it and rebuilds it from the other shards.
+    let first = &objs[1][..4 << 20];
+    let victim = shard_files(&dev, 5, first).remove(0);
+    let good = std::fs::read(&victim.2).unwrap();
+    flip_byte(&victim.2);
+    scrub_cmd(&dev, &["start"]);
+    eventually(Duration::from_secs(60), || {
+        let st = scrub_status(&dev, 5);
+        let repaired: u64 = st.iter().map(|n| n["repaired"].as_u64().unwrap_or(0)).sum();
+        let done = st.iter().all(|n| n["running"] == false);
+        match done && repaired == 1 && std::fs::read(&victim.2).ok() == Some(good.clone()) {
+            true => Ok(()),
+            false => Err(format!("the flipped shard was not rebuilt: {st:?}")),
+        }
+    });
     // One node down: writes go on (four shards), reads too. Two down: reads go on,
     // a write (needing four live nodes) is refused with 503.
     let leader = dev.leader();
@@ -1841,5 +1857,50 @@ fn an_erasure_coded_bucket_reads_through_two_lost_shards() {
             .await
             .unwrap_err();
         assert_eq!(err_of(&e).1, 503, "{e:?}");
+    });
+}
+
+/// A node of six removed from under an EC:3+2 bucket: its shards move to the nodes
+/// placement now names before it leaves; each block then has its five shards on
+/// five distinct remaining nodes and reads back whole.
+#[test]
+fn a_drained_node_takes_its_shards_to_their_new_places() {
+    let dev = Dev::start(6, 3, &["--move-interval=1s"]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let c: Vec<_> = (0..6).map(|i| dev.client(i)).collect();
+    rt.block_on(async {
+        c[0].create_bucket().bucket("bkt").send().await.unwrap();
+    });
+    let out = set_class(&dev, "bkt", "EC:3+2");
+    assert!(out.status.success(), "{out:?}");
+    rt.block_on(async {
+        for i in 0..20 {
+            put(&c[i % 6], &format!("k{i}"), &object(i)).await;
+        }
+    });
+    let on_5 = (0..20)
+        .filter(|k| shard_files(&dev, 6, &object(*k)).iter().any(|s| s.0 == 5))
+        .count();
+    assert!(on_5 > 5, "node 5 held shards of only {on_5} of 20 blocks");
+    let gone = dev.node(5)["id"].as_str().unwrap().to_string();
+    dev.cluster_ok(&["remove", &gone]);
+    wait_until_left(&dev, 0, 5);
+    for k in 0..20 {
+        let shards = shard_files(&dev, 6, &object(k));
+        let nodes: HashSet<usize> = shards.iter().map(|s| s.0).collect();
+        assert_eq!(
+            shards.iter().map(|s| s.1).collect::<Vec<_>>(),
+            [0, 1, 2, 3, 4],
+            "k{k}: {shards:?}"
+        );
+        assert_eq!(nodes.len(), 5, "k{k}: {shards:?}");
+        assert!(!nodes.contains(&5), "k{k}: {shards:?}");
+    }
+    rt.block_on(async {
+        for cu in &c[..5] {
+            for k in 0..20 {
+                assert_eq!(get(cu, &format!("k{k}")).await, object(k));
+            }
+        }
     });
 }

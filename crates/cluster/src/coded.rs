@@ -164,23 +164,25 @@ impl Placed {
 
 impl Blocks {
     /// Stores one shard on `node`.
-    async fn put_shard_to(
+    pub(crate) async fn put_shard_to(
         &self,
         placed: &Placed,
         node: u64,
         id: ShardId,
+        block_len: u64,
         data: Bytes,
         sum: [u8; 32],
     ) -> Result<(), DataError> {
         if node == self.inner.me {
             let local = self.inner.local.clone();
-            return tokio::task::spawn_blocking(move || local.put_shard(&id, &data))
+            return tokio::task::spawn_blocking(move || local.put_shard(&id, block_len, &data))
                 .await
                 .map_err(task_failed)?
                 .map_err(DataError::Block);
         }
-        let mut body = Vec::with_capacity(SHARD_ID_LEN + data.len());
+        let mut body = Vec::with_capacity(SHARD_ID_LEN + 8 + data.len());
         body.extend_from_slice(&id_bytes(&id));
+        body.extend_from_slice(&block_len.to_le_bytes());
         body.extend_from_slice(&data);
         let answer = self
             .call(placed, node, SVC_SHARD_PUT, Bytes::from(body))
@@ -215,6 +217,7 @@ impl Blocks {
                 targets.len()
             )));
         }
+        let data_len = data.len();
         let shards = tokio::task::spawn_blocking(move || -> Result<_, DataError> {
             let shards = split(&data, k, m)?;
             Ok(shards
@@ -227,10 +230,11 @@ impl Blocks {
         })
         .await
         .map_err(task_failed)??;
+        let block_len = data_len as u64;
         let (tx, rx) = tokio::sync::oneshot::channel();
         let this = self.clone();
         tokio::spawn(async move {
-            this.write_shards(placed, hash, k, m, targets, shards, tx)
+            this.write_shards(placed, hash, block_len, k, m, targets, shards, tx)
                 .await
         });
         rx.await
@@ -245,6 +249,7 @@ impl Blocks {
         &self,
         placed: Arc<Placed>,
         hash: BlockHash,
+        block_len: u64,
         k: usize,
         m: usize,
         targets: Vec<u64>,
@@ -272,7 +277,9 @@ impl Blocks {
             };
             let (data, sum) = shards[i].clone();
             async move {
-                let res = this.put_shard_to(&placed, node, id, data, sum).await;
+                let res = this
+                    .put_shard_to(&placed, node, id, block_len, data, sum)
+                    .await;
                 (i, node, res)
             }
         };
@@ -326,23 +333,24 @@ impl Blocks {
         }
     }
 
-    /// Reads one shard from `node` (this one from disk).
-    async fn get_shard_from(
+    /// Reads one shard from `node` (this one from disk): the block's length and
+    /// the shard's bytes.
+    pub(crate) async fn get_shard_from(
         &self,
         placed: &Placed,
         node: u64,
         id: ShardId,
-    ) -> Result<Bytes, RpcError> {
+    ) -> Result<(u64, Bytes), RpcError> {
         if node == self.inner.me {
             let local = self.inner.local.clone();
             let res = tokio::task::spawn_blocking(move || {
                 let mut buf = Vec::new();
-                local.get_shard_into(&id, &mut buf).map(|()| buf)
+                local.get_shard_into(&id, &mut buf).map(|n| (n, buf))
             })
             .await
             .map_err(|e| RpcError::Remote(e.to_string()))?;
             return match res {
-                Ok(b) => Ok(Bytes::from(b)),
+                Ok((n, b)) => Ok((n, Bytes::from(b))),
                 Err(BlockError::NotFound(_)) => Err(RpcError::Remote(NOT_FOUND.into())),
                 Err(e) => {
                     tracing::error!(error = %e, "a local shard failed its check; it is quarantined");
@@ -352,13 +360,21 @@ impl Blocks {
                 }
             };
         }
-        self.call(
-            placed,
-            node,
-            SVC_SHARD_GET,
-            Bytes::copy_from_slice(&id_bytes(&id)),
-        )
-        .await
+        let answer = self
+            .call(
+                placed,
+                node,
+                SVC_SHARD_GET,
+                Bytes::copy_from_slice(&id_bytes(&id)),
+            )
+            .await?;
+        if answer.len() < 8 {
+            return Err(RpcError::Remote(format!(
+                "node {node:016x} sent a shard without its header"
+            )));
+        }
+        let n = u64::from_le_bytes(answer[..8].try_into().unwrap_or([0; 8]));
+        Ok((n, answer.slice(8..)))
     }
 
     /// Which shards of the block (EC:k+m) each node other than `skip` holds.
@@ -508,12 +524,15 @@ impl Blocks {
                 Some((i, node, took, res)) = running.next() => {
                     let own = targets.get(i) == Some(&node);
                     match res {
-                        Ok(shard) if got[i].is_none() => {
+                        Ok((n, shard)) if got[i].is_none() && n == u64::from(len) => {
                             if node != self.inner.me {
                                 lock(&self.inner.latencies).record(took);
                             }
                             got[i] = Some(shard);
                             have += 1;
+                        }
+                        Ok((n, _)) if n != u64::from(len) => {
+                            errors.push(format!("node {node:016x} shard {i}: for a block of {n} bytes, not {len}"));
                         }
                         Ok(_) => {}
                         Err(RpcError::Remote(e)) => {
@@ -599,6 +618,7 @@ impl Blocks {
         tokio::spawn(async move {
             let _permit = permit;
             let targets = placed.shard_nodes(&hash, k + m);
+            let block_len = block.len() as u64;
             let shards = match tokio::task::spawn_blocking(move || split(&block, k, m)).await {
                 Ok(Ok(s)) => s,
                 _ => return,
@@ -619,7 +639,10 @@ impl Blocks {
                     let local = this.inner.local.clone();
                     let _ = tokio::task::spawn_blocking(move || local.quarantine_shard(&id)).await;
                 }
-                match this.put_shard_to(&placed, node, id, data, sum).await {
+                match this
+                    .put_shard_to(&placed, node, id, block_len, data, sum)
+                    .await
+                {
                     Ok(()) => {
                         metrics::counter!("cairn_read_repairs_total").increment(1);
                         tracing::info!(node = format!("{node:016x}"), block = %hash, shard = i, "read repair: a shard was rebuilt");
@@ -630,6 +653,57 @@ impl Blocks {
                 }
             }
         });
+    }
+
+    /// Moves this node's shard (found bad) to the quarantine and rebuilds it from
+    /// the block's other shards. Fails when fewer than `k` good ones can be read.
+    pub async fn replace_local_shard(&self, id: ShardId) -> Result<(), DataError> {
+        let local = self.inner.local.clone();
+        tokio::task::spawn_blocking(move || local.quarantine_shard(&id))
+            .await
+            .map_err(task_failed)?
+            .map_err(DataError::Block)?;
+        let (k, m) = (usize::from(id.data), usize::from(id.parity));
+        let placed = self.placed();
+        // The block's length, from any other shard's header.
+        let mut len = None;
+        for (i, node) in self
+            .find_shards(&placed, id.block, k, m, &HashSet::new())
+            .await
+        {
+            if i == usize::from(id.index) {
+                continue;
+            }
+            let other = ShardId {
+                index: i as u8,
+                ..id
+            };
+            if let Ok((n, _)) = self.get_shard_from(&placed, node, other).await {
+                len = Some(n);
+                break;
+            }
+        }
+        let len = len.ok_or_else(|| {
+            DataError::Unavailable("no other shard of the block could be read".into())
+        })?;
+        let len32 = u32::try_from(len)
+            .map_err(|_| DataError::Unavailable(format!("a block of {len} bytes")))?;
+        let block = self
+            .read_coded(id.block, len32, id.data, id.parity, Box::new(Vec::new()))
+            .await?;
+        let i = usize::from(id.index);
+        let shard = tokio::task::spawn_blocking(move || split(&block, k, m).map(|s| s[i].clone()))
+            .await
+            .map_err(task_failed)??;
+        let local = self.inner.local.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut pin = local.pin();
+            pin.add(id.block);
+            local.put_shard(&id, len, &shard)
+        })
+        .await
+        .map_err(task_failed)?
+        .map_err(DataError::Block)
     }
 
     /// Serves the shard RPCs.
@@ -646,13 +720,21 @@ impl Blocks {
                     .acquire()
                     .await
                     .map_err(|_| "shutting down".to_string())?;
+                if body.len() < SHARD_ID_LEN + 8 {
+                    return Err("a shard write carries the block's length".into());
+                }
+                let block_len = u64::from_le_bytes(
+                    body[SHARD_ID_LEN..SHARD_ID_LEN + 8]
+                        .try_into()
+                        .unwrap_or([0; 8]),
+                );
                 let local = self.inner.local.clone();
                 let (sum, pin) = tokio::task::spawn_blocking(move || {
-                    let data = &body[SHARD_ID_LEN..];
+                    let data = &body[SHARD_ID_LEN + 8..];
                     let mut pin = local.pin();
                     pin.add(id.block);
                     local
-                        .put_shard(&id, data)
+                        .put_shard(&id, block_len, data)
                         .map(|()| (BlockHash::of(data).0, pin))
                 })
                 .await
@@ -662,13 +744,25 @@ impl Blocks {
                     e.to_string()
                 })?;
                 self.pin_recent(pin);
+                let n = usize::from(id.data) + usize::from(id.parity);
+                let place = self.placed().shard_nodes(&id.block, n);
+                if place.get(usize::from(id.index)) != Some(&self.inner.me) {
+                    self.inner
+                        .misplaced
+                        .store(true, std::sync::atomic::Ordering::Relaxed);
+                }
                 Ok(Bytes::copy_from_slice(&sum))
             }
             SVC_SHARD_GET => {
                 let id = id_from(&body).ok_or_else(|| "not a valid shard name".to_string())?;
                 let placed = self.placed();
                 match self.get_shard_from(&placed, self.inner.me, id).await {
-                    Ok(b) => Ok(b),
+                    Ok((n, b)) => {
+                        let mut out = Vec::with_capacity(8 + b.len());
+                        out.extend_from_slice(&n.to_le_bytes());
+                        out.extend_from_slice(&b);
+                        Ok(Bytes::from(out))
+                    }
                     Err(RpcError::Remote(e)) => Err(e),
                     Err(e) => Err(e.to_string()),
                 }

@@ -40,7 +40,7 @@ use futures::StreamExt;
 
 use cairn_blocks::BlockError;
 use cairn_meta::{MetaStore, NodeState};
-use cairn_types::BlockHash;
+use cairn_types::{BlockHash, ShardId};
 
 use crate::{Blocks, Placed, lock};
 
@@ -271,7 +271,11 @@ impl Mover {
         // One directory at a time, stopping at the first block: bounded memory.
         let empty = tokio::task::spawn_blocking(move || {
             (0..=255u8).try_fold(true, |empty, g| {
-                Ok::<_, BlockError>(empty && store.list_group(g)?.is_empty())
+                Ok::<_, BlockError>(
+                    empty
+                        && store.list_group(g)?.is_empty()
+                        && store.list_shards_group(g)?.is_empty(),
+                )
             })
         })
         .await
@@ -349,6 +353,19 @@ impl Mover {
             };
             for chunk in hashes.chunks(CHUNK) {
                 left += self.chunk(placed, chunk, full, &throttle).await;
+            }
+            let store = self.blocks.store().clone();
+            match tokio::task::spawn_blocking(move || store.list_shards_group(group)).await {
+                Ok(Ok(shards)) => {
+                    for chunk in shards.chunks(CHUNK) {
+                        left += self.shards(placed, chunk, &throttle).await;
+                    }
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "listing shards failed; the mover retries later");
+                    left += 1;
+                }
+                Err(_) => break,
             }
             cur.next += 1;
             lock(&self.progress).groups_done = cur.next;
@@ -484,6 +501,113 @@ impl Mover {
             .collect::<Vec<bool>>()
             .await;
         left + results.into_iter().filter(|done| !done).count() as u64
+    }
+
+    /// Takes each shard held here but placed on another node to that node (and
+    /// removes it here once that node has it); removes shards of blocks no record
+    /// names. Returns how many could not be completed.
+    async fn shards(
+        &self,
+        placed: &Arc<Placed>,
+        ids: &[ShardId],
+        throttle: &Arc<Mutex<Throttle>>,
+    ) -> u64 {
+        let me = self.blocks.node_id();
+        lock(&self.progress).blocks_checked += ids.len() as u64;
+        let mut work: Vec<(ShardId, u64)> = Vec::new();
+        let mut left = 0u64;
+        for id in ids {
+            let n = usize::from(id.data) + usize::from(id.parity);
+            match placed.shard_nodes(&id.block, n).get(usize::from(id.index)) {
+                Some(&node) if node == me => {}
+                Some(&node) => work.push((*id, node)),
+                None => left += 1, // too few nodes to place it now
+            }
+        }
+        if work.is_empty() {
+            return left;
+        }
+        let (meta, asked) = (
+            self.meta.clone(),
+            work.iter().map(|(id, _)| id.block).collect::<Vec<_>>(),
+        );
+        let refs = tokio::task::spawn_blocking(move || meta.refcounts_blocking(&asked))
+            .await
+            .ok()
+            .and_then(|r| r.ok());
+        for (i, (id, node)) in work.into_iter().enumerate() {
+            if refs.as_ref().is_some_and(|r| r.get(i) == Some(&0)) {
+                if !self.drop_unnamed(id.block).await {
+                    left += 1;
+                }
+                continue;
+            }
+            if !self.move_shard(placed, id, node, throttle).await {
+                left += 1;
+            }
+        }
+        left
+    }
+
+    /// Sends one shard to `node` unless it has it, then removes it here.
+    async fn move_shard(
+        &self,
+        placed: &Arc<Placed>,
+        id: ShardId,
+        node: u64,
+        throttle: &Arc<Mutex<Throttle>>,
+    ) -> bool {
+        match self.blocks.has_shards(placed, node, &[id]).await {
+            Ok(has) if has.first() == Some(&true) => {}
+            Ok(_) => {
+                let store = self.blocks.store().clone();
+                let read = tokio::task::spawn_blocking(move || {
+                    let mut buf = Vec::new();
+                    store.get_shard_into(&id, &mut buf).map(|n| (n, buf))
+                })
+                .await;
+                let (block_len, data) = match read {
+                    Ok(Ok((n, d))) => (n, Bytes::from(d)),
+                    Ok(Err(BlockError::NotFound(_))) => return true, // collected meanwhile
+                    Ok(Err(e)) => {
+                        tracing::error!(error = %e, "a shard to move failed its check; left for the scrub");
+                        return false;
+                    }
+                    Err(_) => return false,
+                };
+                let len = data.len() as u64;
+                let sum = BlockHash::of(&data).0;
+                if let Err(e) = self
+                    .blocks
+                    .put_shard_to(placed, node, id, block_len, data, sum)
+                    .await
+                {
+                    tracing::debug!(node = format!("{node:016x}"), error = %e, "moving a shard to its place failed; retried later");
+                    return false;
+                }
+                {
+                    let mut p = lock(&self.progress);
+                    p.blocks_copied += 1;
+                    p.bytes_copied += len;
+                }
+                metrics::counter!("cairn_mover_bytes_copied_total").increment(len);
+                let pause = lock(throttle).pause(len);
+                if !pause.is_zero() {
+                    tokio::time::sleep(pause).await;
+                }
+            }
+            Err(_) => return false,
+        }
+        let store = self.blocks.store().clone();
+        match tokio::task::spawn_blocking(move || store.remove_surplus_shard(&id)).await {
+            Ok(Ok(removed)) => {
+                if removed {
+                    lock(&self.progress).blocks_removed += 1;
+                }
+                true
+            }
+            _ => false,
+        }
     }
 
     /// Removes this node's copy of a block no record names, held outside its

@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use cairn_blocks::BlockError;
-use cairn_types::BlockHash;
+use cairn_types::{BlockHash, ShardId};
 use serde::{Deserialize, Serialize};
 
 use crate::{Blocks, lock};
@@ -311,21 +311,34 @@ impl Scrub {
                     }
                     Err(_) => return,
                 };
-                read += n;
-                {
-                    let mut st = lock(&self.state);
-                    st.blocks_checked += 1;
-                    st.bytes_checked += n;
+                self.checked(n, &mut read, started, settings).await;
+            }
+            let s = store.clone();
+            let shards = tokio::task::spawn_blocking(move || s.list_shards_group(group as u8))
+                .await
+                .ok()
+                .and_then(|r| r.ok())
+                .unwrap_or_default();
+            for id in shards {
+                if lock(&self.state).paused || *stop.borrow() {
+                    return;
                 }
-                metrics::counter!("cairn_scrub_blocks_checked_total").increment(1);
-                metrics::counter!("cairn_scrub_bytes_checked_total").increment(n);
-                if settings.rate > 0 {
-                    let due = Duration::from_secs_f64(read as f64 / settings.rate as f64);
-                    let ahead = due.saturating_sub(started.elapsed());
-                    if !ahead.is_zero() {
-                        tokio::time::sleep(ahead).await;
+                let s = store.clone();
+                let res = tokio::task::spawn_blocking(move || {
+                    let mut buf = Vec::new();
+                    s.get_shard_into(&id, &mut buf).map(|_| buf.len() as u64)
+                })
+                .await;
+                let n = match res {
+                    Ok(Ok(n)) => n,
+                    Ok(Err(BlockError::NotFound(_))) => continue,
+                    Ok(Err(e)) => {
+                        self.bad_shard(blocks, id, &e).await;
+                        0
                     }
-                }
+                    Err(_) => return,
+                };
+                self.checked(n, &mut read, started, settings).await;
             }
             let st = {
                 let mut st = lock(&self.state);
@@ -338,12 +351,43 @@ impl Scrub {
         }
     }
 
+    /// Counts one file checked (`n` bytes; `read` in this pass so far), then waits
+    /// as long as the rate asks.
+    async fn checked(&self, n: u64, read: &mut u64, started: Instant, settings: &ScrubSettings) {
+        *read += n;
+        {
+            let mut st = lock(&self.state);
+            st.blocks_checked += 1;
+            st.bytes_checked += n;
+        }
+        metrics::counter!("cairn_scrub_blocks_checked_total").increment(1);
+        metrics::counter!("cairn_scrub_bytes_checked_total").increment(n);
+        if settings.rate > 0 {
+            let due = Duration::from_secs_f64(*read as f64 / settings.rate as f64);
+            let ahead = due.saturating_sub(started.elapsed());
+            if !ahead.is_zero() {
+                tokio::time::sleep(ahead).await;
+            }
+        }
+    }
+
     /// A copy failed its check: quarantined, and fetched again from another node.
     async fn bad_copy(&self, blocks: &Blocks, hash: BlockHash, e: &BlockError) {
         tracing::error!(block = %hash, error = %e, "scrub: a block copy failed its check");
+        let repaired = blocks.replace_local_copy(hash).await;
+        self.count_repair(hash, repaired);
+    }
+
+    /// A shard failed its check: quarantined, and rebuilt from the block's others.
+    async fn bad_shard(&self, blocks: &Blocks, id: ShardId, e: &BlockError) {
+        tracing::error!(shard = ?id, error = %e, "scrub: a shard failed its check");
+        let repaired = blocks.replace_local_shard(id).await;
+        self.count_repair(id.block, repaired);
+    }
+
+    fn count_repair(&self, hash: BlockHash, repaired: Result<(), crate::DataError>) {
         metrics::counter!("cairn_scrub_corrupt_total").increment(1);
         lock(&self.state).corrupt += 1;
-        let repaired = blocks.replace_local_copy(hash).await;
         let mut st = lock(&self.state);
         match repaired {
             Ok(()) => {
