@@ -1885,22 +1885,103 @@ fn a_drained_node_takes_its_shards_to_their_new_places() {
     let gone = dev.node(5)["id"].as_str().unwrap().to_string();
     dev.cluster_ok(&["remove", &gone]);
     wait_until_left(&dev, 0, 5);
-    for k in 0..20 {
-        let shards = shard_files(&dev, 6, &object(k));
-        let nodes: HashSet<usize> = shards.iter().map(|s| s.0).collect();
-        assert_eq!(
-            shards.iter().map(|s| s.1).collect::<Vec<_>>(),
-            [0, 1, 2, 3, 4],
-            "k{k}: {shards:?}"
-        );
-        assert_eq!(nodes.len(), 5, "k{k}: {shards:?}");
-        assert!(!nodes.contains(&5), "k{k}: {shards:?}");
-    }
+    // The others' shards that the new layout places elsewhere move too.
+    eventually(Duration::from_secs(60), || {
+        for k in 0..20 {
+            let shards = shard_files(&dev, 6, &object(k));
+            let nodes: HashSet<usize> = shards.iter().map(|s| s.0).collect();
+            let indices: Vec<u8> = shards.iter().map(|s| s.1).collect();
+            if indices != [0, 1, 2, 3, 4] || nodes.len() != 5 || nodes.contains(&5) {
+                return Err(format!("k{k}: {shards:?}"));
+            }
+        }
+        Ok(())
+    });
     rt.block_on(async {
         for cu in &c[..5] {
             for k in 0..20 {
                 assert_eq!(get(cu, &format!("k{k}")).await, object(k));
             }
+        }
+    });
+}
+
+/// Index → number of live copies of each shard of the block `data` (nodes of
+/// `skip` left out).
+fn shard_census(dev: &Dev, nodes: usize, data: &[u8], skip: &[usize]) -> Vec<usize> {
+    let mut n = vec![0; 5];
+    for s in shard_files(dev, nodes, data) {
+        if !skip.contains(&s.0) {
+            n[usize::from(s.1)] += 1;
+        }
+    }
+    n
+}
+
+/// EC:3+2 repair: a shard file gone from its node is rebuilt there by the next
+/// check; the shards of a node down past `repair_after` are rebuilt from the
+/// others on stand-ins (the blocks have five live shards again), and once the
+/// node is back the stand-ins are dropped (one shard of each index left).
+#[test]
+fn lost_shards_are_rebuilt_and_stand_ins_go_when_the_node_returns() {
+    let mut dev = Dev::start(
+        6,
+        3,
+        &[
+            "--move-interval=1s",
+            "--repair-after=2s",
+            "--repair-interval=2s",
+        ],
+    );
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let c: Vec<_> = (0..6).map(|i| dev.client(i)).collect();
+    rt.block_on(async {
+        c[0].create_bucket().bucket("bkt").send().await.unwrap();
+    });
+    let out = set_class(&dev, "bkt", "EC:3+2");
+    assert!(out.status.success(), "{out:?}");
+    rt.block_on(async {
+        for i in 0..12 {
+            put(&c[i % 6], &format!("k{i}"), &object(i)).await;
+        }
+    });
+    eventually(Duration::from_secs(20), || {
+        match (0..12).all(|k| shard_census(&dev, 6, &object(k), &[]) == [1; 5]) {
+            true => Ok(()),
+            false => Err("the writes' fifth shards did not arrive".into()),
+        }
+    });
+    let lost = shard_files(&dev, 6, &object(0)).remove(2);
+    std::fs::remove_file(&lost.2).unwrap();
+    eventually(Duration::from_secs(30), || match lost.2.exists() {
+        true => Ok(()),
+        false => Err("a deleted shard was not rebuilt".into()),
+    });
+    let leader = dev.leader();
+    let victim = (0..6).find(|i| *i != leader).unwrap();
+    dev.kill9(victim);
+    eventually(Duration::from_secs(60), || {
+        for k in 0..12 {
+            let n = shard_census(&dev, 6, &object(k), &[victim]);
+            if n.contains(&0) {
+                return Err(format!("k{k}: live shards {n:?}"));
+            }
+        }
+        Ok(())
+    });
+    dev.restart(victim);
+    eventually(Duration::from_secs(60), || {
+        for k in 0..12 {
+            let n = shard_census(&dev, 6, &object(k), &[]);
+            if n != [1; 5] {
+                return Err(format!("k{k}: shards {n:?}"));
+            }
+        }
+        Ok(())
+    });
+    rt.block_on(async {
+        for k in 0..12 {
+            assert_eq!(get(&c[victim], &format!("k{k}")).await, object(k));
         }
     });
 }

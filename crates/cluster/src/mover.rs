@@ -358,7 +358,7 @@ impl Mover {
             match tokio::task::spawn_blocking(move || store.list_shards_group(group)).await {
                 Ok(Ok(shards)) => {
                     for chunk in shards.chunks(CHUNK) {
-                        left += self.shards(placed, chunk, &throttle).await;
+                        left += self.shards(placed, chunk, full, &throttle).await;
                     }
                 }
                 Ok(Err(e)) => {
@@ -510,19 +510,24 @@ impl Mover {
         &self,
         placed: &Arc<Placed>,
         ids: &[ShardId],
+        full: bool,
         throttle: &Arc<Mutex<Throttle>>,
     ) -> u64 {
         let me = self.blocks.node_id();
         lock(&self.progress).blocks_checked += ids.len() as u64;
         let mut work: Vec<(ShardId, u64)> = Vec::new();
+        let mut home: Vec<ShardId> = Vec::new();
         let mut left = 0u64;
         for id in ids {
             let n = usize::from(id.data) + usize::from(id.parity);
             match placed.shard_nodes(&id.block, n).get(usize::from(id.index)) {
-                Some(&node) if node == me => {}
+                Some(&node) if node == me => home.push(*id),
                 Some(&node) => work.push((*id, node)),
                 None => left += 1, // too few nodes to place it now
             }
+        }
+        if full && !home.is_empty() {
+            self.check_stripes(placed, &home, throttle).await;
         }
         if work.is_empty() {
             return left;
@@ -547,6 +552,167 @@ impl Mover {
             }
         }
         left
+    }
+
+    /// For the stripes of which this node holds a shard at home: asks the other
+    /// shard nodes (and, for those down past `repair_after`, their stand-ins: the
+    /// next nodes in the block's preference order that are no shard node) which
+    /// shards they hold. The holder of the lowest shard present rebuilds the
+    /// missing ones from any `k` and sends each to its node or stand-in; a stripe
+    /// still short of a shard is counted at risk.
+    async fn check_stripes(
+        &self,
+        placed: &Arc<Placed>,
+        home: &[ShardId],
+        throttle: &Arc<Mutex<Throttle>>,
+    ) {
+        let me = self.blocks.node_id();
+        let down = self.blocks.down_for_at_least(self.settings.repair_after);
+        // Per stripe: where each shard should be now (its node, or its stand-in).
+        let mut stripes: Vec<(ShardId, Vec<Option<u64>>)> = Vec::new();
+        let mut asks: HashMap<u64, Vec<ShardId>> = HashMap::new();
+        for id in home {
+            let n = usize::from(id.data) + usize::from(id.parity);
+            let targets = placed.shard_nodes(&id.block, n);
+            let mut subs = placed
+                .preference(&id.block)
+                .into_iter()
+                .filter(|x| !targets.contains(x) && !down.contains(x));
+            let places: Vec<Option<u64>> = targets
+                .iter()
+                .map(|t| {
+                    if down.contains(t) {
+                        subs.next()
+                    } else {
+                        Some(*t)
+                    }
+                })
+                .collect();
+            for (j, p) in places.iter().enumerate() {
+                if let Some(node) = *p
+                    && node != me
+                {
+                    asks.entry(node).or_default().push(ShardId {
+                        index: j as u8,
+                        ..*id
+                    });
+                }
+            }
+            stripes.push((*id, places));
+        }
+        let mut has: HashMap<(u64, ShardId), bool> = HashMap::new();
+        for (node, ids) in asks {
+            for part in ids.chunks(crate::MAX_HAS) {
+                if let Ok(answer) = self.blocks.has_shards(placed, node, part).await {
+                    for (id, yes) in part.iter().zip(answer) {
+                        has.insert((node, *id), yes);
+                    }
+                }
+            }
+        }
+        for (id, places) in stripes {
+            let shard = |j: usize| ShardId {
+                index: j as u8,
+                ..id
+            };
+            // Per shard: Some(true) held, Some(false) missing, None not known.
+            let state: Vec<Option<bool>> = places
+                .iter()
+                .enumerate()
+                .map(|(j, p)| match *p {
+                    Some(node) if node == me => Some(j == usize::from(id.index)),
+                    Some(node) => has.get(&(node, shard(j))).copied(),
+                    None => Some(false),
+                })
+                .collect();
+            // The lowest shard held or not known answers for the stripe.
+            if state.iter().position(|s| *s != Some(false)) != Some(usize::from(id.index)) {
+                continue;
+            }
+            let missing: Vec<(usize, u64)> = places
+                .iter()
+                .enumerate()
+                .filter(|(j, _)| state[*j] == Some(false))
+                .filter_map(|(j, p)| p.map(|node| (j, node)))
+                .collect();
+            let mut short = state.iter().filter(|s| **s != Some(true)).count();
+            if !missing.is_empty() {
+                short -= self.rebuild(placed, id, &missing, throttle).await;
+            }
+            if short > 0 {
+                lock(&self.progress).blocks_at_risk += 1;
+            }
+        }
+    }
+
+    /// Rebuilds the shards `missing` (index, node) of `id`'s block from any `k` and
+    /// sends each to its node; returns how many were written.
+    async fn rebuild(
+        &self,
+        placed: &Arc<Placed>,
+        id: ShardId,
+        missing: &[(usize, u64)],
+        throttle: &Arc<Mutex<Throttle>>,
+    ) -> usize {
+        let store = self.blocks.store().clone();
+        let len = match tokio::task::spawn_blocking(move || {
+            let mut buf = Vec::new();
+            store.get_shard_into(&id, &mut buf)
+        })
+        .await
+        {
+            Ok(Ok(n)) => n,
+            _ => return 0,
+        };
+        let Ok(len32) = u32::try_from(len) else {
+            return 0;
+        };
+        let block = match self
+            .blocks
+            .read_coded(id.block, len32, id.data, id.parity, Box::new(Vec::new()))
+            .await
+        {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::warn!(block = %id.block, error = %e, "rebuilding missing shards failed; retried on the next pass");
+                return 0;
+            }
+        };
+        let (k, m) = (usize::from(id.data), usize::from(id.parity));
+        let Ok(Ok(shards)) =
+            tokio::task::spawn_blocking(move || crate::coded::split(&block, k, m)).await
+        else {
+            return 0;
+        };
+        let mut written = 0;
+        for &(j, node) in missing {
+            let data = Bytes::from(shards[j].clone());
+            let n = data.len() as u64;
+            let sum = BlockHash::of(&data).0;
+            let sid = ShardId {
+                index: j as u8,
+                ..id
+            };
+            match self
+                .blocks
+                .put_shard_to(placed, node, sid, len, data, sum)
+                .await
+            {
+                Ok(()) => {
+                    written += 1;
+                    lock(&self.progress).repair_copies += 1;
+                    metrics::counter!("cairn_repair_copies_total").increment(1);
+                }
+                Err(e) => {
+                    tracing::debug!(node = format!("{node:016x}"), error = %e, "writing a rebuilt shard failed; retried on the next pass");
+                }
+            }
+            let pause = lock(throttle).pause(n);
+            if !pause.is_zero() {
+                tokio::time::sleep(pause).await;
+            }
+        }
+        written
     }
 
     /// Sends one shard to `node` unless it has it, then removes it here.
