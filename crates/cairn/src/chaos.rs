@@ -214,8 +214,15 @@ struct RunInfo {
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 struct Redundancy {
     copies_wanted: usize,
+    /// Shards of each block of the erasure-coded bucket (each wanted once).
+    #[serde(default)]
+    shards_wanted: usize,
     blocks: usize,
-    /// Blocks with fewer good copies on disk than wanted: key, block, copies.
+    /// Of which in the erasure-coded bucket.
+    #[serde(default)]
+    ec_blocks: usize,
+    /// Blocks with fewer good copies (or distinct good shards) on disk than
+    /// wanted: key, block, count.
     short: Vec<(String, String, usize)>,
     /// How long the copies took to be complete (or the wait gave up).
     waited_ms: u64,
@@ -310,11 +317,25 @@ const MAX_BODY: usize = 8 << 20;
 /// of unavailability.
 const UNAVAILABLE_GAP: Duration = Duration::from_secs(1);
 
-/// The keys the clients use: two prefixes, so that LIST of a prefix matters.
+/// The keys the clients use: three prefixes, so that LIST of a prefix matters;
+/// those of `e/` are in the erasure-coded bucket.
 fn keys(n: usize) -> Vec<String> {
     (0..n)
-        .map(|i| format!("{}/{}", if i % 2 == 0 { "a" } else { "b" }, i / 2))
+        .map(|i| format!("{}/{}", ["a", "b", "e"][i % 3], i / 3))
         .collect()
+}
+
+/// The bucket of an erasure-coded class (`EC_CLASS`) that holds the `e/` keys.
+const EC_BUCKET: &str = "chaos-ec";
+const EC_CLASS: &str = "EC:3+2";
+
+/// The bucket a key is in.
+fn bucket_of(key: &str) -> &'static str {
+    if key.starts_with("e/") {
+        EC_BUCKET
+    } else {
+        BUCKET
+    }
 }
 
 pub async fn run(o: ChaosOptions) -> Result<()> {
@@ -433,7 +454,7 @@ pub async fn run(o: ChaosOptions) -> Result<()> {
         bail!("the nodes do not advertise their proxies' addresses: link faults would miss them");
     }
     println!(
-        "chaos: {} nodes in {} zones ({}), {} clients on {} keys for {:?}; faults: {}",
+        "chaos: {} nodes in {} zones ({}), {} clients on {} keys (e/ in an {EC_CLASS} bucket) for {:?}; faults: {}",
         o.nodes,
         o.zones,
         c.dir.path().display(),
@@ -550,7 +571,9 @@ async fn run_on(
             .map(|e| conn_to(e))
             .collect::<Result<Vec<Conn>>>()
     };
-    create_bucket(&endpoints[0], &signer).await?;
+    create_bucket(&endpoints[0], &signer, BUCKET).await?;
+    create_bucket(&endpoints[0], &signer, EC_BUCKET).await?;
+    set_ec_class(c).await?;
     let leader = local_cluster::settled_leader(c).await?;
     let term_before = term_of(c, leader).await;
 
@@ -703,9 +726,15 @@ fn data_dir(c: &Cluster, i: usize) -> PathBuf {
         .unwrap_or_else(|| c.dir.path().join(format!("node{i}")))
 }
 
-/// The file of block `hex` in a data directory.
-fn block_file(dir: &Path, hex: &str) -> PathBuf {
-    dir.join("blocks").join(&hex[..2]).join(hex)
+/// The file of block `hex` in a data directory, or of a shard (`hex.s/k+m.i`).
+fn block_file(dir: &Path, name: &str) -> PathBuf {
+    dir.join("blocks").join(&name[..2]).join(name)
+}
+
+/// The start of the names of `EC_CLASS`'s shard files (`3+2.`), and its shard count.
+const EC_SHARD_PREFIX: &str = "3+2.";
+fn ec_shards() -> usize {
+    5
 }
 
 /// Flips one byte of the payload of a block file in `dir` chosen by `pick` (its
@@ -713,13 +742,21 @@ fn block_file(dir: &Path, hex: &str) -> PathBuf {
 fn flip_random_block(dir: &Path, pick: u64) -> std::io::Result<Option<String>> {
     for g in 0..256u64 {
         let group = dir.join("blocks").join(format!("{:02x}", (pick + g) % 256));
-        let mut names: Vec<String> = match std::fs::read_dir(&group) {
-            Ok(rd) => rd
-                .filter_map(|e| e.ok()?.file_name().into_string().ok())
-                .filter(|n| n.len() == 64)
-                .collect(),
-            Err(_) => continue,
+        // Block files, and the shard files in the blocks' shard directories.
+        let mut names: Vec<String> = Vec::new();
+        let Ok(rd) = std::fs::read_dir(&group) else {
+            continue;
         };
+        for name in rd.filter_map(|e| e.ok()?.file_name().into_string().ok()) {
+            if name.len() == 64 {
+                names.push(name);
+            } else if name.len() == 66 && name.ends_with(".s") {
+                let shards = std::fs::read_dir(group.join(&name)).into_iter().flatten();
+                for f in shards.filter_map(|e| e.ok()?.file_name().into_string().ok()) {
+                    names.push(format!("{name}/{f}"));
+                }
+            }
+        }
         if names.is_empty() {
             continue;
         }
@@ -727,10 +764,11 @@ fn flip_random_block(dir: &Path, pick: u64) -> std::io::Result<Option<String>> {
         let name = names.swap_remove((pick as usize / 256) % names.len());
         let path = group.join(&name);
         let mut bytes = std::fs::read(&path)?;
-        if bytes.len() <= 16 {
+        let header = if name.contains(".s/") { 56 } else { 16 };
+        if bytes.len() <= header {
             continue;
         }
-        let at = 16 + (pick as usize) % (bytes.len() - 16);
+        let at = header + (pick as usize) % (bytes.len() - header);
         bytes[at] ^= 0x20;
         std::fs::write(&path, &bytes)?;
         return Ok(Some(name));
@@ -738,10 +776,16 @@ fn flip_random_block(dir: &Path, pick: u64) -> std::io::Result<Option<String>> {
     Ok(None)
 }
 
-/// Whether the copy of block `hex` in `dir` is good (`None`: there is none).
-fn copy_state(dir: &Path, hex: &str) -> Option<bool> {
-    let bytes = std::fs::read(block_file(dir, hex)).ok()?;
-    Some(bytes.len() >= 16 && blake3::hash(&bytes[16..]).to_hex().as_str() == hex)
+/// Whether the copy of block `hex` (or the shard `hex.s/k+m.i`) in `dir` is good
+/// (`None`: there is none). A shard is checked against the BLAKE3 in its header.
+fn copy_state(dir: &Path, name: &str) -> Option<bool> {
+    let bytes = std::fs::read(block_file(dir, name)).ok()?;
+    if name.contains(".s/") {
+        return Some(
+            bytes.len() >= 56 && blake3::hash(&bytes[56..]).as_bytes()[..] == bytes[16..48],
+        );
+    }
+    Some(bytes.len() >= 16 && blake3::hash(&bytes[16..]).to_hex().as_str() == name)
 }
 
 /// What a scrub of every node found, summed.
@@ -860,19 +904,30 @@ async fn redundancy(c: &Cluster, ops: &[Op], scrub: ScrubSums) -> Redundancy {
         .map(|i| data_dir(c, i))
         .collect();
     let started = Instant::now();
+    let shards_wanted = ec_shards();
     let short = loop {
         let (dirs, blocks) = (dirs.clone(), blocks.clone());
         let short: Vec<(String, String, usize)> = tokio::task::spawn_blocking(move || {
             blocks
                 .iter()
-                .map(|(k, h)| {
-                    let n = dirs
-                        .iter()
-                        .filter(|d| copy_state(d, h) == Some(true))
-                        .count();
-                    (k.clone(), h.clone(), n)
+                .filter_map(|(k, h)| {
+                    let (n, wanted) = if bucket_of(k) == EC_BUCKET {
+                        let n = (0..shards_wanted)
+                            .filter(|i| {
+                                let name = format!("{h}.s/{EC_SHARD_PREFIX}{i}");
+                                dirs.iter().any(|d| copy_state(d, &name) == Some(true))
+                            })
+                            .count();
+                        (n, shards_wanted)
+                    } else {
+                        let n = dirs
+                            .iter()
+                            .filter(|d| copy_state(d, h) == Some(true))
+                            .count();
+                        (n, copies_wanted)
+                    };
+                    (n < wanted).then(|| (k.clone(), h.clone(), n))
                 })
-                .filter(|(_, _, n)| *n < copies_wanted)
                 .collect()
         })
         .await
@@ -884,7 +939,12 @@ async fn redundancy(c: &Cluster, ops: &[Op], scrub: ScrubSums) -> Redundancy {
     };
     Redundancy {
         copies_wanted,
+        shards_wanted,
         blocks: blocks.len(),
+        ec_blocks: blocks
+            .iter()
+            .filter(|(k, _)| bucket_of(k) == EC_BUCKET)
+            .count(),
         short,
         waited_ms: started.elapsed().as_millis() as u64,
         scrub_checked: scrub.checked,
@@ -900,7 +960,33 @@ async fn term_of(c: &Cluster, i: usize) -> Option<u64> {
     local_cluster::status(&c.nodes[i].admin).await?["term"].as_u64()
 }
 
-async fn create_bucket(endpoint: &str, signer: &Signer) -> Result<()> {
+/// Makes `EC_BUCKET` erasure-coded (`EC_CLASS`), through the first node.
+async fn set_ec_class(c: &Cluster) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let res = crate::admin_cli::request(
+            &c.nodes[0].admin,
+            http::Method::POST,
+            "/v1/cluster/bucket-class",
+            Some(&c.admin_token),
+            Some(serde_json::json!({ "bucket": EC_BUCKET, "class": EC_CLASS })),
+        )
+        .await;
+        match res {
+            Ok((st, _)) if st.is_success() => return Ok(()),
+            Ok((st, v)) if st == StatusCode::BAD_REQUEST => {
+                bail!("the cluster refused {EC_CLASS} for {EC_BUCKET}: {v}")
+            }
+            Ok((st, v)) if Instant::now() > deadline => {
+                bail!("setting the class of {EC_BUCKET} failed: HTTP {st} {v}")
+            }
+            Err(e) if Instant::now() > deadline => return Err(e),
+            _ => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+}
+
+async fn create_bucket(endpoint: &str, signer: &Signer, bucket: &str) -> Result<()> {
     let mut conn = conn_to(endpoint)?;
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
@@ -908,7 +994,7 @@ async fn create_bucket(endpoint: &str, signer: &Signer) -> Result<()> {
             &mut conn,
             signer,
             "PUT",
-            &format!("/{BUCKET}"),
+            &format!("/{bucket}"),
             "",
             &[],
             None,
@@ -1095,26 +1181,34 @@ impl Worker {
                 continue;
             };
             let roll = rng.random_range(0..100u32);
+            let key = if roll >= 90 {
+                ["", "a/", "b/", "e/"][rng.random_range(0..4)].to_string()
+            } else {
+                self.keys[rng.random_range(0..self.keys.len())].clone()
+            };
+            // The erasure-coded bucket's values are all in blocks.
+            let value = || self.value(bucket_of(&key) == EC_BUCKET);
             let call = match roll {
-                0..30 => Call::Put {
-                    value: self.next_value.fetch_add(1, Ordering::Relaxed),
-                },
-                30..40 => Call::PutIfAbsent {
-                    value: self.next_value.fetch_add(1, Ordering::Relaxed),
-                },
+                0..30 => Call::Put { value: value() },
+                30..40 => Call::PutIfAbsent { value: value() },
                 40..50 => Call::Delete,
                 50..90 => Call::Get,
                 _ => Call::List,
-            };
-            let key = if matches!(call, Call::List) {
-                ["", "a/", "b/"][rng.random_range(0..3)].to_string()
-            } else {
-                self.keys[rng.random_range(0..self.keys.len())].clone()
             };
             let sent = self.one(&mut conns[node], node, call, key).await;
             if !sent {
                 // A node that is down refuses at once: no spinning on it.
                 tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+
+    /// A value not written before; with `in_blocks`, one above the inline size.
+    fn value(&self, in_blocks: bool) -> u64 {
+        loop {
+            let v = self.next_value.fetch_add(1, Ordering::Relaxed);
+            if !in_blocks || history::size_of(v) > 8 << 10 {
+                return v;
             }
         }
     }
@@ -1131,11 +1225,26 @@ impl Worker {
         }
     }
 
+    /// What an answer means for `call`, and whether the request was sent.
+    fn outcome(&self, call: &Call, answer: Answer) -> (Outcome, bool) {
+        match answer {
+            Answer::NotSent(e) => (
+                Outcome::Refused {
+                    status: 0,
+                    code: format!("not sent: {e}"),
+                },
+                false,
+            ),
+            Answer::Lost(error) => (Outcome::Unknown { error }, true),
+            Answer::Status(st, body) => (outcome_of(call, st, &body), true),
+        }
+    }
+
     /// Runs one operation and records it; whether it was sent.
     async fn one(&self, conn: &mut Conn, node: usize, call: Call, key: String) -> bool {
-        let path = format!("/{BUCKET}/{key}");
+        let path = format!("/{}/{key}", bucket_of(&key));
         let invoked = self.started.elapsed();
-        let bucket = format!("/{BUCKET}");
+        let bucket = format!("/{}", bucket_of(&key));
         let query = format!("list-type=2&prefix={}", key.replace('/', "%2F"));
         let body = |v: u64| Some(Bytes::from(history::body_of(v)));
         let (method, path, query, extra, body): (_, &str, &str, &[(&str, &str)], _) = match &call {
@@ -1155,18 +1264,30 @@ impl Worker {
             body,
         };
         let answer = send(conn, &self.signer, self.timeout, req).await;
+        let (mut outcome, sent) = self.outcome(&call, answer);
+        // A LIST of every key lists the erasure-coded bucket too: each key is seen
+        // at one moment within the operation, as the check wants.
+        if let (Call::List, true, Outcome::Listed { keys }) = (&call, key.is_empty(), &outcome) {
+            let req = S3Request {
+                method: "GET",
+                path: &format!("/{EC_BUCKET}"),
+                query: "list-type=2&prefix=",
+                extra: &[],
+                body: None,
+            };
+            let answer = send(conn, &self.signer, self.timeout, req).await;
+            let mut keys = keys.clone();
+            outcome = match self.outcome(&call, answer).0 {
+                Outcome::Listed { keys: more } => {
+                    keys.extend(more);
+                    Outcome::Listed { keys }
+                }
+                // Not sent: the first half was, so the whole may not be retried.
+                Outcome::Refused { status: 0, code } => Outcome::Refused { status: 503, code },
+                other => other,
+            };
+        }
         let completed = self.started.elapsed();
-        let (outcome, sent) = match answer {
-            Answer::NotSent(e) => (
-                Outcome::Refused {
-                    status: 0,
-                    code: format!("not sent: {e}"),
-                },
-                false,
-            ),
-            Answer::Lost(error) => (Outcome::Unknown { error }, true),
-            Answer::Status(st, body) => (outcome_of(&call, st, &body), true),
-        };
         let op = Op {
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
             client: self.client,
@@ -1450,14 +1571,17 @@ async fn nemesis(
                 kinds.insert(0, kind);
                 continue;
             };
+            let what = match block.split_once(".s/") {
+                Some((h, shard)) => format!("shard {shard} of block {}", &h[..16]),
+                None => format!("block {}", &block[..16]),
+            };
             println!(
-                "{:>7.1}s  corrupt node {target}: a byte of block {} flipped",
+                "{:>7.1}s  corrupt node {target}: a byte of {what} flipped",
                 started.elapsed().as_secs_f64(),
-                &block[..16]
             );
             let at = started.elapsed().as_micros() as u64;
             let mut fault = Fault::new(kind, target, leader == Some(target), at);
-            fault.detail = format!("block {}", &block[..16]);
+            fault.detail = what;
             fault.block = Some(block);
             fault.to_us = at;
             faults.push(fault);
@@ -1882,10 +2006,12 @@ pub fn verdict(h: &History) -> bool {
         // Check 4: every block at its full count of good copies on disk.
         if let Some(r) = &info.redundancy {
             println!(
-                "redundancy: {} blocks of the keys' last values, {} with fewer than {} good copies on disk (after {:.1}s); scrub: {} blocks checked, {} bad copies, {} repaired, {} unrepairable{}",
+                "redundancy: {} blocks of the keys' last values ({} erasure-coded), {} with fewer than {} good copies (or {} distinct shards) on disk (after {:.1}s); scrub: {} blocks checked, {} bad copies, {} repaired, {} unrepairable{}",
                 r.blocks,
+                r.ec_blocks,
                 r.short.len(),
                 r.copies_wanted,
+                r.shards_wanted,
                 r.waited_ms as f64 / 1000.0,
                 r.scrub_checked,
                 r.scrub_corrupt,
@@ -1898,11 +2024,18 @@ pub fn verdict(h: &History) -> bool {
                 }
             );
             for (key, block, n) in &r.short {
-                println!(
-                    "CHECK FAILED: key {key}: block {} has {n} good copies, {} wanted",
-                    &block[..16],
-                    r.copies_wanted
-                );
+                match bucket_of(key) == EC_BUCKET {
+                    true => println!(
+                        "CHECK FAILED: key {key}: block {} has {n} distinct good shards, {} wanted",
+                        &block[..16],
+                        r.shards_wanted
+                    ),
+                    false => println!(
+                        "CHECK FAILED: key {key}: block {} has {n} good copies, {} wanted",
+                        &block[..16],
+                        r.copies_wanted
+                    ),
+                }
                 ok = false;
             }
             if r.scrub_unfinished {

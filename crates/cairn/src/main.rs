@@ -80,7 +80,7 @@ struct ChaosArgs {
     #[arg(long, default_value_t = 10)]
     clients: usize,
     /// Keys the clients share
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 9)]
     keys: usize,
     /// Fault kinds, comma-separated (kill, pause, partition, slow, clock, member,
     /// corrupt, disk; clock needs libfaketime, disk needs root to mount a tmpfs)

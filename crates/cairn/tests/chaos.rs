@@ -109,6 +109,8 @@ fn a_short_run_with_every_fault_kind_passes_and_checks_again() {
             "300",
             "--seed",
             "7",
+            "--keys",
+            "12",
             "--history",
             "h.jsonl",
         ],
@@ -157,6 +159,10 @@ fn a_short_run_with_every_fault_kind_passes_and_checks_again() {
         .find(|l| l.starts_with("redundancy:"))
         .unwrap_or_else(|| panic!("no redundancy line: {out}"));
     assert!(line.contains(", 0 with fewer than 3 good copies"), "{out}");
+    assert!(
+        number_after(line, "values (").unwrap_or(0) >= 1,
+        "no erasure-coded block was checked: {out}"
+    );
     let flipped = out
         .lines()
         .find(|l| l.starts_with("flipped copies:"))

@@ -1985,3 +1985,55 @@ fn lost_shards_are_rebuilt_and_stand_ins_go_when_the_node_returns() {
         }
     });
 }
+
+/// A cluster shrunk below an EC:3+2 bucket's width (five nodes, one removed):
+/// the drain completes with two shards of a block on one node at most, and
+/// blocks are written and read as before.
+#[test]
+fn a_cluster_shrunk_below_the_class_width_doubles_up_shards() {
+    let dev = Dev::start(5, 3, &["--move-interval=1s"]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let c: Vec<_> = (0..5).map(|i| dev.client(i)).collect();
+    rt.block_on(async {
+        c[0].create_bucket().bucket("bkt").send().await.unwrap();
+    });
+    let out = set_class(&dev, "bkt", "EC:3+2");
+    assert!(out.status.success(), "{out:?}");
+    rt.block_on(async {
+        for i in 0..10 {
+            put(&c[i % 5], &format!("k{i}"), &object(i)).await;
+        }
+    });
+    let gone = dev.node(4)["id"].as_str().unwrap().to_string();
+    dev.cluster_ok(&["remove", &gone]);
+    wait_until_left(&dev, 0, 4);
+    rt.block_on(async {
+        for i in 10..20 {
+            put(&c[i % 4], &format!("k{i}"), &object(i)).await;
+        }
+    });
+    eventually(Duration::from_secs(60), || {
+        for k in 0..20 {
+            let shards = shard_files(&dev, 5, &object(k));
+            let indices: Vec<u8> = shards.iter().map(|s| s.1).collect();
+            let per_node = (0..5).map(|n| shards.iter().filter(|s| s.0 == n).count());
+            if indices != [0, 1, 2, 3, 4]
+                || shards.iter().any(|s| s.0 == 4)
+                || per_node.clone().max() != Some(2)
+            {
+                return Err(format!("k{k}: {shards:?}"));
+            }
+        }
+        Ok(())
+    });
+    rt.block_on(async {
+        for cu in &c[..4] {
+            for k in 0..20 {
+                assert_eq!(get(cu, &format!("k{k}")).await, object(k));
+            }
+        }
+    });
+    // Setting the class again is refused now (four nodes).
+    let out = set_class(&dev, "bkt", "EC:3+2");
+    assert!(!out.status.success());
+}

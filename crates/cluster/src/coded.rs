@@ -135,7 +135,9 @@ impl Placed {
     /// The `n` nodes a block's shards go to, shard `i` to the `i`-th: the
     /// preference order taken one zone at a time (the first node of each zone not
     /// yet used in this round, zones in the order they first appear), so that the
-    /// shards spread over every zone. Fewer when fewer nodes take data.
+    /// shards spread over every zone. With fewer nodes than shards (a layout
+    /// shrunk below the class's width) the list starts over: a node holds two
+    /// shards of a block until nodes are added. Empty when no node takes data.
     pub fn shard_nodes(&self, hash: &BlockHash, n: usize) -> Vec<u64> {
         let order = self.preference(hash);
         let zone = |id: u64| {
@@ -157,6 +159,10 @@ impl Placed {
                 used_zones.push(zone(id));
                 out.push(id);
             }
+        }
+        let distinct = out.len();
+        while out.len() < n && distinct > 0 {
+            out.push(out[out.len() - distinct]);
         }
         out
     }
@@ -211,11 +217,9 @@ impl Blocks {
         let placed = self.placed();
         let targets = placed.shard_nodes(&hash, k + m);
         if targets.len() < k + m {
-            return Err(DataError::Unavailable(format!(
-                "storage class EC:{k}+{m} needs {} nodes that take data; the layout has {}",
-                k + m,
-                targets.len()
-            )));
+            return Err(DataError::Unavailable(
+                "no node of the layout takes data".into(),
+            ));
         }
         let data_len = data.len();
         let shards = tokio::task::spawn_blocking(move || -> Result<_, DataError> {
@@ -266,6 +270,19 @@ impl Blocks {
                 .collect(),
         );
         spare.reverse(); // popped from the end: the best first
+        let mut others: Vec<u64> = targets.clone();
+        others.sort_unstable();
+        others.dedup();
+        if others.len() < targets.len() {
+            // Fewer nodes than shards (the list started over): a failed shard may
+            // go to another shard node. Otherwise never: two shards of a block on
+            // one node because another is down would let one more loss take it.
+            // Those holding the fewest shards of the block first.
+            let held = |n: &u64| targets.iter().filter(|t| *t == n).count();
+            others.sort_by_key(|n| (down.contains(n), held(n)));
+            spare = others;
+            spare.reverse();
+        }
         let mut running = FuturesUnordered::new();
         let start = |i: usize, node: u64| {
             let (this, placed) = (self.clone(), placed.clone());
@@ -861,6 +878,48 @@ mod tests {
         bad[34] = 6; // index past k + m
         assert_eq!(id_from(&bad), None);
         assert_eq!(id_from(&bad[..34]), None);
+    }
+
+    fn layout(zones: &[&str]) -> Arc<cairn_meta::Layout> {
+        Arc::new(cairn_meta::Layout {
+            version: 1,
+            replication: 3,
+            nodes: zones
+                .iter()
+                .enumerate()
+                .map(|(i, z)| cairn_meta::LayoutNode {
+                    id: 100 + i as u64,
+                    zone: z.to_string(),
+                    capacity: 1 << 30,
+                    rpc: format!("127.0.0.1:{}", 7000 + i),
+                    state: cairn_meta::NodeState::Active,
+                })
+                .collect(),
+            ..Default::default()
+        })
+    }
+
+    #[test]
+    fn shards_spread_over_zones_and_start_over_on_too_few_nodes() {
+        let placed = Placed::new(layout(&["a", "a", "a", "b", "b", "c"]));
+        let zone = |id: u64| placed.layout.node(id).unwrap().zone.clone();
+        for seed in 0..200u32 {
+            let h = BlockHash::of(&seed.to_le_bytes());
+            let nodes = placed.shard_nodes(&h, 5);
+            let distinct: HashSet<u64> = nodes.iter().copied().collect();
+            assert_eq!(distinct.len(), 5);
+            // One per zone, then one per zone again: no zone holds three.
+            let first: HashSet<String> = nodes[..3].iter().map(|n| zone(*n)).collect();
+            assert_eq!(first.len(), 3, "{nodes:?}");
+            let in_a = nodes.iter().filter(|n| zone(**n) == "a").count();
+            assert!(in_a <= 2, "{nodes:?}");
+        }
+        let small = Placed::new(layout(&["a", "b", "c"]));
+        let h = BlockHash::of(b"x");
+        let nodes = small.shard_nodes(&h, 5);
+        assert_eq!(nodes.len(), 5);
+        assert_eq!((nodes[3], nodes[4]), (nodes[0], nodes[1]));
+        assert!(Placed::new(layout(&[])).shard_nodes(&h, 5).is_empty());
     }
 
     #[test]

@@ -610,6 +610,20 @@ impl Mover {
                 }
             }
         }
+        // The shards of these blocks here (more than one of a block when the
+        // layout has fewer nodes than shards).
+        let (store, blocks) = (
+            self.blocks.store().clone(),
+            stripes.iter().map(|(id, _)| id.block).collect::<Vec<_>>(),
+        );
+        let local: HashSet<ShardId> = tokio::task::spawn_blocking(move || {
+            blocks
+                .iter()
+                .flat_map(|b| store.shards_of(b).unwrap_or_default())
+                .collect()
+        })
+        .await
+        .unwrap_or_default();
         for (id, places) in stripes {
             let shard = |j: usize| ShardId {
                 index: j as u8,
@@ -620,7 +634,7 @@ impl Mover {
                 .iter()
                 .enumerate()
                 .map(|(j, p)| match *p {
-                    Some(node) if node == me => Some(j == usize::from(id.index)),
+                    Some(node) if node == me => Some(local.contains(&shard(j))),
                     Some(node) => has.get(&(node, shard(j))).copied(),
                     None => Some(false),
                 })
