@@ -62,6 +62,14 @@ const WRITE_BUFFER: usize = 64 << 10;
 const KIND_REQUEST: u8 = 1;
 const KIND_RESPONSE: u8 = 2;
 const KIND_ERROR: u8 = 3;
+/// A liveness probe, answered by the transport itself (not a service) with
+/// `KIND_PONG`: a client whose call timed out with nothing heard since asks
+/// whether the connection still carries anything at all.
+const KIND_PING: u8 = 4;
+const KIND_PONG: u8 = 5;
+/// How long a probed connection may stay silent before it is dropped (and the
+/// next call makes a new one).
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
 pub enum RpcError {
@@ -168,7 +176,10 @@ impl Frame {
         let kind = b.get_u8();
         let id = b.get_u64_le();
         let service = b.get_u8();
-        if !matches!(kind, KIND_REQUEST | KIND_RESPONSE | KIND_ERROR) {
+        if !matches!(
+            kind,
+            KIND_REQUEST | KIND_RESPONSE | KIND_ERROR | KIND_PING | KIND_PONG
+        ) {
             return Err(RpcError::Protocol(format!("unknown frame kind {kind}")));
         }
         Ok(Frame {
@@ -407,6 +418,18 @@ async fn serve_connection(
                 break;
             }
         };
+        if frame.kind == KIND_PING {
+            let pong = Frame {
+                kind: KIND_PONG,
+                id: frame.id,
+                service: 0,
+                body: Bytes::new(),
+            };
+            if tx.send(pong).await.is_err() {
+                break;
+            }
+            continue;
+        }
         if frame.kind != KIND_REQUEST {
             tracing::warn!(
                 peer = format!("{peer:016x}"),
@@ -448,6 +471,25 @@ pub struct Client {
     pending: Pending,
     next_id: Arc<AtomicU64>,
     closed: watch::Receiver<bool>,
+    life: Arc<Life>,
+}
+
+/// What tells a connection that still answers from one that no longer does.
+struct Life {
+    /// When the connection was made; times below are milliseconds after it.
+    epoch: std::time::Instant,
+    /// When the last frame arrived.
+    heard: AtomicU64,
+    /// A probe is under way.
+    probing: std::sync::atomic::AtomicBool,
+    closed_tx: Arc<watch::Sender<bool>>,
+    reader: Mutex<Option<tokio::task::AbortHandle>>,
+}
+
+impl Life {
+    fn now(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
 }
 
 impl Client {
@@ -482,12 +524,21 @@ impl Client {
             write_frames(wr, rx).await;
             let _ = c2.send(true);
         });
+        let life = Arc::new(Life {
+            epoch: std::time::Instant::now(),
+            heard: AtomicU64::new(0),
+            probing: std::sync::atomic::AtomicBool::new(false),
+            closed_tx: closed_tx.clone(),
+            reader: Mutex::new(None),
+        });
         let p = pending.clone();
         let a = addr.to_string();
-        tokio::spawn(async move {
+        let l2 = life.clone();
+        let reader = tokio::spawn(async move {
             loop {
                 match read_frame(&mut rd).await {
                     Ok(Some(f)) => {
+                        l2.heard.store(l2.now(), Ordering::Relaxed);
                         let waiter = p.lock().unwrap_or_else(|e| e.into_inner()).remove(&f.id);
                         if let Some(w) = waiter {
                             let res = match f.kind {
@@ -512,6 +563,7 @@ impl Client {
                 let _ = w.send(Err(RpcError::Closed));
             }
         });
+        *life.reader.lock().unwrap_or_else(|e| e.into_inner()) = Some(reader.abort_handle());
         Ok(Client {
             addr: addr.to_string(),
             peer,
@@ -519,7 +571,51 @@ impl Client {
             pending,
             next_id: Arc::new(AtomicU64::new(1)),
             closed,
+            life,
         })
+    }
+
+    /// After a call timed out with nothing heard since it was sent: sends a probe
+    /// and drops the connection if nothing comes back within `PROBE_TIMEOUT` (a
+    /// peer gone without closing, a connection stuck on the way). A peer that is
+    /// alive but slow on one request answers the probe, and its connection stays.
+    fn probe(&self) {
+        let life = &self.life;
+        if life.probing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let c = self.clone();
+        tokio::spawn(async move {
+            let sent = c.life.now();
+            let ping = Frame {
+                kind: KIND_PING,
+                id: 0,
+                service: 0,
+                body: Bytes::new(),
+            };
+            let queued = tokio::time::timeout(PROBE_TIMEOUT, c.tx.send(ping)).await;
+            if matches!(queued, Ok(Ok(()))) {
+                tokio::time::sleep(PROBE_TIMEOUT).await;
+            }
+            if c.life.heard.load(Ordering::Relaxed) < sent.max(1) {
+                tracing::warn!(addr = %c.addr, "an RPC connection answers nothing, not even a probe; dropping it");
+                metrics::counter!("cairn_rpc_dead_connections_total").increment(1);
+                if let Some(r) = c
+                    .life
+                    .reader
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .take()
+                {
+                    r.abort();
+                }
+                let _ = c.life.closed_tx.send(true);
+                for (_, w) in c.pending.lock().unwrap_or_else(|e| e.into_inner()).drain() {
+                    let _ = w.send(Err(RpcError::Closed));
+                }
+            }
+            c.life.probing.store(false, Ordering::Release);
+        });
     }
 
     /// The peer's node id, as it proved in the handshake.
@@ -562,6 +658,7 @@ impl Client {
             body,
         };
         let started = std::time::Instant::now();
+        let sent_at = self.life.now();
         let res = tokio::time::timeout(timeout, async {
             self.tx.send(frame).await.map_err(|_| RpcError::Closed)?;
             rx.await.map_err(|_| RpcError::Closed)?
@@ -574,6 +671,9 @@ impl Client {
         if matches!(res, Ok(Ok(_))) {
             metrics::histogram!("cairn_rpc_call_seconds", "service" => service_label(service))
                 .record(started.elapsed().as_secs_f64());
+        }
+        if res.is_err() && self.life.heard.load(Ordering::Relaxed) <= sent_at {
+            self.probe();
         }
         res.map_err(|_| RpcError::Timeout(timeout))?
     }

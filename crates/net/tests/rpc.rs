@@ -297,3 +297,105 @@ async fn a_call_for_one_node_is_not_sent_to_another_at_its_address() {
     let got = peers.call_node(3, &a, 1, Bytes::from_static(b"y"), T).await;
     assert!(got.is_ok(), "{got:?}");
 }
+
+/// Forwards connections to `target`; those accepted before `stall_before` turns
+/// past their number stop carrying bytes (kept open: a peer gone without closing,
+/// or a link that drops every packet).
+async fn forwarder(target: String, stall_before: Arc<std::sync::atomic::AtomicU64>) -> String {
+    use std::sync::atomic::Ordering;
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    tokio::spawn(async move {
+        let mut n = 0u64;
+        while let Ok((inbound, _)) = l.accept().await {
+            let (me, stall) = (n, stall_before.clone());
+            n += 1;
+            let outbound = TcpStream::connect(&target).await.unwrap();
+            let (ri, wi) = inbound.into_split();
+            let (ro, wo) = outbound.into_split();
+            for (mut r, mut w) in [(ri, wo), (ro, wi)].map(|(r, w)| {
+                (
+                    Box::new(r) as Box<dyn tokio::io::AsyncRead + Unpin + Send>,
+                    Box::new(w) as Box<dyn tokio::io::AsyncWrite + Unpin + Send>,
+                )
+            }) {
+                let stall = stall.clone();
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 4096];
+                    loop {
+                        let Ok(k) = r.read(&mut buf).await else {
+                            return;
+                        };
+                        if k == 0 {
+                            return;
+                        }
+                        while stall.load(Ordering::Relaxed) > me {
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                        }
+                        if w.write_all(&buf[..k]).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        }
+    });
+    addr
+}
+
+/// A connection that goes silent without closing is dropped once a probe after a
+/// timed-out call goes unanswered, and the next calls go over a new one; a peer
+/// merely slow on one request keeps its connection (it answers the probe).
+#[tokio::test]
+async fn a_silent_connection_is_dropped_and_made_again() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let (target, _stop) = server(2, b"k").await;
+    let stall = Arc::new(AtomicU64::new(0));
+    let via = forwarder(target, stall.clone()).await;
+    let peers = Peers::new(Identity::new(1, b"k"), T);
+    let short = Duration::from_millis(200);
+    assert!(
+        peers
+            .call_node(2, &via, 1, Bytes::from_static(b"a"), short)
+            .await
+            .is_ok()
+    );
+    // Slow on one request: timed out, yet the connection still serves after the
+    // probe's time.
+    let slow = peers
+        .call_node(
+            2,
+            &via,
+            2,
+            Bytes::from(1000u64.to_le_bytes().to_vec()),
+            short,
+        )
+        .await;
+    assert_eq!(slow, Err(RpcError::Timeout(short)));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let c = peers.get(&via).await.unwrap();
+    assert!(!c.is_closed(), "a live connection was dropped");
+    // The first connection goes silent: calls time out, then a new connection
+    // answers.
+    stall.store(1, Ordering::Relaxed);
+    let r = peers
+        .call_node(2, &via, 1, Bytes::from_static(b"b"), short)
+        .await;
+    assert_eq!(r, Err(RpcError::Timeout(short)));
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        if peers
+            .call_node(2, &via, 1, Bytes::from_static(b"c"), short)
+            .await
+            .is_ok()
+        {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no call got through a new connection"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(c.is_closed(), "the silent connection was kept");
+}
