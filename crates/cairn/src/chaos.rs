@@ -111,6 +111,8 @@ pub struct ChaosOptions {
     pub min_acked: usize,
     pub seed: u64,
     pub history: PathBuf,
+    /// The `e/` keys in a bucket of class `EC_CLASS` (else with the others).
+    pub erasure_coded: bool,
 }
 
 /// A fault as it happened. Times are microseconds since the run began.
@@ -329,9 +331,9 @@ fn keys(n: usize) -> Vec<String> {
 const EC_BUCKET: &str = "chaos-ec";
 const EC_CLASS: &str = "EC:3+2";
 
-/// The bucket a key is in.
-fn bucket_of(key: &str) -> &'static str {
-    if key.starts_with("e/") {
+/// The bucket a key is in (`ec`: the run has an erasure-coded bucket).
+fn bucket_of(key: &str, ec: bool) -> &'static str {
+    if ec && key.starts_with("e/") {
         EC_BUCKET
     } else {
         BUCKET
@@ -454,12 +456,17 @@ pub async fn run(o: ChaosOptions) -> Result<()> {
         bail!("the nodes do not advertise their proxies' addresses: link faults would miss them");
     }
     println!(
-        "chaos: {} nodes in {} zones ({}), {} clients on {} keys (e/ in an {EC_CLASS} bucket) for {:?}; faults: {}",
+        "chaos: {} nodes in {} zones ({}), {} clients on {} keys{} for {:?}; faults: {}",
         o.nodes,
         o.zones,
         c.dir.path().display(),
         o.clients,
         o.keys,
+        if o.erasure_coded {
+            format!(" (e/ in an {EC_CLASS} bucket)")
+        } else {
+            String::new()
+        },
         o.duration,
         o.faults
             .iter()
@@ -572,8 +579,10 @@ async fn run_on(
             .collect::<Result<Vec<Conn>>>()
     };
     create_bucket(&endpoints[0], &signer, BUCKET).await?;
-    create_bucket(&endpoints[0], &signer, EC_BUCKET).await?;
-    set_ec_class(c).await?;
+    if o.erasure_coded {
+        create_bucket(&endpoints[0], &signer, EC_BUCKET).await?;
+        set_ec_class(c).await?;
+    }
     let leader = local_cluster::settled_leader(c).await?;
     let term_before = term_of(c, leader).await;
 
@@ -586,6 +595,7 @@ async fn run_on(
     let mut clients = Vec::new();
     for client in 0..o.clients {
         let w = Worker {
+            ec: o.erasure_coded,
             client: client as u32,
             signer: signer.clone(),
             keys: keys.clone(),
@@ -659,6 +669,7 @@ async fn run_on(
 
     // Every key read through every node.
     let fin = Worker {
+        ec: o.erasure_coded,
         client: u32::MAX,
         signer: signer.clone(),
         keys: keys.clone(),
@@ -674,7 +685,7 @@ async fn run_on(
     let scrub = scrub_all(c).await;
     let mut ops_now = ops.lock().unwrap_or_else(|p| p.into_inner()).clone();
     ops_now.sort_by_key(|op| (op.invoked_us, op.id));
-    let redundancy = redundancy(c, &ops_now, scrub).await;
+    let redundancy = redundancy(c, &ops_now, scrub, o.erasure_coded).await;
     for f in faults.iter_mut().filter(|f| f.kind == FaultKind::Corrupt) {
         if let (Some(b), false) = (&f.block, c.nodes[f.node].gone) {
             let (dir, b) = (data_dir(c, f.node), b.clone());
@@ -877,7 +888,7 @@ async fn scrub_all(c: &Cluster) -> ScrubSums {
 /// Check 4: the block of each key's last value (as the final reads found it)
 /// has its full count of good copies on the disks of the nodes in the cluster,
 /// waiting up to `REDUNDANCY_WAIT` for repair and the mover to get there.
-async fn redundancy(c: &Cluster, ops: &[Op], scrub: ScrubSums) -> Redundancy {
+async fn redundancy(c: &Cluster, ops: &[Op], scrub: ScrubSums, ec: bool) -> Redundancy {
     let mut last: BTreeMap<String, u64> = BTreeMap::new();
     for op in ops.iter().filter(|o| o.client == u32::MAX) {
         if let Outcome::Found { value } = op.outcome {
@@ -904,14 +915,14 @@ async fn redundancy(c: &Cluster, ops: &[Op], scrub: ScrubSums) -> Redundancy {
         .map(|i| data_dir(c, i))
         .collect();
     let started = Instant::now();
-    let shards_wanted = ec_shards();
+    let shards_wanted = if ec { ec_shards() } else { 0 };
     let short = loop {
         let (dirs, blocks) = (dirs.clone(), blocks.clone());
         let short: Vec<(String, String, usize)> = tokio::task::spawn_blocking(move || {
             blocks
                 .iter()
                 .filter_map(|(k, h)| {
-                    let (n, wanted) = if bucket_of(k) == EC_BUCKET {
+                    let (n, wanted) = if shards_wanted > 0 && k.starts_with("e/") {
                         let n = (0..shards_wanted)
                             .filter(|i| {
                                 let name = format!("{h}.s/{EC_SHARD_PREFIX}{i}");
@@ -943,7 +954,7 @@ async fn redundancy(c: &Cluster, ops: &[Op], scrub: ScrubSums) -> Redundancy {
         blocks: blocks.len(),
         ec_blocks: blocks
             .iter()
-            .filter(|(k, _)| bucket_of(k) == EC_BUCKET)
+            .filter(|(k, _)| shards_wanted > 0 && k.starts_with("e/"))
             .count(),
         short,
         waited_ms: started.elapsed().as_millis() as u64,
@@ -1153,6 +1164,8 @@ fn listed_keys(body: &[u8]) -> (Vec<String>, bool) {
 
 /// One client: a loop of random operations, each recorded.
 struct Worker {
+    /// The `e/` keys are in the erasure-coded bucket.
+    ec: bool,
     client: u32,
     signer: Arc<Signer>,
     keys: Vec<String>,
@@ -1187,7 +1200,7 @@ impl Worker {
                 self.keys[rng.random_range(0..self.keys.len())].clone()
             };
             // The erasure-coded bucket's values are all in blocks.
-            let value = || self.value(bucket_of(&key) == EC_BUCKET);
+            let value = || self.value(bucket_of(&key, self.ec) == EC_BUCKET);
             let call = match roll {
                 0..30 => Call::Put { value: value() },
                 30..40 => Call::PutIfAbsent { value: value() },
@@ -1242,9 +1255,9 @@ impl Worker {
 
     /// Runs one operation and records it; whether it was sent.
     async fn one(&self, conn: &mut Conn, node: usize, call: Call, key: String) -> bool {
-        let path = format!("/{}/{key}", bucket_of(&key));
+        let path = format!("/{}/{key}", bucket_of(&key, self.ec));
         let invoked = self.started.elapsed();
-        let bucket = format!("/{}", bucket_of(&key));
+        let bucket = format!("/{}", bucket_of(&key, self.ec));
         let query = format!("list-type=2&prefix={}", key.replace('/', "%2F"));
         let body = |v: u64| Some(Bytes::from(history::body_of(v)));
         let (method, path, query, extra, body): (_, &str, &str, &[(&str, &str)], _) = match &call {
@@ -1267,7 +1280,9 @@ impl Worker {
         let (mut outcome, sent) = self.outcome(&call, answer);
         // A LIST of every key lists the erasure-coded bucket too: each key is seen
         // at one moment within the operation, as the check wants.
-        if let (Call::List, true, Outcome::Listed { keys }) = (&call, key.is_empty(), &outcome) {
+        if let (Call::List, true, true, Outcome::Listed { keys }) =
+            (&call, key.is_empty(), self.ec, &outcome)
+        {
             let req = S3Request {
                 method: "GET",
                 path: &format!("/{EC_BUCKET}"),
@@ -2024,7 +2039,7 @@ pub fn verdict(h: &History) -> bool {
                 }
             );
             for (key, block, n) in &r.short {
-                match bucket_of(key) == EC_BUCKET {
+                match r.shards_wanted > 0 && key.starts_with("e/") {
                     true => println!(
                         "CHECK FAILED: key {key}: block {} has {n} distinct good shards, {} wanted",
                         &block[..16],

@@ -79,6 +79,10 @@ struct ChaosArgs {
     /// Concurrent clients (a client waiting on a paused node waits out its timeout)
     #[arg(long, default_value_t = 10)]
     clients: usize,
+    /// Keep every key in a replicated bucket (by default the `e/` keys are in an
+    /// EC:3+2 bucket)
+    #[arg(long)]
+    replicated_only: bool,
     /// Keys the clients share
     #[arg(long, default_value_t = 9)]
     keys: usize,
@@ -381,6 +385,7 @@ fn run_chaos(a: ChaosArgs) -> anyhow::Result<()> {
         min_acked: a.min_acked,
         seed: a.seed.unwrap_or_else(rand::random),
         history,
+        erasure_coded: !a.replicated_only,
     }))
 }
 

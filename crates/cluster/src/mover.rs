@@ -568,10 +568,21 @@ impl Mover {
     ) {
         let me = self.blocks.node_id();
         let down = self.blocks.down_for_at_least(self.settings.repair_after);
+        // Blocks no record names are garbage waiting for collection: not rebuilt.
+        let (meta, asked) = (
+            self.meta.clone(),
+            home.iter().map(|id| id.block).collect::<Vec<_>>(),
+        );
+        let named: Vec<bool> = tokio::task::spawn_blocking(move || meta.refcounts_blocking(&asked))
+            .await
+            .ok()
+            .and_then(|r| r.ok())
+            .map(|r| r.into_iter().map(|n| n > 0).collect())
+            .unwrap_or_else(|| vec![true; home.len()]);
         // Per stripe: where each shard should be now (its node, or its stand-in).
         let mut stripes: Vec<(ShardId, Vec<Option<u64>>)> = Vec::new();
         let mut asks: HashMap<u64, Vec<ShardId>> = HashMap::new();
-        for id in home {
+        for (id, _) in home.iter().zip(&named).filter(|(_, n)| **n) {
             let n = usize::from(id.data) + usize::from(id.parity);
             let targets = placed.shard_nodes(&id.block, n);
             let mut subs = placed
