@@ -1695,6 +1695,30 @@ fn set_class(dev: &Dev, bucket: &str, class: &str) -> std::process::Output {
         .unwrap()
 }
 
+/// A cluster of `nodes` in 3 zones, a client per node, and bucket `bkt` of class
+/// EC:3+2 holding `count` objects `k{i}` (`object(i)`, written through the nodes in
+/// turn).
+fn with_ec_objects(
+    nodes: usize,
+    serve_args: &[&str],
+    count: usize,
+) -> (Dev, tokio::runtime::Runtime, Vec<aws_sdk_s3::Client>) {
+    let dev = Dev::start(nodes, 3, serve_args);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let c: Vec<_> = (0..nodes).map(|i| dev.client(i)).collect();
+    rt.block_on(async {
+        c[0].create_bucket().bucket("bkt").send().await.unwrap();
+    });
+    let out = set_class(&dev, "bkt", "EC:3+2");
+    assert!(out.status.success(), "{out:?}");
+    rt.block_on(async {
+        for i in 0..count {
+            put(&c[i % nodes], &format!("k{i}"), &object(i)).await;
+        }
+    });
+    (dev, rt, c)
+}
+
 /// The shard files of the block `data` on each node: (node index, shard index,
 /// file path).
 fn shard_files(dev: &Dev, nodes: usize, data: &[u8]) -> Vec<(usize, u8, PathBuf)> {
@@ -1865,19 +1889,7 @@ fn an_erasure_coded_bucket_reads_through_two_lost_shards() {
 /// five distinct remaining nodes and reads back whole.
 #[test]
 fn a_drained_node_takes_its_shards_to_their_new_places() {
-    let dev = Dev::start(6, 3, &["--move-interval=1s"]);
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let c: Vec<_> = (0..6).map(|i| dev.client(i)).collect();
-    rt.block_on(async {
-        c[0].create_bucket().bucket("bkt").send().await.unwrap();
-    });
-    let out = set_class(&dev, "bkt", "EC:3+2");
-    assert!(out.status.success(), "{out:?}");
-    rt.block_on(async {
-        for i in 0..20 {
-            put(&c[i % 6], &format!("k{i}"), &object(i)).await;
-        }
-    });
+    let (dev, rt, c) = with_ec_objects(6, &["--move-interval=1s"], 20);
     let on_5 = (0..20)
         .filter(|k| shard_files(&dev, 6, &object(*k)).iter().any(|s| s.0 == 5))
         .count();
@@ -1924,27 +1936,15 @@ fn shard_census(dev: &Dev, nodes: usize, data: &[u8], skip: &[usize]) -> Vec<usi
 /// node is back the stand-ins are dropped (one shard of each index left).
 #[test]
 fn lost_shards_are_rebuilt_and_stand_ins_go_when_the_node_returns() {
-    let mut dev = Dev::start(
+    let (mut dev, rt, c) = with_ec_objects(
         6,
-        3,
         &[
             "--move-interval=1s",
             "--repair-after=2s",
             "--repair-interval=2s",
         ],
+        12,
     );
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let c: Vec<_> = (0..6).map(|i| dev.client(i)).collect();
-    rt.block_on(async {
-        c[0].create_bucket().bucket("bkt").send().await.unwrap();
-    });
-    let out = set_class(&dev, "bkt", "EC:3+2");
-    assert!(out.status.success(), "{out:?}");
-    rt.block_on(async {
-        for i in 0..12 {
-            put(&c[i % 6], &format!("k{i}"), &object(i)).await;
-        }
-    });
     eventually(Duration::from_secs(20), || {
         match (0..12).all(|k| shard_census(&dev, 6, &object(k), &[]) == [1; 5]) {
             true => Ok(()),
@@ -1991,19 +1991,7 @@ fn lost_shards_are_rebuilt_and_stand_ins_go_when_the_node_returns() {
 /// blocks are written and read as before.
 #[test]
 fn a_cluster_shrunk_below_the_class_width_doubles_up_shards() {
-    let dev = Dev::start(5, 3, &["--move-interval=1s"]);
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let c: Vec<_> = (0..5).map(|i| dev.client(i)).collect();
-    rt.block_on(async {
-        c[0].create_bucket().bucket("bkt").send().await.unwrap();
-    });
-    let out = set_class(&dev, "bkt", "EC:3+2");
-    assert!(out.status.success(), "{out:?}");
-    rt.block_on(async {
-        for i in 0..10 {
-            put(&c[i % 5], &format!("k{i}"), &object(i)).await;
-        }
-    });
+    let (dev, rt, c) = with_ec_objects(5, &["--move-interval=1s"], 10);
     let gone = dev.node(4)["id"].as_str().unwrap().to_string();
     dev.cluster_ok(&["remove", &gone]);
     wait_until_left(&dev, 0, 4);

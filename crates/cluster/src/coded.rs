@@ -52,6 +52,16 @@ pub(crate) fn id_from(b: &[u8]) -> Option<ShardId> {
     ShardId::parse(BlockHash(h), &format!("{}+{}.{}", b[32], b[33], b[34]))
 }
 
+/// Shard `i` of the block `hash` cut into `k` + `m`.
+fn shard_id(hash: BlockHash, k: usize, m: usize, i: usize) -> ShardId {
+    ShardId {
+        block: hash,
+        data: k as u8,
+        parity: m as u8,
+        index: i as u8,
+    }
+}
+
 /// Bytes in each shard of a block of `len` bytes cut into `k`: even (the codec's
 /// unit), at least 2.
 pub fn shard_len(len: usize, k: usize) -> usize {
@@ -286,12 +296,7 @@ impl Blocks {
         let mut running = FuturesUnordered::new();
         let start = |i: usize, node: u64| {
             let (this, placed) = (self.clone(), placed.clone());
-            let id = ShardId {
-                block: hash,
-                data: k as u8,
-                parity: m as u8,
-                index: i as u8,
-            };
+            let id = shard_id(hash, k, m, i);
             let (data, sum) = shards[i].clone();
             async move {
                 let res = this
@@ -403,14 +408,7 @@ impl Blocks {
         m: usize,
         skip: &HashSet<(usize, u64)>,
     ) -> Vec<(usize, u64)> {
-        let ids: Vec<ShardId> = (0..k + m)
-            .map(|i| ShardId {
-                block: hash,
-                data: k as u8,
-                parity: m as u8,
-                index: i as u8,
-            })
-            .collect();
+        let ids: Vec<ShardId> = (0..k + m).map(|i| shard_id(hash, k, m, i)).collect();
         let nodes: Vec<u64> = placed.read_order(&hash);
         let asks = nodes.into_iter().map(|node| {
             let (this, placed, ids) = (self.clone(), placed.clone(), ids.clone());
@@ -494,12 +492,7 @@ impl Blocks {
         let mut errors: Vec<String> = Vec::new();
         let fetch = |i: usize, node: u64| {
             let (this, placed) = (self.clone(), placed.clone());
-            let id = ShardId {
-                block: hash,
-                data: k as u8,
-                parity: m as u8,
-                index: i as u8,
-            };
+            let id = shard_id(hash, k, m, i);
             async move {
                 let started = Instant::now();
                 let res = this.get_shard_from(&placed, node, id).await;
@@ -644,12 +637,7 @@ impl Blocks {
                 let Some(&node) = targets.get(i) else {
                     continue;
                 };
-                let id = ShardId {
-                    block: hash,
-                    data: k as u8,
-                    parity: m as u8,
-                    index: i as u8,
-                };
+                let id = shard_id(hash, k, m, i);
                 let data = Bytes::from(shards[i].clone());
                 let sum = BlockHash::of(&data).0;
                 if node == this.inner.me {
