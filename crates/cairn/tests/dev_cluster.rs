@@ -486,7 +486,6 @@ fn placement(st: &serde_json::Value) -> cairn_placement::Placement {
     cairn_placement::Placement::new(&specs, st["layout"]["copies"].as_u64().unwrap() as usize)
 }
 
-/// Waits (up to `limit`) for `check` to hold; panics with its last message otherwise.
 /// Waits (up to 60 s) until node `at` sees exactly `left` nodes in the layout
 /// and as members: the removed one gone, no other with it.
 fn wait_until_left(dev: &Dev, at: usize, left: usize) {
@@ -500,6 +499,7 @@ fn wait_until_left(dev: &Dev, at: usize, left: usize) {
     });
 }
 
+/// Waits (up to `limit`) for `check` to hold; panics with its last message otherwise.
 fn eventually(limit: Duration, mut check: impl FnMut() -> Result<(), String>) {
     let deadline = Instant::now() + limit;
     loop {
@@ -600,7 +600,7 @@ fn five_nodes_survive_two_down_and_blocks_return_to_their_places() {
 
 /// Test 6: a removed node drains first: its blocks are copied to their new places,
 /// so that every block again has its three copies (counted on disk) before the node
-/// leaves; nothing is lost. The others all stay members (five less one: three
+/// leaves; nothing is lost, and a copy gone bad on it is not what the others get. The others all stay members (five less one: three
 /// voters and a learner) and agree on the leader.
 #[test]
 fn a_removed_node_drains_before_it_leaves() {
@@ -618,6 +618,12 @@ fn a_removed_node_drains_before_it_leaves() {
         .filter(|k| before[4].contains(&hash_hex(&object(*k))))
         .count();
     assert!(on_4 > 12, "node 4 held only {on_4} of 40 blocks before");
+    // A copy gone bad on the drained node is fetched again from a good one on
+    // the way: the drain does not wait for the scrub.
+    let bad = (0..40)
+        .find(|k| before[4].contains(&hash_hex(&object(*k))))
+        .unwrap();
+    flip_byte(&block_path(&dev, 4, &object(bad)));
     let gone = dev.node(4)["id"].as_str().unwrap().to_string();
     dev.cluster_ok(&["remove", &gone]);
     wait_until_left(&dev, 0, 4);
@@ -641,6 +647,13 @@ fn a_removed_node_drains_before_it_leaves() {
         "the drained node still holds {} blocks",
         after[4].len()
     );
+    for i in 0..4 {
+        let path = block_path(&dev, i, &object(bad));
+        assert!(
+            !path.exists() || holds(&path, &object(bad)),
+            "node {i} got the bad copy of k{bad}"
+        );
+    }
     rt.block_on(async {
         for cu in &c[..4] {
             for k in 0..40 {
@@ -680,6 +693,82 @@ fn a_node_started_without_quorum_waits_for_it() {
             .map(|_| ())
             .map_err(|e| format!("the new secret is refused: {e:?}"))
     });
+}
+
+/// Copies the files under `from` to `to` (directories made as needed).
+fn copy_tree(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let target = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_tree(&e.path(), &target);
+        } else {
+            std::fs::copy(e.path(), &target).unwrap();
+        }
+    }
+}
+
+/// A follower whose disk is full when the leader dies: the two left need its
+/// vote, and saving it (then the new leader's first entries) waits for space
+/// instead of stopping the follower's Raft for good. Once space is freed a
+/// leader is elected, writes resume and the follower serves them. The follower
+/// runs on a tmpfs of its own (needs root).
+#[test]
+fn a_follower_on_a_full_disk_votes_once_space_is_freed() {
+    let mut dev = Dev::start(3, 3, &[]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let c: Vec<_> = (0..3).map(|i| dev.client(i)).collect();
+    let before = bytes(100_000, 1);
+    rt.block_on(async {
+        c[0].create_bucket().bucket("bkt").send().await.unwrap();
+        put(&c[0], "before", &before).await;
+    });
+    let leader = dev.leader();
+    let full = (0..3).find(|i| *i != leader).unwrap();
+    let other = (0..3).find(|i| *i != leader && *i != full).unwrap();
+    // The follower's directory moved onto a tmpfs.
+    dev.kill9(full);
+    let data = dev.data_dir(full);
+    let moved = data.with_extension("moved");
+    std::fs::rename(&data, &moved).unwrap();
+    std::fs::create_dir(&data).unwrap();
+    let Some(mount) = common::tmpfs(
+        &data,
+        "512m",
+        "a_follower_on_a_full_disk_votes_once_space_is_freed",
+    ) else {
+        return;
+    };
+    copy_tree(&moved, &data);
+    dev.restart(full);
+    rt.block_on(async { assert_eq!(get(&c[full], "before").await, before) });
+    common::fill_disk(&data.join("ballast"));
+    dev.kill9(leader);
+    // No leader without the full node's vote: writes fail meanwhile.
+    std::thread::sleep(Duration::from_secs(5));
+    std::fs::remove_file(data.join("ballast")).unwrap();
+    let after = bytes(100_000, 2);
+    eventually(Duration::from_secs(60), || {
+        rt.block_on(
+            c[other]
+                .put_object()
+                .bucket("bkt")
+                .key("after")
+                .body(after.clone().into())
+                .send(),
+        )
+        .map(|_| ())
+        .map_err(|e| format!("writes did not resume: {e:?}"))
+    });
+    rt.block_on(async {
+        for i in [full, other] {
+            assert_eq!(get(&c[i], "before").await, before);
+            assert_eq!(get(&c[i], "after").await, after);
+        }
+    });
+    drop(dev);
+    drop(mount);
 }
 
 /// The failure detector's verdict on node `of`, as node `at` exports it in its
@@ -1885,8 +1974,9 @@ fn an_erasure_coded_bucket_reads_through_two_lost_shards() {
 }
 
 /// A node of six removed from under an EC:3+2 bucket: its shards move to the nodes
-/// placement now names before it leaves; each block then has its five shards on
-/// five distinct remaining nodes and reads back whole.
+/// placement now names before it leaves (one of them gone bad on the way); each
+/// block then has its five shards on five distinct remaining nodes and reads
+/// back whole.
 #[test]
 fn a_drained_node_takes_its_shards_to_their_new_places() {
     let (dev, rt, c) = with_ec_objects(6, &["--move-interval=1s"], 20);
@@ -1894,6 +1984,13 @@ fn a_drained_node_takes_its_shards_to_their_new_places() {
         .filter(|k| shard_files(&dev, 6, &object(*k)).iter().any(|s| s.0 == 5))
         .count();
     assert!(on_5 > 5, "node 5 held shards of only {on_5} of 20 blocks");
+    // A shard gone bad on the drained node is rebuilt from the others on the
+    // way: the drain does not wait for the scrub.
+    let bad = (0..20)
+        .flat_map(|k| shard_files(&dev, 6, &object(k)))
+        .find(|s| s.0 == 5)
+        .unwrap();
+    flip_byte(&bad.2);
     let gone = dev.node(5)["id"].as_str().unwrap().to_string();
     dev.cluster_ok(&["remove", &gone]);
     wait_until_left(&dev, 0, 5);

@@ -609,34 +609,12 @@ async fn http_get(base: &str, path: &str) -> (u16, String) {
     (status, body)
 }
 
-/// Unmounts a tmpfs when dropped.
-struct Mount(std::path::PathBuf);
-
-impl Drop for Mount {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
-            .arg("-l")
-            .arg(&self.0)
-            .status();
-    }
-}
-
 /// A 40 MiB tmpfs mounted under `root` (unmounted when dropped), or `None`, the
 /// test `name` said to be skipped, where mounting is not allowed (not root).
-fn small_disk(root: &std::path::Path, name: &str) -> Option<Mount> {
+fn small_disk(root: &std::path::Path, name: &str) -> Option<common::Mount> {
     let mnt = root.join("small-disk");
     std::fs::create_dir_all(&mnt).unwrap();
-    let mounted = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=40m", "tmpfs"])
-        .arg(&mnt)
-        .stderr(std::process::Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !mounted {
-        eprintln!("SKIPPED {name}: cannot mount a tmpfs here (needs root)");
-        return None;
-    }
-    Some(Mount(mnt))
+    common::tmpfs(&mnt, "40m", name)
 }
 
 /// A full disk fails writes with a clear error, loses nothing stored, and writes work
@@ -764,13 +742,7 @@ async fn a_full_disk_never_makes_acknowledged_objects_look_missing() {
             .unwrap();
     }
     // The disk fills at once.
-    {
-        use std::io::Write;
-        let mut f = std::fs::File::create(mnt.join("ballast")).unwrap();
-        let chunk = vec![0u8; 1 << 20];
-        while f.write_all(&chunk).is_ok() {}
-        let _ = f.sync_all();
-    }
+    common::fill_disk(&mnt.join("ballast"));
     // Past the checkpoint interval: every read is the object or 503.
     let until = std::time::Instant::now() + Duration::from_secs(10);
     let (mut served, mut unavailable) = (0, 0);
@@ -839,14 +811,7 @@ async fn a_node_started_on_a_full_disk_serves_once_space_is_freed() {
         .unwrap();
     srv.kill9();
     // Fill the disk to the last byte.
-    {
-        use std::io::Write;
-        let mut f = std::fs::File::create(mnt.join("ballast")).unwrap();
-        let chunk = vec![0u8; 64 << 10];
-        while f.write_all(&chunk).is_ok() {}
-        let _ = f.write_all(&[0u8; 512]);
-        let _ = f.sync_all();
-    }
+    common::fill_disk(&mnt.join("ballast"));
     // Start it again; free the space a few seconds into its start.
     let dir = data_dir.clone();
     let starting = std::thread::spawn(move || Server::try_start_in(&dir, &[], &[]));

@@ -217,3 +217,39 @@ pub fn md5_hex(data: &[u8]) -> String {
     h.update(data);
     h.finalize().iter().map(|b| format!("{b:02x}")).collect()
 }
+
+/// A tmpfs mounted at a directory, unmounted (lazily) when dropped.
+pub struct Mount(pub PathBuf);
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// Mounts a tmpfs of `size` (as mount takes it: "40m") at the directory `at`, or
+/// says the test `name` is skipped and answers `None` where mounting is not
+/// allowed (not root).
+pub fn tmpfs(at: &Path, size: &str, name: &str) -> Option<Mount> {
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+        .arg(at)
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !mounted {
+        eprintln!("SKIPPED {name}: cannot mount a tmpfs here (needs root)");
+        return None;
+    }
+    Some(Mount(at.to_path_buf()))
+}
+
+/// Writes zeros to `path` until the disk it is on is full (the last bytes too).
+pub fn fill_disk(path: &Path) {
+    use std::io::Write;
+    let mut f = std::fs::File::create(path).unwrap();
+    let chunk = vec![0u8; 64 << 10];
+    while f.write_all(&chunk).is_ok() {}
+    let _ = f.write_all(&[0u8; 512]);
+    let _ = f.sync_all();
+}
