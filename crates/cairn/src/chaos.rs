@@ -1710,7 +1710,14 @@ struct Change {
     /// When the request was last sent, the change last looked at.
     sent: Instant,
     polled: Instant,
+    /// When it began, and when a slow change was last reported.
+    began: Instant,
+    told: Option<Instant>,
 }
+
+/// A change under way for longer than this is reported (where it stands) each
+/// time this much more has passed.
+const SLOW_CHANGE: Duration = Duration::from_secs(120);
 
 /// Starts a membership change (node `gone` added again on its ports with a new
 /// data directory, or a healthy follower removed) and kills the leader `l` a
@@ -1774,6 +1781,8 @@ async fn member_fault(
         request: None,
         sent: Instant::now(),
         polled: Instant::now(),
+        began: Instant::now(),
+        told: None,
     };
     let via: Vec<usize> = healthy
         .iter()
@@ -1854,6 +1863,10 @@ async fn drive_change(
             .is_some_and(|a| a.iter().any(|m| m["id"].as_str() == Some(ch.id.as_str())))
     };
     let (member, in_layout) = (listed("members"), listed("nodes"));
+    if ch.began.elapsed() > SLOW_CHANGE && ch.told.is_none_or(|t| t.elapsed() > SLOW_CHANGE) {
+        ch.told = Some(Instant::now());
+        report_slow_change(c, ch, &st, up).await;
+    }
     if ch.add && member && in_layout {
         serving[ch.node].store(true, Ordering::Relaxed);
         return Ok(true);
@@ -1892,6 +1905,41 @@ async fn drive_change(
         }
     }
     Ok(false)
+}
+
+/// Prints where a slow membership change stands: the node in the leader's
+/// layout and membership, and each node's mover as it reports itself.
+async fn report_slow_change(c: &Cluster, ch: &Change, leader: &serde_json::Value, up: &[usize]) {
+    let find = |list: &str| {
+        leader[list]
+            .as_array()
+            .and_then(|a| a.iter().find(|m| m["id"].as_str() == Some(ch.id.as_str())))
+            .cloned()
+    };
+    println!(
+        "  change of node {} ({}) under way for {:.0}s: layout {} (version {}), member {}",
+        ch.node,
+        if ch.add { "addition" } else { "removal" },
+        ch.began.elapsed().as_secs_f64(),
+        find("nodes").map_or("absent".to_string(), |n| n["state"].to_string()),
+        leader["layout"]["version"],
+        find("members").map_or("no".to_string(), |m| format!("yes (voter {})", m["voter"])),
+    );
+    for &i in up.iter().chain(std::iter::once(&ch.node)) {
+        let Some(st) = local_cluster::status(&c.nodes[i].admin).await else {
+            println!("    node {i}: no status");
+            continue;
+        };
+        let me = st["nodes"]
+            .as_array()
+            .and_then(|a| a.iter().find(|n| n["id"] == st["node"]))
+            .map(|n| n["rebalance"].clone())
+            .unwrap_or_default();
+        println!(
+            "    node {i}: {} term {} applied {}, mover {}",
+            st["raft_state"], st["term"], st["applied_index"], me
+        );
+    }
 }
 
 /// Prints the summary of a history and its verdict; whether every check passed.

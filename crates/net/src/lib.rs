@@ -681,6 +681,11 @@ impl Client {
 
 /// Connections to peers by address, made on first use and again after one closes.
 /// Connecting to one peer holds up only the calls to that peer.
+///
+/// A connection is made by a task of its own, which every caller that wants
+/// one meanwhile waits on: a caller that stops being polled (a request whose
+/// client went quiet, a read that lost a race) can never hold the others up,
+/// as one holding a lock across the connect could.
 #[derive(Clone)]
 pub struct Peers {
     me: Identity,
@@ -688,8 +693,12 @@ pub struct Peers {
     clients: Arc<Mutex<HashMap<String, Slot>>>,
 }
 
-/// The connection to one address, if made; locked while (re)connecting.
-type Slot = Arc<tokio::sync::Mutex<Option<Client>>>;
+/// The connection to one address: made, or being made (its outcome to come).
+#[derive(Clone)]
+enum Slot {
+    Ready(Client),
+    Connecting(watch::Receiver<Option<Result<Client, RpcError>>>),
+}
 
 impl Peers {
     pub fn new(me: Identity, connect_timeout: Duration) -> Peers {
@@ -702,22 +711,48 @@ impl Peers {
 
     /// A live connection to `addr`.
     pub async fn get(&self, addr: &str) -> Result<Client, RpcError> {
-        let slot = self
-            .clients
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry(addr.to_string())
-            .or_default()
-            .clone();
-        let mut slot = slot.lock().await;
-        if let Some(c) = slot.as_ref()
-            && !c.is_closed()
-        {
-            return Ok(c.clone());
+        let mut outcome = {
+            let mut clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
+            match clients.get(addr) {
+                Some(Slot::Ready(c)) if !c.is_closed() => return Ok(c.clone()),
+                Some(Slot::Connecting(rx)) => rx.clone(),
+                _ => {
+                    let (tx, rx) = watch::channel(None);
+                    clients.insert(addr.to_string(), Slot::Connecting(rx.clone()));
+                    let (me, timeout) = (self.me.clone(), self.connect_timeout);
+                    let (all, addr) = (self.clients.clone(), addr.to_string());
+                    tokio::spawn(async move {
+                        let res = Client::connect(&addr, &me, timeout).await;
+                        {
+                            let mut clients = all.lock().unwrap_or_else(|e| e.into_inner());
+                            match &res {
+                                Ok(c) => {
+                                    clients.insert(addr, Slot::Ready(c.clone()));
+                                }
+                                Err(_) => {
+                                    clients.remove(&addr);
+                                }
+                            }
+                        }
+                        let _ = tx.send(Some(res));
+                    });
+                    rx
+                }
+            }
+        };
+        loop {
+            if let Some(res) = outcome.borrow_and_update().clone() {
+                return res;
+            }
+            if outcome.changed().await.is_err() {
+                // The connecting task is gone without a word (the runtime
+                // shutting down).
+                return Err(RpcError::Connect {
+                    addr: addr.to_string(),
+                    reason: "the connection attempt was abandoned".into(),
+                });
+            }
         }
-        let c = Client::connect(addr, &self.me, self.connect_timeout).await?;
-        *slot = Some(c.clone());
-        Ok(c)
     }
 
     /// Calls `service` of node `node` at `addr`, connecting if needed. The request

@@ -399,3 +399,43 @@ async fn a_silent_connection_is_dropped_and_made_again() {
     }
     assert!(c.is_closed(), "the silent connection was kept");
 }
+
+/// A caller left unpolled while its connection is being made (a request whose
+/// client went quiet, the loser of a hedged read) holds up no other caller of
+/// that peer: they get a connection once that attempt has timed out.
+#[tokio::test]
+async fn a_caller_left_unpolled_while_connecting_holds_up_no_one() {
+    use std::sync::atomic::AtomicU64;
+    let (target, _stop) = server(2, b"k").await;
+    // The first connection through the forwarder stalls (its handshake too).
+    let via = forwarder(target, Arc::new(AtomicU64::new(1))).await;
+    let peers = Peers::new(Identity::new(1, b"k"), Duration::from_millis(500));
+    let mut first = Box::pin(peers.call_node(2, &via, 1, Bytes::from_static(b"a"), T));
+    // Polled for a moment (the connection begun), then kept and never polled.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(100), first.as_mut())
+            .await
+            .is_err()
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let call = peers.call_node(
+            2,
+            &via,
+            1,
+            Bytes::from_static(b"b"),
+            Duration::from_millis(500),
+        );
+        match tokio::time::timeout(Duration::from_secs(3), call).await {
+            Ok(Ok(_)) => break,
+            Ok(Err(_)) => {} // the stalled attempt's own failure
+            Err(_) => panic!("a call waited on the connection of a caller no one polls"),
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no call got through a new connection"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(first);
+}
