@@ -6,6 +6,7 @@
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 mod admin_cli;
+mod backup_cli;
 mod bench;
 mod chaos;
 mod config;
@@ -62,6 +63,13 @@ enum Cmd {
     /// a verdict on the history (no lost write, linearizable). Exits non-zero on
     /// any loss, violation or unmet check
     Chaos(ChaosArgs),
+    /// Back up buckets to a local folder or any S3 endpoint (full, incremental,
+    /// differential), list the backups, make a backup key
+    #[command(subcommand)]
+    Backup(backup_cli::BackupCmd),
+    /// Restore a backup (by id, or the latest at or before a time) into a running
+    /// cairn or any S3 endpoint
+    Restore(backup_cli::RestoreArgs),
 }
 
 #[derive(Args)]
@@ -305,6 +313,8 @@ fn main() -> std::process::ExitCode {
         Cmd::Bucket(c) => admin_cli::run_bucket(c),
         Cmd::DevCluster(a) => dev_cluster::run(a),
         Cmd::Chaos(a) => run_chaos(a),
+        Cmd::Backup(c) => backup_cli::run_backup(c),
+        Cmd::Restore(a) => backup_cli::run_restore(a),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

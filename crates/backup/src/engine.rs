@@ -1,0 +1,550 @@
+//! Taking a backup of a cairn (or any S3 endpoint) and restoring one into it.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use aws_sdk_s3::primitives::ByteStream;
+use serde::Serialize;
+
+use crate::BackupError;
+use crate::lock::Lock;
+use crate::manifest::{self, Change, Kind, MANIFEST_FORMAT, Manifest, ObjectEntry, State};
+use crate::repo::{CHUNK_SIZE, Repo};
+
+/// The S3 endpoint backed up, or restored into.
+#[derive(Clone)]
+pub struct Endpoint {
+    pub client: aws_sdk_s3::Client,
+    pub url: String,
+}
+
+impl Endpoint {
+    pub fn new(url: &str, access_key: &str, secret_key: &str) -> Endpoint {
+        Endpoint {
+            client: crate::target::s3_client(url, access_key, secret_key),
+            url: url.to_string(),
+        }
+    }
+
+    fn fail<E: std::fmt::Debug>(&self, what: &str, e: E) -> BackupError {
+        BackupError::Source(format!(
+            "{what} at {}: {}",
+            self.url,
+            crate::target::sdk_message(&e)
+        ))
+    }
+
+    /// Every bucket's name, sorted.
+    pub async fn buckets(&self) -> Result<Vec<String>, BackupError> {
+        let out = self
+            .client
+            .list_buckets()
+            .send()
+            .await
+            .map_err(|e| self.fail("listing the buckets", e))?;
+        let mut names: Vec<String> = out
+            .buckets()
+            .iter()
+            .filter_map(|b| b.name().map(str::to_string))
+            .collect();
+        names.sort();
+        Ok(names)
+    }
+
+    /// Every object of `bucket` as a listing shows it: key, size, ETag, time.
+    async fn list(&self, bucket: &str) -> Result<Vec<(String, u64, String, String)>, BackupError> {
+        let mut out = Vec::new();
+        let mut pages = self
+            .client
+            .list_objects_v2()
+            .bucket(bucket)
+            .into_paginator()
+            .send();
+        while let Some(page) = pages.next().await {
+            let page = page.map_err(|e| self.fail(&format!("listing bucket {bucket}"), e))?;
+            for o in page.contents() {
+                let (Some(k), Some(t)) = (o.key(), o.last_modified()) else {
+                    continue;
+                };
+                out.push((
+                    k.to_string(),
+                    o.size().unwrap_or(0).max(0) as u64,
+                    o.e_tag().unwrap_or_default().to_string(),
+                    rfc3339(t),
+                ));
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn rfc3339(t: &aws_sdk_s3::primitives::DateTime) -> String {
+    t.fmt(aws_sdk_s3::primitives::DateTimeFormat::DateTime)
+        .unwrap_or_default()
+}
+
+/// The time now (RFC 3339, to the microsecond) and a backup id made from it:
+/// ids sort as the backups were begun, and two never clash.
+fn now_and_id() -> (String, String) {
+    let now = time::OffsetDateTime::now_utc();
+    let now = now
+        .replace_nanosecond(now.microsecond() * 1000)
+        .unwrap_or(now);
+    let text = now
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default();
+    let id = format!(
+        "{:04}{:02}{:02}T{:02}{:02}{:02}{:06}Z-{:06x}",
+        now.year(),
+        u8::from(now.month()),
+        now.day(),
+        now.hour(),
+        now.minute(),
+        now.second(),
+        now.microsecond(),
+        rand::random::<u32>() & 0xff_ffff
+    );
+    (text, id)
+}
+
+/// What to back up.
+#[derive(Clone, Debug, Default)]
+pub struct BackupOptions {
+    /// The buckets (none: every bucket of the endpoint).
+    pub buckets: Vec<String>,
+    /// Full, incremental or differential (none: incremental).
+    pub kind: Option<Kind>,
+}
+
+/// A list entry (and `--json` output) for a backup.
+#[derive(Clone, Debug, Serialize)]
+pub struct Summary {
+    pub id: String,
+    #[serde(rename = "type")]
+    pub kind: Kind,
+    pub parent: Option<String>,
+    pub buckets: Vec<String>,
+    pub time: String,
+    pub objects: u64,
+    pub bytes_stored: u64,
+    pub bytes_new: u64,
+}
+
+impl From<&Manifest> for Summary {
+    fn from(m: &Manifest) -> Summary {
+        Summary {
+            id: m.id.clone(),
+            kind: m.kind,
+            parent: m.parent.clone(),
+            buckets: m.buckets.clone(),
+            time: m.time.clone(),
+            objects: m.objects,
+            bytes_stored: m.bytes_stored,
+            bytes_new: m.bytes_new,
+        }
+    }
+}
+
+/// Reports progress: objects and bytes done of those known.
+pub trait Progress: Send + Sync {
+    fn object_done(&self, bytes: u64);
+}
+
+impl Progress for () {
+    fn object_done(&self, _: u64) {}
+}
+
+/// Takes a backup of `source`'s buckets into `repo`; its manifest.
+pub async fn backup(
+    source: &Endpoint,
+    repo: &Repo<'_>,
+    opts: &BackupOptions,
+    progress: &dyn Progress,
+) -> Result<Manifest, BackupError> {
+    let mut lock = Lock::acquire(repo.target, "backup").await?;
+    let res = backup_locked(source, repo, opts, progress, &mut lock).await;
+    let released = lock.release(repo.target).await;
+    let m = res?;
+    released?;
+    Ok(m)
+}
+
+async fn backup_locked(
+    source: &Endpoint,
+    repo: &Repo<'_>,
+    opts: &BackupOptions,
+    progress: &dyn Progress,
+    lock: &mut Lock,
+) -> Result<Manifest, BackupError> {
+    let (time, id) = now_and_id();
+    let mut buckets: Vec<String> = if opts.buckets.is_empty() {
+        source.buckets().await?
+    } else {
+        opts.buckets.clone()
+    };
+    buckets.sort();
+    buckets.dedup();
+    let all = repo.manifests().await?;
+    let same: Vec<&Manifest> = all.iter().filter(|m| m.buckets == buckets).collect();
+    let asked = opts.kind.unwrap_or(Kind::Incremental);
+    let parent = match asked {
+        Kind::Full => None,
+        Kind::Incremental => same.last().copied(),
+        Kind::Differential => same.iter().rev().find(|m| m.kind == Kind::Full).copied(),
+    };
+    let kind = if parent.is_none() { Kind::Full } else { asked };
+    let held: State = match parent {
+        Some(p) => repo.state_at(&all, &p.id).await?,
+        None => State::new(),
+    };
+    let mut now = State::new();
+    let (mut bytes_stored, mut bytes_new, mut bytes) = (0u64, 0u64, 0u64);
+    let mut renewed = std::time::Instant::now();
+    for bucket in &buckets {
+        for (key, size, etag, modified) in source.list(bucket).await? {
+            if renewed.elapsed() > crate::lock::LOCK_TTL / 3 {
+                lock.renew(repo.target).await?;
+                renewed = std::time::Instant::now();
+            }
+            let k = (bucket.clone(), key.clone());
+            let entry = match held.get(&k) {
+                Some(h) if manifest::unchanged(h, size, &etag, &modified) => h.clone(),
+                _ => {
+                    let Some((entry, stored)) =
+                        capture(source, repo, bucket, &key, &etag, &modified).await?
+                    else {
+                        continue; // deleted since the listing
+                    };
+                    bytes_stored += stored;
+                    bytes_new += entry.size;
+                    entry
+                }
+            };
+            bytes += entry.size;
+            progress.object_done(entry.size);
+            now.insert(k, entry);
+        }
+    }
+    let changes: Vec<Change> = manifest::diff(&held, &now);
+    let (finished, _) = now_and_id();
+    let m = Manifest {
+        format: MANIFEST_FORMAT,
+        id,
+        kind,
+        parent: parent.map(|p| p.id.clone()),
+        buckets,
+        time,
+        finished,
+        objects: now.len() as u64,
+        bytes,
+        bytes_stored,
+        bytes_new,
+        bucket_settings: BTreeMap::new(),
+        pages: 0,
+    };
+    repo.commit(m, &changes).await
+}
+
+/// Reads one object and stores its chunks; its entry and the bytes its new
+/// chunks took at the target, or `None` if it is gone. The entry keeps the
+/// ETag and time the listing showed (`etag`, `modified`), which the next
+/// backup's listing is compared with, unless the object changed since.
+async fn capture(
+    source: &Endpoint,
+    repo: &Repo<'_>,
+    bucket: &str,
+    key: &str,
+    etag: &str,
+    modified: &str,
+) -> Result<Option<(ObjectEntry, u64)>, BackupError> {
+    let resp = match source
+        .client
+        .get_object()
+        .bucket(bucket)
+        .key(key)
+        .send()
+        .await
+    {
+        Ok(r) => r,
+        Err(e) if e.raw_response().is_some_and(|r| r.status().as_u16() == 404) => return Ok(None),
+        Err(e) => return Err(source.fail(&format!("reading {bucket}/{key}"), e)),
+    };
+    let got_etag = resp.e_tag().unwrap_or_default().to_string();
+    let same = got_etag.trim_matches('"') == etag.trim_matches('"');
+    let mut entry = ObjectEntry {
+        bucket: bucket.to_string(),
+        key: key.to_string(),
+        size: 0,
+        etag: if same { etag.to_string() } else { got_etag },
+        content_type: resp.content_type().map(str::to_string),
+        metadata: resp
+            .metadata()
+            .map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+            .unwrap_or_default(),
+        modified: match same {
+            true => modified.to_string(),
+            false => resp.last_modified().map(rfc3339).unwrap_or_default(),
+        },
+        chunks: Vec::new(),
+    };
+    let mut body = resp.body;
+    let mut buf: Vec<u8> = Vec::with_capacity(CHUNK_SIZE);
+    let mut stored = 0u64;
+    loop {
+        let next = body
+            .try_next()
+            .await
+            .map_err(|e| source.fail(&format!("reading {bucket}/{key}"), e))?;
+        let end = next.is_none();
+        if let Some(b) = next {
+            let mut b = &b[..];
+            while !b.is_empty() {
+                let take = (CHUNK_SIZE - buf.len()).min(b.len());
+                buf.extend_from_slice(&b[..take]);
+                b = &b[take..];
+                if buf.len() == CHUNK_SIZE {
+                    let (id, n) = repo.put_chunk(&buf).await?;
+                    entry.chunks.push(id);
+                    entry.size += buf.len() as u64;
+                    stored += n;
+                    buf.clear();
+                }
+            }
+        }
+        if end {
+            break;
+        }
+    }
+    if !buf.is_empty() || entry.chunks.is_empty() {
+        let (id, n) = repo.put_chunk(&buf).await?;
+        entry.chunks.push(id);
+        entry.size += buf.len() as u64;
+        stored += n;
+    }
+    Ok(Some((entry, stored)))
+}
+
+/// What to restore, and where.
+#[derive(Clone, Debug, Default)]
+pub struct RestoreOptions {
+    /// The buckets of the backup to restore (none: all it holds).
+    pub buckets: Vec<String>,
+    /// Restore into this bucket instead (one source bucket only).
+    pub to_bucket: Option<String>,
+    /// Only keys starting with this.
+    pub prefix: Option<String>,
+    /// Restore into non-empty buckets, deleting what the backup does not hold.
+    pub force: bool,
+}
+
+/// What a restore did.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct RestoreReport {
+    pub objects: u64,
+    pub bytes: u64,
+    pub deleted: u64,
+    /// Objects not written: each with the damaged chunk or file that kept it out.
+    pub failed: Vec<String>,
+}
+
+/// Restores backup `m` into `dest`.
+pub async fn restore(
+    repo: &Repo<'_>,
+    all: &[Manifest],
+    m: &Manifest,
+    dest: &Endpoint,
+    opts: &RestoreOptions,
+    progress: &dyn Progress,
+) -> Result<RestoreReport, BackupError> {
+    let state = repo.state_at(all, &m.id).await?;
+    let wanted: BTreeSet<String> = if opts.buckets.is_empty() {
+        m.buckets.iter().cloned().collect()
+    } else {
+        for b in &opts.buckets {
+            if !m.buckets.contains(b) {
+                return Err(BackupError::Usage(format!(
+                    "backup {} holds no bucket {b} (it holds {})",
+                    m.id,
+                    m.buckets.join(", ")
+                )));
+            }
+        }
+        opts.buckets.iter().cloned().collect()
+    };
+    if opts.to_bucket.is_some() && wanted.len() != 1 {
+        return Err(BackupError::Usage(
+            "--to-bucket needs exactly one source bucket (--bucket B)".into(),
+        ));
+    }
+    let dest_of = |b: &str| opts.to_bucket.clone().unwrap_or_else(|| b.to_string());
+    let prefix = opts.prefix.clone().unwrap_or_default();
+    // Every destination checked before anything is written.
+    let mut existing: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for b in &wanted {
+        let d = dest_of(b);
+        let keys: Vec<String> = match dest.list(&d).await {
+            Ok(objs) => objs
+                .into_iter()
+                .map(|o| o.0)
+                .filter(|k| k.starts_with(&prefix))
+                .collect(),
+            Err(_) => {
+                dest.client
+                    .create_bucket()
+                    .bucket(&d)
+                    .send()
+                    .await
+                    .map_err(|e| dest.fail(&format!("creating bucket {d}"), e))?;
+                Vec::new()
+            }
+        };
+        if !keys.is_empty() && !opts.force {
+            return Err(BackupError::Usage(format!(
+                "bucket {d} is not empty ({} objects{}): restore into another (--to-bucket), or give --force to replace what it holds",
+                keys.len(),
+                if prefix.is_empty() {
+                    String::new()
+                } else {
+                    format!(" under {prefix}")
+                }
+            )));
+        }
+        existing.insert(d, keys);
+    }
+    let mut report = RestoreReport::default();
+    for ((bucket, key), o) in &state {
+        if !wanted.contains(bucket) || !key.starts_with(&prefix) {
+            continue;
+        }
+        let d = dest_of(bucket);
+        match put_object(repo, dest, &d, o).await? {
+            Ok(()) => {
+                report.objects += 1;
+                report.bytes += o.size;
+                progress.object_done(o.size);
+            }
+            Err(why) => report.failed.push(format!("{bucket}/{key}: {why}")),
+        }
+    }
+    // With --force, what the backup does not hold goes.
+    for (d, keys) in existing {
+        for k in keys {
+            let held = wanted
+                .iter()
+                .any(|b| dest_of(b) == d && state.contains_key(&(b.clone(), k.clone())));
+            if !held {
+                dest.client
+                    .delete_object()
+                    .bucket(&d)
+                    .key(&k)
+                    .send()
+                    .await
+                    .map_err(|e| dest.fail(&format!("deleting {d}/{k}"), e))?;
+                report.deleted += 1;
+            }
+        }
+    }
+    Ok(report)
+}
+
+/// Writes one object from its chunks, each checked before it is sent; an
+/// object with a bad chunk is not written (Ok(Err(why))).
+async fn put_object(
+    repo: &Repo<'_>,
+    dest: &Endpoint,
+    bucket: &str,
+    o: &ObjectEntry,
+) -> Result<Result<(), String>, BackupError> {
+    let meta: Option<std::collections::HashMap<String, String>> = if o.metadata.is_empty() {
+        None
+    } else {
+        Some(o.metadata.clone().into_iter().collect())
+    };
+    if o.chunks.len() <= 1 {
+        let data = match o.chunks.first() {
+            Some(id) => match repo.get_chunk(id).await {
+                Ok(d) => d,
+                Err(e) => return Ok(Err(e.to_string())),
+            },
+            None => Vec::new(),
+        };
+        dest.client
+            .put_object()
+            .bucket(bucket)
+            .key(&o.key)
+            .set_content_type(o.content_type.clone())
+            .set_metadata(meta)
+            .body(ByteStream::from(data))
+            .send()
+            .await
+            .map_err(|e| dest.fail(&format!("writing {bucket}/{}", o.key), e))?;
+        return Ok(Ok(()));
+    }
+    let up = dest
+        .client
+        .create_multipart_upload()
+        .bucket(bucket)
+        .key(&o.key)
+        .set_content_type(o.content_type.clone())
+        .set_metadata(meta)
+        .send()
+        .await
+        .map_err(|e| dest.fail(&format!("writing {bucket}/{}", o.key), e))?;
+    let upload_id = up.upload_id().unwrap_or_default().to_string();
+    let abort = || async {
+        let _ = dest
+            .client
+            .abort_multipart_upload()
+            .bucket(bucket)
+            .key(&o.key)
+            .upload_id(&upload_id)
+            .send()
+            .await;
+    };
+    let mut parts = Vec::new();
+    for (n, id) in o.chunks.iter().enumerate() {
+        let data = match repo.get_chunk(id).await {
+            Ok(d) => d,
+            Err(e) => {
+                abort().await;
+                return Ok(Err(e.to_string()));
+            }
+        };
+        let part = (n + 1) as i32;
+        let res = dest
+            .client
+            .upload_part()
+            .bucket(bucket)
+            .key(&o.key)
+            .upload_id(&upload_id)
+            .part_number(part)
+            .body(ByteStream::from(data))
+            .send()
+            .await;
+        match res {
+            Ok(r) => parts.push(
+                aws_sdk_s3::types::CompletedPart::builder()
+                    .part_number(part)
+                    .set_e_tag(r.e_tag().map(str::to_string))
+                    .build(),
+            ),
+            Err(e) => {
+                abort().await;
+                return Err(dest.fail(&format!("writing {bucket}/{}", o.key), e));
+            }
+        }
+    }
+    dest.client
+        .complete_multipart_upload()
+        .bucket(bucket)
+        .key(&o.key)
+        .upload_id(&upload_id)
+        .multipart_upload(
+            aws_sdk_s3::types::CompletedMultipartUpload::builder()
+                .set_parts(Some(parts))
+                .build(),
+        )
+        .send()
+        .await
+        .map_err(|e| dest.fail(&format!("writing {bucket}/{}", o.key), e))?;
+    Ok(Ok(()))
+}

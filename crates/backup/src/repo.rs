@@ -1,0 +1,369 @@
+//! A target as a store of backups: its configuration (format, encrypted or
+//! not), its chunks and its manifests.
+
+use std::collections::HashMap;
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use crate::manifest::{
+    self, Change, MANIFEST_FORMAT, MAX_PAGE_BYTES, Manifest, State, chunk_name, manifest_name,
+    page_name,
+};
+use crate::target::Target;
+use crate::{BackupError, BackupKey, ChunkId, Codec};
+
+/// The target's own file: its format, and whether (and with which key) its
+/// files are encrypted.
+pub const CONFIG_NAME: &str = "cairn-backup.json";
+/// Format of a target this cairn writes and reads.
+pub const TARGET_FORMAT: u32 = 1;
+/// Bytes of an object per chunk (also one part of a multipart upload on
+/// restore, so above S3's 5 MiB least part).
+pub const CHUNK_SIZE: usize = 8 << 20;
+/// The largest chunk opened.
+pub const MAX_CHUNK: usize = 64 << 20;
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct TargetConfig {
+    format: u32,
+    encrypted: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    key_check: Option<String>,
+}
+
+/// An opened target.
+pub struct Repo<'a> {
+    pub target: &'a dyn Target,
+    pub codec: Codec,
+}
+
+impl<'a> Repo<'a> {
+    /// Opens the backups at `target` with `key` (or none); with `create`, a
+    /// target holding none yet is made one (encrypted if a key is given).
+    pub async fn open(
+        target: &'a dyn Target,
+        key: Option<&BackupKey>,
+        create: bool,
+    ) -> Result<Repo<'a>, BackupError> {
+        let cfg = match target.get(CONFIG_NAME).await? {
+            Some(b) => serde_json::from_slice::<TargetConfig>(&b).map_err(|e| {
+                BackupError::Corrupt(format!("{CONFIG_NAME} at {}: {e}", target.describe()))
+            })?,
+            None if create => {
+                let cfg = TargetConfig {
+                    format: TARGET_FORMAT,
+                    encrypted: key.is_some(),
+                    key_check: key.map(|k| k.check_value()),
+                };
+                let body = Bytes::from(serde_json::to_vec_pretty(&cfg).unwrap_or_default());
+                if !target.put_new(CONFIG_NAME, body).await? {
+                    // Made meanwhile by another run: open what it made.
+                    return Box::pin(Repo::open(target, key, false)).await;
+                }
+                cfg
+            }
+            None => {
+                return Err(BackupError::Target(format!(
+                    "{} holds no backups (no {CONFIG_NAME})",
+                    target.describe()
+                )));
+            }
+        };
+        if cfg.format > TARGET_FORMAT {
+            return Err(BackupError::Format(format!(
+                "the backups at {} are of format {} (this cairn reads format {TARGET_FORMAT})",
+                target.describe(),
+                cfg.format
+            )));
+        }
+        let codec = match (cfg.encrypted, key) {
+            (false, None) => Codec::plain(),
+            (false, Some(_)) => {
+                return Err(BackupError::Key(format!(
+                    "the backups at {} are not encrypted: give no key",
+                    target.describe()
+                )));
+            }
+            (true, None) => {
+                return Err(BackupError::Key(format!(
+                    "the backups at {} are encrypted: give their key (--key-file FILE or CAIRN_BACKUP_KEY)",
+                    target.describe()
+                )));
+            }
+            (true, Some(k)) => {
+                if cfg.key_check.as_deref() != Some(k.check_value().as_str()) {
+                    return Err(BackupError::Key(format!(
+                        "the key given is not the one the backups at {} were made with",
+                        target.describe()
+                    )));
+                }
+                Codec::encrypted(k)
+            }
+        };
+        Ok(Repo { target, codec })
+    }
+
+    /// Stores a chunk unless the target has it; its name and the bytes it took
+    /// there (0 when it was there already).
+    pub async fn put_chunk(&self, plain: &[u8]) -> Result<(ChunkId, u64), BackupError> {
+        let id = self.codec.chunk_id(plain);
+        let name = chunk_name(&id);
+        if self.target.size(&name).await?.is_some() {
+            return Ok((id, 0));
+        }
+        let sealed = self.codec.seal(plain)?;
+        let n = sealed.len() as u64;
+        self.target.put(&name, Bytes::from(sealed)).await?;
+        Ok((id, n))
+    }
+
+    /// A chunk's plain bytes, checked against its name.
+    pub async fn get_chunk(&self, id: &ChunkId) -> Result<Vec<u8>, BackupError> {
+        let name = chunk_name(id);
+        let sealed = self
+            .target
+            .get(&name)
+            .await?
+            .ok_or_else(|| BackupError::Corrupt(format!("{name}: missing")))?;
+        self.codec
+            .open_chunk(id, &sealed, MAX_CHUNK)
+            .map_err(|e| named(&name, e))
+    }
+
+    /// Every committed backup at the target, oldest first; a manifest that
+    /// cannot be read is an error naming it.
+    pub async fn manifests(&self) -> Result<Vec<Manifest>, BackupError> {
+        let mut out = Vec::new();
+        for (name, _) in self.target.list("backups/").await? {
+            if !name.ends_with("/manifest") {
+                continue;
+            }
+            out.push(self.manifest_at(&name).await?);
+        }
+        out.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(out)
+    }
+
+    async fn manifest_at(&self, name: &str) -> Result<Manifest, BackupError> {
+        let sealed = self
+            .target
+            .get(name)
+            .await?
+            .ok_or_else(|| BackupError::Corrupt(format!("{name}: missing")))?;
+        let m = self
+            .codec
+            .open(&sealed, MAX_PAGE_BYTES)
+            .and_then(|plain| Manifest::decode(&plain))
+            .map_err(|e| named(name, e))?;
+        if manifest_name(&m.id) != name {
+            return Err(BackupError::Corrupt(format!(
+                "{name}: names backup {}",
+                m.id
+            )));
+        }
+        Ok(m)
+    }
+
+    /// A backup's changes since its parent, page after page.
+    pub async fn changes(&self, m: &Manifest) -> Result<Vec<Change>, BackupError> {
+        let mut out = Vec::new();
+        for n in 0..m.pages {
+            let name = page_name(&m.id, n);
+            let sealed = self
+                .target
+                .get(&name)
+                .await?
+                .ok_or_else(|| BackupError::Corrupt(format!("{name}: missing")))?;
+            let page = self
+                .codec
+                .open(&sealed, MAX_PAGE_BYTES)
+                .and_then(|plain| manifest::decode_page(&plain))
+                .map_err(|e| named(&name, e))?;
+            out.extend(page);
+        }
+        Ok(out)
+    }
+
+    /// The backups a restore of `id` reads, its full one first.
+    pub fn chain<'m>(all: &'m [Manifest], id: &str) -> Result<Vec<&'m Manifest>, BackupError> {
+        let by_id: HashMap<&str, &Manifest> = all.iter().map(|m| (m.id.as_str(), m)).collect();
+        let mut chain = Vec::new();
+        let mut at = Some(id);
+        while let Some(i) = at {
+            let m = by_id.get(i).ok_or_else(|| {
+                BackupError::Corrupt(format!(
+                    "backup {i} is missing (needed by {})",
+                    chain.last().map_or(id, |m: &&Manifest| m.id.as_str())
+                ))
+            })?;
+            if chain.len() > all.len() {
+                return Err(BackupError::Corrupt(format!("the chain of {id} loops")));
+            }
+            chain.push(*m);
+            at = m.parent.as_deref();
+        }
+        chain.reverse();
+        if chain
+            .first()
+            .is_some_and(|m| m.kind != manifest::Kind::Full)
+        {
+            return Err(BackupError::Corrupt(format!(
+                "the chain of {id} does not start with a full backup"
+            )));
+        }
+        Ok(chain)
+    }
+
+    /// The objects as of backup `id`.
+    pub async fn state_at(&self, all: &[Manifest], id: &str) -> Result<State, BackupError> {
+        let mut state = State::new();
+        for m in Repo::chain(all, id)? {
+            manifest::apply(&mut state, self.changes(m).await?);
+        }
+        Ok(state)
+    }
+
+    /// Writes a backup: its changes in pages, then its manifest (which commits it).
+    pub async fn commit(
+        &self,
+        mut m: Manifest,
+        changes: &[Change],
+    ) -> Result<Manifest, BackupError> {
+        m.format = MANIFEST_FORMAT;
+        let pages: Vec<&[Change]> = changes.chunks(manifest::PAGE_ENTRIES).collect();
+        m.pages = pages.len() as u32;
+        for (n, page) in pages.iter().enumerate() {
+            let sealed = self.codec.seal(&manifest::encode_page(page))?;
+            self.target
+                .put(&page_name(&m.id, n as u32), Bytes::from(sealed))
+                .await?;
+        }
+        let sealed = self.codec.seal(&m.encode())?;
+        self.target
+            .put(&manifest_name(&m.id), Bytes::from(sealed))
+            .await?;
+        Ok(m)
+    }
+}
+
+/// An error about the file `name` at a target.
+pub(crate) fn named(name: &str, e: BackupError) -> BackupError {
+    match e {
+        BackupError::Corrupt(why) => BackupError::Corrupt(format!("{name}: {why}")),
+        BackupError::Format(why) => BackupError::Format(format!("{name}: {why}")),
+        other => other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::manifest::{Kind, ObjectEntry};
+    use crate::target::LocalTarget;
+    use std::collections::BTreeMap;
+
+    fn manifest(id: &str, kind: Kind, parent: Option<&str>) -> Manifest {
+        Manifest {
+            format: MANIFEST_FORMAT,
+            id: id.into(),
+            kind,
+            parent: parent.map(str::to_string),
+            buckets: vec!["b".into()],
+            time: "2026-11-24T10:00:00Z".into(),
+            finished: "2026-11-24T10:00:01Z".into(),
+            objects: 0,
+            bytes: 0,
+            bytes_stored: 0,
+            bytes_new: 0,
+            bucket_settings: BTreeMap::new(),
+            pages: 0,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_target_remembers_whether_and_with_what_it_is_encrypted() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = LocalTarget::new(dir.path());
+        assert!(Repo::open(&t, None, false).await.is_err());
+        let key = BackupKey::generate();
+        Repo::open(&t, Some(&key), true).await.unwrap();
+        Repo::open(&t, Some(&key), false).await.unwrap();
+        let no_key = Repo::open(&t, None, false).await.err().unwrap();
+        assert!(no_key.to_string().contains("encrypted"), "{no_key}");
+        let wrong = Repo::open(&t, Some(&BackupKey::generate()), true)
+            .await
+            .err()
+            .unwrap();
+        assert!(wrong.to_string().contains("not the one"), "{wrong}");
+        // A target of a newer format is refused.
+        t.put(
+            CONFIG_NAME,
+            Bytes::from_static(br#"{"format":9,"encrypted":false}"#),
+        )
+        .await
+        .unwrap();
+        assert!(matches!(
+            Repo::open(&t, None, false).await,
+            Err(BackupError::Format(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn chunks_are_stored_once_and_backups_chain_to_their_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = LocalTarget::new(dir.path());
+        let repo = Repo::open(&t, None, true).await.unwrap();
+        let (id, n) = repo.put_chunk(b"some bytes").await.unwrap();
+        assert!(n > 0);
+        assert_eq!(repo.put_chunk(b"some bytes").await.unwrap(), (id, 0));
+        assert_eq!(repo.get_chunk(&id).await.unwrap(), b"some bytes");
+        let obj = |key: &str| ObjectEntry {
+            bucket: "b".into(),
+            key: key.into(),
+            size: 10,
+            etag: "e".into(),
+            content_type: None,
+            metadata: BTreeMap::new(),
+            modified: "2026-11-24T10:00:00Z".into(),
+            chunks: vec![id],
+        };
+        let full = repo
+            .commit(
+                manifest("1", Kind::Full, None),
+                &[Change::Put(obj("x")), Change::Put(obj("y"))],
+            )
+            .await
+            .unwrap();
+        let del = Change::Delete {
+            bucket: "b".into(),
+            key: "x".into(),
+        };
+        repo.commit(manifest("2", Kind::Incremental, Some("1")), &[del])
+            .await
+            .unwrap();
+        // A backup cut short (pages, no manifest) is not listed.
+        t.put(&page_name("3", 0), Bytes::from_static(b"x"))
+            .await
+            .unwrap();
+        let all = repo.manifests().await.unwrap();
+        assert_eq!(
+            all.iter().map(|m| m.id.as_str()).collect::<Vec<_>>(),
+            ["1", "2"]
+        );
+        assert_eq!(all[0], full);
+        let keys = |s: State| s.into_keys().map(|k| k.1).collect::<Vec<_>>();
+        assert_eq!(keys(repo.state_at(&all, "1").await.unwrap()), ["x", "y"]);
+        assert_eq!(keys(repo.state_at(&all, "2").await.unwrap()), ["y"]);
+        // A damaged page is named.
+        t.put(&page_name("1", 0), Bytes::from_static(b"garbage"))
+            .await
+            .unwrap();
+        let err = repo.state_at(&all, "2").await.err().unwrap().to_string();
+        assert!(err.contains("backups/1/page-000000"), "{err}");
+        // A chain whose parent is gone is refused, naming it.
+        let orphan = [manifest("5", Kind::Incremental, Some("4"))];
+        let err = Repo::chain(&orphan, "5").err().unwrap().to_string();
+        assert!(err.contains("backup 4 is missing"), "{err}");
+    }
+}
