@@ -69,6 +69,9 @@ pub struct ObjectEntry {
     pub modified: String,
     /// Its bytes, chunk after chunk.
     pub chunks: Vec<ChunkId>,
+    /// The size of each chunk's file at the target (what verify checks).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sealed: Vec<u64>,
 }
 
 /// A change since the parent backup.
@@ -216,6 +219,7 @@ mod tests {
             metadata: BTreeMap::from([("who".to_string(), "me".to_string())]),
             modified: "2026-11-24T10:00:00Z".into(),
             chunks: vec![ChunkId([1; 32])],
+            sealed: vec![40],
         }
     }
 

@@ -104,18 +104,18 @@ impl<'a> Repo<'a> {
         Ok(Repo { target, codec })
     }
 
-    /// Stores a chunk unless the target has it; its name and the bytes it took
-    /// there (0 when it was there already).
-    pub async fn put_chunk(&self, plain: &[u8]) -> Result<(ChunkId, u64), BackupError> {
+    /// Stores a chunk unless the target has it; its name, the size of its file
+    /// there, and whether this call wrote it.
+    pub async fn put_chunk(&self, plain: &[u8]) -> Result<(ChunkId, u64, bool), BackupError> {
         let id = self.codec.chunk_id(plain);
         let name = chunk_name(&id);
-        if self.target.size(&name).await?.is_some() {
-            return Ok((id, 0));
+        if let Some(n) = self.target.size(&name).await? {
+            return Ok((id, n, false));
         }
         let sealed = self.codec.seal(plain)?;
         let n = sealed.len() as u64;
         self.target.put(&name, Bytes::from(sealed)).await?;
-        Ok((id, n))
+        Ok((id, n, true))
     }
 
     /// A chunk's plain bytes, checked against its name.
@@ -134,15 +134,31 @@ impl<'a> Repo<'a> {
     /// Every committed backup at the target, oldest first; a manifest that
     /// cannot be read is an error naming it.
     pub async fn manifests(&self) -> Result<Vec<Manifest>, BackupError> {
-        let mut out = Vec::new();
+        let (good, mut bad) = self.manifests_checked().await?;
+        match bad.pop() {
+            Some(e) => Err(e),
+            None => Ok(good),
+        }
+    }
+
+    /// The manifests that can be read, oldest first, and an error for each
+    /// that cannot (naming it).
+    pub async fn manifests_checked(
+        &self,
+    ) -> Result<(Vec<Manifest>, Vec<BackupError>), BackupError> {
+        let (mut good, mut bad) = (Vec::new(), Vec::new());
         for (name, _) in self.target.list("backups/").await? {
             if !name.ends_with("/manifest") {
                 continue;
             }
-            out.push(self.manifest_at(&name).await?);
+            match self.manifest_at(&name).await {
+                Ok(m) => good.push(m),
+                Err(e @ (BackupError::Corrupt(_) | BackupError::Format(_))) => bad.push(e),
+                Err(e) => return Err(e),
+            }
         }
-        out.sort_by(|a, b| a.id.cmp(&b.id));
-        Ok(out)
+        good.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok((good, bad))
     }
 
     async fn manifest_at(&self, name: &str) -> Result<Manifest, BackupError> {
@@ -314,9 +330,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let t = LocalTarget::new(dir.path());
         let repo = Repo::open(&t, None, true).await.unwrap();
-        let (id, n) = repo.put_chunk(b"some bytes").await.unwrap();
-        assert!(n > 0);
-        assert_eq!(repo.put_chunk(b"some bytes").await.unwrap(), (id, 0));
+        let (id, n, new) = repo.put_chunk(b"some bytes").await.unwrap();
+        assert!(n > 0 && new);
+        assert_eq!(repo.put_chunk(b"some bytes").await.unwrap(), (id, n, false));
         assert_eq!(repo.get_chunk(&id).await.unwrap(), b"some bytes");
         let obj = |key: &str| ObjectEntry {
             bucket: "b".into(),
@@ -327,6 +343,7 @@ mod tests {
             metadata: BTreeMap::new(),
             modified: "2026-11-24T10:00:00Z".into(),
             chunks: vec![id],
+            sealed: vec![n],
         };
         let full = repo
             .commit(

@@ -69,6 +69,19 @@ pub enum BackupCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Check the backups at a target: manifests, chains, every chunk there
+    /// with its size (--read-data: read and checked). Exits non-zero naming
+    /// each bad file
+    Verify {
+        #[command(flatten)]
+        target: TargetArgs,
+        /// Only this backup (and the backups it needs)
+        #[arg(long)]
+        id: Option<String>,
+        /// Read every chunk and check it against its name
+        #[arg(long)]
+        read_data: bool,
+    },
     /// Write a new random backup key to FILE (readable by its owner only)
     Keygen { file: PathBuf },
 }
@@ -220,11 +233,43 @@ pub fn run_backup(cmd: BackupCmd) -> Result<()> {
             );
             Ok(())
         }
+        BackupCmd::Verify {
+            target,
+            id,
+            read_data,
+        } => runtime()?.block_on(async move {
+            let t = open_target(&target)?;
+            let key = key_of(&target)?;
+            let repo = Repo::open(t.as_ref(), key.as_ref(), false).await?;
+            let r = engine::verify(&repo, id.as_deref(), read_data).await?;
+            for p in &r.problems {
+                eprintln!("bad: {p}");
+            }
+            println!(
+                "{} backups, {} chunks{}: {} problems",
+                r.backups,
+                r.chunks,
+                if read_data {
+                    " read and checked"
+                } else {
+                    " there with their sizes"
+                },
+                r.problems.len()
+            );
+            if !r.problems.is_empty() {
+                bail!("the backups at {} are damaged", t.describe());
+            }
+            Ok(())
+        }),
         BackupCmd::List { target, json } => runtime()?.block_on(async move {
             let t = open_target(&target)?;
             let key = key_of(&target)?;
             let repo = Repo::open(t.as_ref(), key.as_ref(), false).await?;
-            let all: Vec<Summary> = repo.manifests().await?.iter().map(Summary::from).collect();
+            let (all, bad) = repo.manifests_checked().await?;
+            for e in &bad {
+                eprintln!("warning: {e}");
+            }
+            let all: Vec<Summary> = all.iter().map(Summary::from).collect();
             if json {
                 println!("{}", serde_json::to_string_pretty(&all)?);
             } else if all.is_empty() {
@@ -269,7 +314,11 @@ pub fn run_restore(a: RestoreArgs) -> Result<()> {
         let key = key_of(&a.target)?;
         let dest = endpoint(&a.dest)?;
         let repo = Repo::open(t.as_ref(), key.as_ref(), false).await?;
-        let all = repo.manifests().await?;
+        // A damaged manifest keeps out only the backups that need it.
+        let (all, bad) = repo.manifests_checked().await?;
+        for e in &bad {
+            eprintln!("warning: {e}");
+        }
         let m = match (&a.id, &a.at) {
             (Some(id), _) => all
                 .iter()
