@@ -361,3 +361,75 @@ async fn verify_and_restore_name_damaged_files_and_write_no_bad_object() {
     assert_eq!(got.keys().collect::<Vec<_>>(), ["good"]);
     assert_eq!(got["good"], good);
 }
+
+/// A second cairn as the S3 target: a backup there (under a prefix), listed,
+/// verified and restored back into the first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backup_to_another_cairn_restores_back() {
+    let srv = Server::start();
+    let other = Server::start();
+    let s3 = srv.client();
+    s3.create_bucket().bucket("media").send().await.unwrap();
+    other
+        .client()
+        .create_bucket()
+        .bucket("vault")
+        .send()
+        .await
+        .unwrap();
+    let mut want = BTreeMap::new();
+    for (k, o) in [("x", obj(9 << 20, 21, "mp4")), ("y/z", obj(700, 22, "x"))] {
+        put(&s3, k, &o).await;
+        want.insert(k.to_string(), o);
+    }
+    let env = [
+        ("CAIRN_TARGET_ACCESS_KEY", ACCESS_KEY),
+        ("CAIRN_TARGET_SECRET_KEY", SECRET_KEY),
+    ];
+    let to = [
+        "--target",
+        "s3://vault/cairn/backups",
+        "--target-endpoint",
+        &other.endpoint,
+    ];
+    let with = |args: &[&str]| -> (bool, String, String) {
+        let mut all = args.to_vec();
+        all.extend_from_slice(&to);
+        cairn(&srv, &all, &env)
+    };
+    let (ok, out, err) = with(&["backup", "create", "--bucket", "media"]);
+    assert!(ok, "{out}\n{err}");
+    let id = out.lines().last().unwrap().trim().to_string();
+    let (ok, out, err) = with(&["backup", "list", "--json"]);
+    assert!(ok, "{err}");
+    let list: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(list[0]["id"].as_str(), Some(id.as_str()));
+    assert_eq!(list[0]["type"], "full");
+    let (ok, out, err) = with(&["backup", "verify", "--read-data"]);
+    assert!(ok, "{out}\n{err}");
+    // The target holds the backup's files under the prefix, and nothing else.
+    let held = other
+        .client()
+        .list_objects_v2()
+        .bucket("vault")
+        .send()
+        .await
+        .unwrap();
+    assert!(held.contents().len() >= 4);
+    assert!(
+        held.contents()
+            .iter()
+            .all(|o| o.key().unwrap().starts_with("cairn/backups/"))
+    );
+    let (ok, out, err) = with(&[
+        "restore",
+        "--id",
+        &id,
+        "--bucket",
+        "media",
+        "--to-bucket",
+        "media-back",
+    ]);
+    assert!(ok, "{out}\n{err}");
+    assert_eq!(contents(&s3, "media-back").await, want);
+}
