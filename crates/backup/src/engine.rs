@@ -147,6 +147,8 @@ impl From<&Manifest> for Summary {
 /// Reports progress: objects and bytes done of those known.
 pub trait Progress: Send + Sync {
     fn object_done(&self, bytes: u64);
+    /// Something the user should know (a stale lock taken over, say).
+    fn note(&self, _text: &str) {}
 }
 
 impl Progress for () {
@@ -161,6 +163,18 @@ pub async fn backup(
     progress: &dyn Progress,
 ) -> Result<Manifest, BackupError> {
     let mut lock = Lock::acquire(repo.target, "backup").await?;
+    if let Some(old) = &lock.took_over {
+        progress.note(&format!(
+            "took over the lock {} left at {} (its {} had stopped)",
+            old.holder,
+            repo.target.describe(),
+            if old.operation.is_empty() {
+                "work"
+            } else {
+                &old.operation
+            }
+        ));
+    }
     let res = backup_locked(source, repo, opts, progress, &mut lock).await;
     let released = lock.release(repo.target).await;
     let m = res?;

@@ -1,7 +1,8 @@
 //! One writer at a time per target: a backup or a prune holds `lock` there for
 //! as long as it runs. The lock says who holds it and until when; its holder
 //! renews it while working, so a lock past its time was left by a holder that
-//! died, and is taken over (and reported).
+//! died, and is taken over (and reported). So is the lock of a process of this
+//! machine that is gone (killed, say), without waiting for its time.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -24,9 +25,34 @@ pub struct LockInfo {
     pub operation: String,
     /// A value of this holding alone, to tell it from a later one.
     pub token: String,
+    /// The holder's machine and process.
+    #[serde(default)]
+    pub host: String,
+    #[serde(default)]
+    pub pid: u32,
     /// Seconds since the Unix epoch.
     pub since: u64,
     pub expires: u64,
+}
+
+/// This machine's name.
+fn host() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+/// Whether the lock was left by a process of this machine that is gone (where
+/// the process table can be read: /proc).
+fn holder_gone(l: &LockInfo) -> bool {
+    l.pid != 0
+        && l.host == host()
+        && std::path::Path::new("/proc/self").exists()
+        && !std::path::Path::new(&format!("/proc/{}", l.pid)).exists()
 }
 
 fn now_secs() -> u64 {
@@ -47,10 +73,12 @@ pub struct Lock {
 impl Lock {
     /// Takes the lock of `target` for `operation`, or says who holds it.
     pub async fn acquire(target: &dyn Target, operation: &str) -> Result<Lock, BackupError> {
-        let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "localhost".into());
+        let host = host();
         let now = now_secs();
         let info = LockInfo {
             holder: format!("{host} pid {}", std::process::id()),
+            host,
+            pid: std::process::id(),
             operation: operation.to_string(),
             token: format!("{:032x}", rand::random::<u128>()),
             since: now,
@@ -66,7 +94,7 @@ impl Lock {
                 continue; // released meanwhile
             };
             match serde_json::from_slice::<LockInfo>(&held) {
-                Ok(other) if other.expires > now_secs() => {
+                Ok(other) if other.expires > now_secs() && !holder_gone(&other) => {
                     return Err(BackupError::Locked(format!(
                         "{} is running a {} there (since {}s ago; the lock expires in {}s unless renewed)",
                         other.holder,
@@ -79,6 +107,8 @@ impl Lock {
                 Err(_) => {
                     took_over = Some(LockInfo {
                         holder: "unknown (unreadable lock)".into(),
+                        host: String::new(),
+                        pid: 0,
                         operation: String::new(),
                         token: String::new(),
                         since: 0,
@@ -155,5 +185,19 @@ mod tests {
         assert!(t.get(LOCK_NAME).await.unwrap().is_some());
         c.release(&t).await.unwrap();
         assert!(t.get(LOCK_NAME).await.unwrap().is_none());
+        // A lock in time, but of a process of this machine that is gone.
+        let d = Lock::acquire(&t, "backup").await.unwrap();
+        let mut dead: LockInfo =
+            serde_json::from_slice(&t.get(LOCK_NAME).await.unwrap().unwrap()).unwrap();
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        dead.pid = child.id();
+        child.wait().unwrap();
+        t.put(LOCK_NAME, Bytes::from(serde_json::to_vec(&dead).unwrap()))
+            .await
+            .unwrap();
+        let e = Lock::acquire(&t, "prune").await.unwrap();
+        assert!(e.took_over.is_some());
+        assert!(d.release(&t).await.is_err());
+        e.release(&t).await.unwrap();
     }
 }

@@ -191,6 +191,10 @@ impl Lines {
 }
 
 impl engine::Progress for Lines {
+    fn note(&self, text: &str) {
+        eprintln!("warning: {text}");
+    }
+
     fn object_done(&self, bytes: u64) {
         use std::sync::atomic::Ordering::Relaxed;
         let n = self.done.fetch_add(1, Relaxed) + 1;

@@ -433,3 +433,96 @@ async fn a_backup_to_another_cairn_restores_back() {
     assert!(ok, "{out}\n{err}");
     assert_eq!(contents(&s3, "media-back").await, want);
 }
+
+/// kill -9 during a backup, after some chunks and before its manifest: the
+/// partial backup is not listed; the next run takes over the dead run's lock,
+/// uploads only the chunks still missing, verifies and restores.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backup_killed_midway_is_invisible_and_the_next_run_completes_it() {
+    let srv = Server::start();
+    let s3 = srv.client();
+    let dir = tempfile::tempdir().unwrap();
+    let target = dir.path().join("backups");
+    let t = target.to_str().unwrap();
+    s3.create_bucket().bucket("media").send().await.unwrap();
+    let mut want = BTreeMap::new();
+    for i in 0..150u64 {
+        let o = obj(100_000, 100 + i, "x");
+        put(&s3, &format!("o{i:03}"), &o).await;
+        want.insert(format!("o{i:03}"), o);
+    }
+    let count = |sub: &str| walk_or_empty(&target.join(sub)).len();
+    let mut child = Command::new(common::binary())
+        .args([
+            "backup",
+            "create",
+            "--target",
+            t,
+            "--bucket",
+            "media",
+            "--endpoint",
+            &srv.endpoint,
+        ])
+        .env("CAIRN_ACCESS_KEY", ACCESS_KEY)
+        .env("CAIRN_SECRET_KEY", SECRET_KEY)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while count("chunks") < 20 {
+        assert!(std::time::Instant::now() < deadline, "no chunks written");
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the backup ended before it was killed"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    Command::new("kill")
+        .args(["-9", &child.id().to_string()])
+        .status()
+        .unwrap();
+    child.wait().unwrap();
+    let before = count("chunks");
+    assert!(before < 150, "the whole backup was written before the kill");
+    assert_eq!(count("backups"), 0, "a manifest was written");
+    let (ok, out, err) = cairn(&srv, &["backup", "list", "--target", t], &[]);
+    assert!(ok && out.contains("no backups"), "{out}\n{err}");
+    // The next run: the dead run's lock taken over, only the missing chunks written.
+    let (ok, out, err) = cairn(
+        &srv,
+        &[
+            "backup", "create", "--target", t, "--bucket", "media", "--json",
+        ],
+        &[],
+    );
+    assert!(ok, "{out}\n{err}");
+    assert!(err.contains("took over the lock"), "{err}");
+    let b: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let sizes: u64 = walk_or_empty(&target.join("chunks"))
+        .iter()
+        .map(|p| std::fs::metadata(p).unwrap().len())
+        .sum();
+    let stored = b["bytes_stored"].as_u64().unwrap();
+    assert!(stored < sizes, "{stored} bytes stored again of {sizes}");
+    assert_eq!(b["objects"].as_u64(), Some(150));
+    let (ok, out, err) = cairn(
+        &srv,
+        &["backup", "verify", "--target", t, "--read-data"],
+        &[],
+    );
+    assert!(ok, "{out}\n{err}");
+    let (ok, _, err) = restore(
+        &srv,
+        &target,
+        ["--id", b["id"].as_str().unwrap()],
+        "back",
+        &[],
+    );
+    assert!(ok, "{err}");
+    assert_eq!(contents(&s3, "back").await, want);
+}
+
+fn walk_or_empty(dir: &Path) -> Vec<std::path::PathBuf> {
+    if dir.exists() { walk(dir) } else { Vec::new() }
+}
