@@ -638,3 +638,149 @@ pub async fn verify(
     }
     Ok(report)
 }
+
+/// Which backups a prune keeps.
+#[derive(Clone, Debug, Default)]
+pub struct Retention {
+    /// The newest this many full backups of each bucket set, with every backup
+    /// that counts from them.
+    pub keep_full: usize,
+    /// Every backup begun within this long before now.
+    pub keep_within: std::time::Duration,
+}
+
+/// What a prune did.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct PruneReport {
+    pub kept: Vec<String>,
+    pub deleted: Vec<String>,
+    pub chunks_deleted: u64,
+    pub bytes_freed: u64,
+}
+
+/// Deletes the backups `keep` does not keep, never one a kept backup needs,
+/// then the chunks and pages no kept backup names. Refused while any manifest
+/// is damaged (the chunks it names cannot be known).
+pub async fn prune(repo: &Repo<'_>, keep: &Retention) -> Result<PruneReport, BackupError> {
+    let lock = Lock::acquire(repo.target, "prune").await?;
+    let res = prune_locked(repo, keep).await;
+    let released = lock.release(repo.target).await;
+    let r = res?;
+    released?;
+    Ok(r)
+}
+
+async fn prune_locked(repo: &Repo<'_>, keep: &Retention) -> Result<PruneReport, BackupError> {
+    let (all, bad) = repo.manifests_checked().await?;
+    if let Some(e) = bad.first() {
+        return Err(BackupError::Usage(format!(
+            "nothing pruned while a manifest is damaged ({e}); `cairn backup verify` lists every damaged file"
+        )));
+    }
+    let now = time::OffsetDateTime::now_utc();
+    let within = time::Duration::try_from(keep.keep_within).unwrap_or(time::Duration::MAX);
+    let mut kept: BTreeSet<String> = BTreeSet::new();
+    // The newest full backups of each bucket set, and what counts from them.
+    let sets: BTreeSet<&Vec<String>> = all.iter().map(|m| &m.buckets).collect();
+    for set in sets {
+        let fulls: Vec<&Manifest> = all
+            .iter()
+            .filter(|m| &m.buckets == set && m.kind == Kind::Full)
+            .collect();
+        for f in fulls.iter().rev().take(keep.keep_full) {
+            kept.insert(f.id.clone());
+        }
+    }
+    for m in &all {
+        let recent =
+            time::OffsetDateTime::parse(&m.time, &time::format_description::well_known::Rfc3339)
+                .is_ok_and(|t| now - t <= within);
+        let from_kept_full = Repo::chain(&all, &m.id)
+            .ok()
+            .and_then(|c| c.first().map(|f| kept.contains(&f.id)))
+            .unwrap_or(false);
+        if recent || from_kept_full {
+            kept.insert(m.id.clone());
+        }
+    }
+    // Every backup a kept one needs.
+    for id in kept.clone() {
+        for m in Repo::chain(&all, &id)? {
+            kept.insert(m.id.clone());
+        }
+    }
+    let mut report = PruneReport::default();
+    // The chunks the kept backups name.
+    let mut named: BTreeSet<crate::ChunkId> = BTreeSet::new();
+    for m in all.iter().filter(|m| kept.contains(&m.id)) {
+        for c in repo.changes(m).await? {
+            if let Change::Put(o) = c {
+                named.extend(o.chunks);
+            }
+        }
+    }
+    // Manifests first: a backup is gone once its manifest is.
+    for m in all.iter().filter(|m| !kept.contains(&m.id)) {
+        repo.target.delete(&manifest::manifest_name(&m.id)).await?;
+        report.deleted.push(m.id.clone());
+    }
+    report.kept = all
+        .iter()
+        .filter(|m| kept.contains(&m.id))
+        .map(|m| m.id.clone())
+        .collect();
+    // Pages of backups deleted, or cut short before their manifest.
+    for (name, _) in repo.target.list("backups/").await? {
+        let id = name.split('/').nth(1).unwrap_or_default();
+        if !kept.contains(id) {
+            repo.target.delete(&name).await?;
+        }
+    }
+    for (name, size) in repo.target.list("chunks/").await? {
+        let id = name.rsplit('/').next().and_then(crate::ChunkId::from_hex);
+        if id.is_none_or(|c| !named.contains(&c)) {
+            repo.target.delete(&name).await?;
+            report.chunks_deleted += 1;
+            report.bytes_freed += size;
+        }
+    }
+    Ok(report)
+}
+
+/// A duration as `30s`, `15m`, `12h`, `30d` or `2w`.
+pub fn parse_duration(s: &str) -> Result<std::time::Duration, BackupError> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (n, unit) = s.split_at(split);
+    let n: u64 = n
+        .parse()
+        .map_err(|_| BackupError::Usage(format!("'{s}' is not a duration (like 12h or 30d)")))?;
+    let secs = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        "w" => 604_800,
+        _ => {
+            return Err(BackupError::Usage(format!(
+                "'{s}' is not a duration (a number and s, m, h, d or w: 12h, 30d)"
+            )));
+        }
+    };
+    Ok(std::time::Duration::from_secs(n.saturating_mul(secs)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_with_their_unit() {
+        assert_eq!(parse_duration("12h").unwrap().as_secs(), 43_200);
+        assert_eq!(parse_duration("30d").unwrap().as_secs(), 2_592_000);
+        assert_eq!(parse_duration("0s").unwrap().as_secs(), 0);
+        for bad in ["", "h", "12", "12x", "-1d", "1.5h"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -82,6 +82,19 @@ pub enum BackupCmd {
         #[arg(long)]
         read_data: bool,
     },
+    /// Delete the backups a retention policy does not keep (never one a kept
+    /// backup needs), then the chunks no kept backup names
+    Prune {
+        #[command(flatten)]
+        target: TargetArgs,
+        /// Keep the newest N full backups of each bucket set and the backups
+        /// that count from them
+        #[arg(long, value_name = "N")]
+        keep_full: usize,
+        /// Keep every backup taken within this long (12h, 30d, 2w)
+        #[arg(long, value_name = "DURATION", default_value = "0s")]
+        keep_within: String,
+    },
     /// Write a new random backup key to FILE (readable by its owner only)
     Keygen { file: PathBuf },
 }
@@ -263,6 +276,31 @@ pub fn run_backup(cmd: BackupCmd) -> Result<()> {
             if !r.problems.is_empty() {
                 bail!("the backups at {} are damaged", t.describe());
             }
+            Ok(())
+        }),
+        BackupCmd::Prune {
+            target,
+            keep_full,
+            keep_within,
+        } => runtime()?.block_on(async move {
+            let keep = engine::Retention {
+                keep_full,
+                keep_within: engine::parse_duration(&keep_within)?,
+            };
+            let t = open_target(&target)?;
+            let key = key_of(&target)?;
+            let repo = Repo::open(t.as_ref(), key.as_ref(), false).await?;
+            let r = engine::prune(&repo, &keep).await?;
+            for id in &r.deleted {
+                println!("deleted backup {id}");
+            }
+            println!(
+                "{} backups kept, {} deleted; {} chunks deleted ({} bytes)",
+                r.kept.len(),
+                r.deleted.len(),
+                r.chunks_deleted,
+                r.bytes_freed
+            );
             Ok(())
         }),
         BackupCmd::List { target, json } => runtime()?.block_on(async move {

@@ -526,3 +526,87 @@ async fn a_backup_killed_midway_is_invisible_and_the_next_run_completes_it() {
 fn walk_or_empty(dir: &Path) -> Vec<std::path::PathBuf> {
     if dir.exists() { walk(dir) } else { Vec::new() }
 }
+
+/// Retention: `--keep-within` keeps every recent backup; `--keep-full 2` keeps
+/// the two newest full backups and what counts from them, deletes the rest and
+/// the chunks only they named; every kept backup still verifies and restores
+/// its moment.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prune_keeps_every_chain_it_must() {
+    let srv = Server::start();
+    let s3 = srv.client();
+    let dir = tempfile::tempdir().unwrap();
+    let target = dir.path().join("backups");
+    let t = target.to_str().unwrap();
+    s3.create_bucket().bucket("media").send().await.unwrap();
+    let mut live = BTreeMap::new();
+    let mut moments = Vec::new();
+    for (i, kind) in [
+        "full",
+        "incremental",
+        "full",
+        "differential",
+        "full",
+        "incremental",
+    ]
+    .iter()
+    .enumerate()
+    {
+        // Each step replaces one object: its old bytes are named by older backups only.
+        let o = obj(50_000, 200 + i as u64, "x");
+        put(&s3, &format!("k{}", i % 2), &o).await;
+        live.insert(format!("k{}", i % 2), o);
+        moments.push((backup(&srv, &target, kind, &[]), live.clone()));
+    }
+    let chunks = || walk(&target.join("chunks")).len();
+    let (ok, out, err) = cairn(
+        &srv,
+        &[
+            "backup",
+            "prune",
+            "--target",
+            t,
+            "--keep-full",
+            "1",
+            "--keep-within",
+            "1d",
+        ],
+        &[],
+    );
+    assert!(
+        ok && out.contains("6 backups kept, 0 deleted"),
+        "{out}\n{err}"
+    );
+    let before = chunks();
+    let (ok, out, err) = cairn(
+        &srv,
+        &["backup", "prune", "--target", t, "--keep-full", "2"],
+        &[],
+    );
+    assert!(ok, "{out}\n{err}");
+    assert!(out.contains("4 backups kept, 2 deleted"), "{out}");
+    assert!(chunks() < before, "no chunk deleted: {out}");
+    let (ok, out, _) = cairn(&srv, &["backup", "list", "--target", t, "--json"], &[]);
+    assert!(ok);
+    let list: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let ids: Vec<&str> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["id"].as_str().unwrap())
+        .collect();
+    let want: Vec<&str> = moments[2..].iter().map(|m| m.0.as_str()).collect();
+    assert_eq!(ids, want);
+    let (ok, out, err) = cairn(
+        &srv,
+        &["backup", "verify", "--target", t, "--read-data"],
+        &[],
+    );
+    assert!(ok, "{out}\n{err}");
+    for (i, (id, state)) in moments.iter().enumerate().skip(2) {
+        let into = format!("pruned-{i}");
+        let (ok, _, err) = restore(&srv, &target, ["--id", id], &into, &[]);
+        assert!(ok, "{err}");
+        assert_eq!(&contents(&s3, &into).await, state, "backup {i}");
+    }
+}
