@@ -25,6 +25,8 @@ const MAGIC: &[u8; 4] = b"CRNB";
 const VERSION: u8 = 1;
 const HEADER_LEN: usize = 16;
 const NONCE_LEN: usize = 24;
+/// Bytes a sealed file holds beyond its body: header, nonce and tag.
+pub const OVERHEAD: usize = HEADER_LEN + NONCE_LEN + 16;
 const FLAG_ZSTD: u8 = 1;
 const FLAG_ENCRYPTED: u8 = 2;
 /// zstd's level: fast, and most of the gain on text and logs.

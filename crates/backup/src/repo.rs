@@ -121,14 +121,30 @@ impl<'a> Repo<'a> {
     /// A chunk's plain bytes, checked against its name.
     pub async fn get_chunk(&self, id: &ChunkId) -> Result<Vec<u8>, BackupError> {
         let name = chunk_name(id);
-        let sealed = self
-            .target
-            .get(&name)
-            .await?
-            .ok_or_else(|| BackupError::Corrupt(format!("{name}: missing")))?;
+        let sealed = self.get_bounded(&name, MAX_CHUNK).await?;
         self.codec
             .open_chunk(id, &sealed, MAX_CHUNK)
             .map_err(|e| named(&name, e))
+    }
+
+    /// A file's bytes, refused unread when it is missing or larger than a file
+    /// holding `max` plain bytes can be (a damaged or foreign file is never
+    /// read whole into memory).
+    async fn get_bounded(&self, name: &str, max: usize) -> Result<Bytes, BackupError> {
+        let limit = max as u64 + crate::codec::OVERHEAD as u64 + max as u64 / 64;
+        match self.target.size(name).await? {
+            None => return Err(BackupError::Corrupt(format!("{name}: missing"))),
+            Some(n) if n > limit => {
+                return Err(BackupError::Corrupt(format!(
+                    "{name}: {n} bytes, more than such a file can hold"
+                )));
+            }
+            Some(_) => {}
+        }
+        self.target
+            .get(name)
+            .await?
+            .ok_or_else(|| BackupError::Corrupt(format!("{name}: missing")))
     }
 
     /// Every committed backup at the target, oldest first; a manifest that
@@ -162,11 +178,7 @@ impl<'a> Repo<'a> {
     }
 
     async fn manifest_at(&self, name: &str) -> Result<Manifest, BackupError> {
-        let sealed = self
-            .target
-            .get(name)
-            .await?
-            .ok_or_else(|| BackupError::Corrupt(format!("{name}: missing")))?;
+        let sealed = self.get_bounded(name, MAX_PAGE_BYTES).await?;
         let m = self
             .codec
             .open(&sealed, MAX_PAGE_BYTES)
@@ -186,11 +198,7 @@ impl<'a> Repo<'a> {
         let mut out = Vec::new();
         for n in 0..m.pages {
             let name = page_name(&m.id, n);
-            let sealed = self
-                .target
-                .get(&name)
-                .await?
-                .ok_or_else(|| BackupError::Corrupt(format!("{name}: missing")))?;
+            let sealed = self.get_bounded(&name, MAX_PAGE_BYTES).await?;
             let page = self
                 .codec
                 .open(&sealed, MAX_PAGE_BYTES)
@@ -378,6 +386,16 @@ mod tests {
             .unwrap();
         let err = repo.state_at(&all, "2").await.err().unwrap().to_string();
         assert!(err.contains("backups/1/page-000000"), "{err}");
+        // A file far larger than a chunk can be is refused unread.
+        let huge = ChunkId([7; 32]);
+        let path = dir.path().join(chunk_name(&huge));
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::File::create(&path)
+            .unwrap()
+            .set_len(MAX_CHUNK as u64 * 2)
+            .unwrap();
+        let err = repo.get_chunk(&huge).await.err().unwrap().to_string();
+        assert!(err.contains("more than such a file can hold"), "{err}");
         // A chain whose parent is gone is refused, naming it.
         let orphan = [manifest("5", Kind::Incremental, Some("4"))];
         let err = Repo::chain(&orphan, "5").err().unwrap().to_string();
