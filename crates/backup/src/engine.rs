@@ -146,6 +146,8 @@ impl From<&Manifest> for Summary {
 
 /// Reports progress: objects and bytes done of those known.
 pub trait Progress: Send + Sync {
+    /// The work ahead, once known.
+    fn begin(&self, _objects: u64, _bytes: u64) {}
     fn object_done(&self, bytes: u64);
     /// Something the user should know (a stale lock taken over, say).
     fn note(&self, _text: &str) {}
@@ -210,11 +212,19 @@ async fn backup_locked(
         Some(p) => repo.state_at(&all, &p.id).await?,
         None => State::new(),
     };
+    let mut listed = Vec::with_capacity(buckets.len());
+    for bucket in &buckets {
+        listed.push((bucket, source.list(bucket).await?));
+    }
+    progress.begin(
+        listed.iter().map(|(_, l)| l.len() as u64).sum(),
+        listed.iter().flat_map(|(_, l)| l.iter().map(|o| o.1)).sum(),
+    );
     let mut now = State::new();
     let (mut bytes_stored, mut bytes_new, mut bytes) = (0u64, 0u64, 0u64);
     let mut renewed = std::time::Instant::now();
-    for bucket in &buckets {
-        for (key, size, etag, modified) in source.list(bucket).await? {
+    for (bucket, objects) in listed {
+        for (key, size, etag, modified) in objects {
             if renewed.elapsed() > crate::lock::LOCK_TTL / 3 {
                 lock.renew(repo.target).await?;
                 renewed = std::time::Instant::now();
@@ -428,10 +438,12 @@ pub async fn restore(
         existing.insert(d, keys);
     }
     let mut report = RestoreReport::default();
-    for ((bucket, key), o) in &state {
-        if !wanted.contains(bucket) || !key.starts_with(&prefix) {
-            continue;
-        }
+    let todo: Vec<(&(String, String), &ObjectEntry)> = state
+        .iter()
+        .filter(|((bucket, key), _)| wanted.contains(bucket) && key.starts_with(&prefix))
+        .collect();
+    progress.begin(todo.len() as u64, todo.iter().map(|(_, o)| o.size).sum());
+    for ((bucket, key), o) in todo {
         let d = dest_of(bucket);
         match put_object(repo, dest, &d, o).await? {
             Ok(()) => {

@@ -183,8 +183,62 @@ fn print_summary(s: &Summary) {
     );
 }
 
+/// A progress bar on a terminal (objects, bytes, rate, time left), plain lines
+/// every few seconds otherwise.
+fn progress() -> Box<dyn engine::Progress> {
+    use std::io::IsTerminal;
+    if std::io::stderr().is_terminal() {
+        Box::new(Bar {
+            bar: indicatif::ProgressBar::new(0),
+            objects: 0.into(),
+            total: 0.into(),
+        })
+    } else {
+        Box::new(Lines::new())
+    }
+}
+
+struct Bar {
+    bar: indicatif::ProgressBar,
+    objects: std::sync::atomic::AtomicU64,
+    total: std::sync::atomic::AtomicU64,
+}
+
+impl engine::Progress for Bar {
+    fn begin(&self, objects: u64, bytes: u64) {
+        self.total
+            .store(objects, std::sync::atomic::Ordering::Relaxed);
+        self.bar.set_length(bytes);
+        if let Ok(style) = indicatif::ProgressStyle::with_template(
+            "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}, {eta} left",
+        ) {
+            self.bar.set_style(style.progress_chars("=> "));
+        }
+        self.bar.set_message(format!("0/{objects} objects"));
+    }
+
+    fn object_done(&self, bytes: u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let n = self.objects.fetch_add(1, Relaxed) + 1;
+        self.bar.inc(bytes);
+        self.bar
+            .set_message(format!("{n}/{} objects", self.total.load(Relaxed)));
+    }
+
+    fn note(&self, text: &str) {
+        self.bar.println(format!("warning: {text}"));
+    }
+}
+
+impl Drop for Bar {
+    fn drop(&mut self) {
+        self.bar.finish_and_clear();
+    }
+}
+
 /// Objects done, as plain lines every few seconds.
 struct Lines {
+    total: std::sync::atomic::AtomicU64,
     done: std::sync::atomic::AtomicU64,
     bytes: std::sync::atomic::AtomicU64,
     last: std::sync::Mutex<std::time::Instant>,
@@ -195,6 +249,7 @@ impl Lines {
     fn new() -> Lines {
         let now = std::time::Instant::now();
         Lines {
+            total: 0.into(),
             done: 0.into(),
             bytes: 0.into(),
             last: std::sync::Mutex::new(now),
@@ -204,6 +259,12 @@ impl Lines {
 }
 
 impl engine::Progress for Lines {
+    fn begin(&self, objects: u64, bytes: u64) {
+        self.total
+            .store(objects, std::sync::atomic::Ordering::Relaxed);
+        eprintln!("{objects} objects, {:.1} MiB", bytes as f64 / 1048576.0);
+    }
+
     fn note(&self, text: &str) {
         eprintln!("warning: {text}");
     }
@@ -217,7 +278,8 @@ impl engine::Progress for Lines {
             *last = std::time::Instant::now();
             let secs = self.started.elapsed().as_secs_f64().max(0.001);
             eprintln!(
-                "{n} objects, {:.1} MiB ({:.1} MiB/s)",
+                "{n}/{} objects, {:.1} MiB ({:.1} MiB/s)",
+                self.total.load(Relaxed),
                 b as f64 / 1048576.0,
                 b as f64 / 1048576.0 / secs
             );
@@ -337,7 +399,7 @@ pub fn run_backup(cmd: BackupCmd) -> Result<()> {
                 buckets,
                 kind: Some(kind),
             };
-            let m = engine::backup(&src, &repo, &opts, &Lines::new()).await?;
+            let m = engine::backup(&src, &repo, &opts, progress().as_ref()).await?;
             let s = Summary::from(&m);
             if json {
                 println!("{}", serde_json::to_string_pretty(&s)?);
@@ -390,7 +452,7 @@ pub fn run_restore(a: RestoreArgs) -> Result<()> {
             prefix: a.prefix,
             force: a.force,
         };
-        let report = engine::restore(&repo, &all, m, &dest, &opts, &Lines::new()).await?;
+        let report = engine::restore(&repo, &all, m, &dest, &opts, progress().as_ref()).await?;
         println!(
             "restored backup {} ({}): {} objects, {} bytes{}",
             m.id,
