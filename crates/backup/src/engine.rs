@@ -668,6 +668,8 @@ pub struct PruneReport {
     pub deleted: Vec<String>,
     pub chunks_deleted: u64,
     pub bytes_freed: u64,
+    /// Files half written by backups cut short, removed.
+    pub temporary_removed: u64,
 }
 
 /// Deletes the backups `keep` does not keep, never one a kept backup needs,
@@ -748,6 +750,8 @@ async fn prune_locked(repo: &Repo<'_>, keep: &Retention) -> Result<PruneReport, 
             repo.target.delete(&name).await?;
         }
     }
+    // What backups cut short left half written (no backup runs: the lock).
+    report.temporary_removed = repo.target.sweep_temporary().await?;
     for (name, size) in repo.target.list("chunks/").await? {
         let id = name.rsplit('/').next().and_then(crate::ChunkId::from_hex);
         if id.is_none_or(|c| !named.contains(&c)) {

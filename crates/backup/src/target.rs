@@ -28,6 +28,11 @@ pub trait Target: Send + Sync {
     async fn list(&self, prefix: &str) -> Result<Vec<(String, u64)>, BackupError>;
     /// Removes a file (none is no error).
     async fn delete(&self, name: &str) -> Result<(), BackupError>;
+    /// Removes what writes cut short left behind (temporary files); called
+    /// only with the target's lock held, when no write is under way. How many.
+    async fn sweep_temporary(&self) -> Result<u64, BackupError> {
+        Ok(0)
+    }
 }
 
 /// Refuses names that could leave the target: absolute, empty parts, `.`, `..`.
@@ -212,6 +217,38 @@ impl Target for LocalTarget {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(io_err("removing", &path, e)),
+        })
+        .await
+    }
+
+    async fn sweep_temporary(&self) -> Result<u64, BackupError> {
+        let root = self.root.clone();
+        blocking(move || {
+            let mut removed = 0;
+            let mut stack = vec![root];
+            while let Some(d) = stack.pop() {
+                let rd = match std::fs::read_dir(&d) {
+                    Ok(rd) => rd,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(io_err("listing", &d, e)),
+                };
+                for entry in rd {
+                    let entry = entry.map_err(|e| io_err("listing", &d, e))?;
+                    let name = entry.file_name();
+                    let name = name.to_string_lossy();
+                    let kind = entry
+                        .file_type()
+                        .map_err(|e| io_err("listing", &entry.path(), e))?;
+                    if kind.is_dir() {
+                        stack.push(entry.path());
+                    } else if name.starts_with('.') && name.ends_with(".tmp") {
+                        std::fs::remove_file(entry.path())
+                            .map_err(|e| io_err("removing", &entry.path(), e))?;
+                        removed += 1;
+                    }
+                }
+            }
+            Ok(removed)
         })
         .await
     }
@@ -495,6 +532,10 @@ mod tests {
             .map(|x| x.0)
             .collect();
         assert_eq!(names, ["a/c/d", "a/n"]);
+        // What a write cut short leaves is swept (and only that).
+        std::fs::write(dir.path().join("t/a/c/.d.0123.tmp"), b"half").unwrap();
+        assert_eq!(t.sweep_temporary().await.unwrap(), 1);
+        assert!(t.get("a/c/d").await.unwrap().is_some());
         assert_eq!(
             std::fs::read_dir(dir.path().join("t/a")).unwrap().count(),
             2

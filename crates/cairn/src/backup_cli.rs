@@ -357,11 +357,15 @@ pub fn run_backup(cmd: BackupCmd) -> Result<()> {
                 println!("deleted backup {id}");
             }
             println!(
-                "{} backups kept, {} deleted; {} chunks deleted ({} bytes)",
+                "{} backups kept, {} deleted; {} chunks deleted ({} bytes){}",
                 r.kept.len(),
                 r.deleted.len(),
                 r.chunks_deleted,
-                r.bytes_freed
+                r.bytes_freed,
+                match r.temporary_removed {
+                    0 => String::new(),
+                    n => format!("; {n} files left half written by cut-short backups removed"),
+                }
             );
             Ok(())
         }),
