@@ -21,7 +21,8 @@ if [ -n "$missing" ]; then
 fi
 
 echo "== cargo test (unit, property, end-to-end)"
-cargo build --bin cairn
+# Builds target/debug/cairn too (the end-to-end tests run it; so do the Python
+# tests below), with the same features as the tests: the S3 SDK is built once.
 cargo test --workspace
 
 echo "== python tests (newest boto3; the AWS CLI; rclone)"
