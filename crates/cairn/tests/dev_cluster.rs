@@ -767,8 +767,11 @@ fn a_follower_on_a_full_disk_votes_once_space_is_freed() {
             assert_eq!(get(&c[i], "after").await, after);
         }
     });
-    drop(dev);
+    // The node off its tmpfs, the tmpfs unmounted, then the cluster's directory
+    // (holding the mount point) can go.
+    dev.kill9(full);
     drop(mount);
+    drop(dev);
 }
 
 /// The failure detector's verdict on node `of`, as node `at` exports it in its
