@@ -327,12 +327,8 @@ async fn capture(
                 buf.extend_from_slice(&b[..take]);
                 b = &b[take..];
                 if buf.len() == CHUNK_SIZE {
-                    let (id, n, new) = repo.put_chunk(&buf).await?;
-                    entry.chunks.push(id);
-                    entry.sealed.push(n);
-                    entry.size += buf.len() as u64;
-                    stored += if new { n } else { 0 };
-                    buf.clear();
+                    let full = std::mem::replace(&mut buf, Vec::with_capacity(CHUNK_SIZE));
+                    stored += add_chunk(repo, &mut entry, full).await?;
                 }
             }
         }
@@ -341,13 +337,24 @@ async fn capture(
         }
     }
     if !buf.is_empty() || entry.chunks.is_empty() {
-        let (id, n, new) = repo.put_chunk(&buf).await?;
-        entry.chunks.push(id);
-        entry.sealed.push(n);
-        entry.size += buf.len() as u64;
-        stored += if new { n } else { 0 };
+        stored += add_chunk(repo, &mut entry, buf).await?;
     }
     Ok(Some((entry, stored)))
+}
+
+/// Stores the next chunk of an object and adds it to its entry; the bytes it
+/// took at the target (0 when the target had it).
+async fn add_chunk(
+    repo: &Repo<'_>,
+    entry: &mut ObjectEntry,
+    plain: Vec<u8>,
+) -> Result<u64, BackupError> {
+    let len = plain.len() as u64;
+    let (id, n, new) = repo.put_chunk(plain).await?;
+    entry.chunks.push(id);
+    entry.sealed.push(n);
+    entry.size += len;
+    Ok(if new { n } else { 0 })
 }
 
 /// What to restore, and where.

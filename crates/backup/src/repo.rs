@@ -105,26 +105,51 @@ impl<'a> Repo<'a> {
     }
 
     /// Stores a chunk unless the target has it; its name, the size of its file
-    /// there, and whether this call wrote it.
-    pub async fn put_chunk(&self, plain: &[u8]) -> Result<(ChunkId, u64, bool), BackupError> {
-        let id = self.codec.chunk_id(plain);
+    /// there, and whether this call wrote it. Hashing and sealing run off the
+    /// reactor.
+    pub async fn put_chunk(&self, plain: Vec<u8>) -> Result<(ChunkId, u64, bool), BackupError> {
+        let codec = self.codec.clone();
+        let (id, plain) = off_reactor(move || Ok((codec.chunk_id(&plain), plain))).await?;
         let name = chunk_name(&id);
         if let Some(n) = self.target.size(&name).await? {
             return Ok((id, n, false));
         }
-        let sealed = self.codec.seal(plain)?;
+        let codec = self.codec.clone();
+        let sealed = off_reactor(move || codec.seal(&plain)).await?;
         let n = sealed.len() as u64;
         self.target.put(&name, Bytes::from(sealed)).await?;
         Ok((id, n, true))
     }
 
-    /// A chunk's plain bytes, checked against its name.
+    /// A chunk's plain bytes, checked against its name (off the reactor).
     pub async fn get_chunk(&self, id: &ChunkId) -> Result<Vec<u8>, BackupError> {
         let name = chunk_name(id);
         let sealed = self.get_bounded(&name, MAX_CHUNK).await?;
-        self.codec
-            .open_chunk(id, &sealed, MAX_CHUNK)
+        let (codec, id) = (self.codec.clone(), *id);
+        off_reactor(move || codec.open_chunk(&id, &sealed, MAX_CHUNK))
+            .await
             .map_err(|e| named(&name, e))
+    }
+
+    /// Reads the sealed file `name` and decodes its plain bytes with `decode`
+    /// (off the reactor); an error names the file.
+    async fn open_file<T: Send + 'static>(
+        &self,
+        name: &str,
+        decode: fn(&[u8]) -> Result<T, BackupError>,
+    ) -> Result<T, BackupError> {
+        let sealed = self.get_bounded(name, MAX_PAGE_BYTES).await?;
+        let codec = self.codec.clone();
+        off_reactor(move || decode(&codec.open(&sealed, MAX_PAGE_BYTES)?))
+            .await
+            .map_err(|e| named(name, e))
+    }
+
+    /// Seals `plain` (off the reactor) and writes it as `name`.
+    async fn seal_file(&self, name: &str, plain: Vec<u8>) -> Result<(), BackupError> {
+        let codec = self.codec.clone();
+        let sealed = off_reactor(move || codec.seal(&plain)).await?;
+        self.target.put(name, Bytes::from(sealed)).await
     }
 
     /// A file's bytes, refused unread when it is missing or larger than a file
@@ -178,12 +203,7 @@ impl<'a> Repo<'a> {
     }
 
     async fn manifest_at(&self, name: &str) -> Result<Manifest, BackupError> {
-        let sealed = self.get_bounded(name, MAX_PAGE_BYTES).await?;
-        let m = self
-            .codec
-            .open(&sealed, MAX_PAGE_BYTES)
-            .and_then(|plain| Manifest::decode(&plain))
-            .map_err(|e| named(name, e))?;
+        let m = self.open_file(name, Manifest::decode).await?;
         if manifest_name(&m.id) != name {
             return Err(BackupError::Corrupt(format!(
                 "{name}: names backup {}",
@@ -198,13 +218,7 @@ impl<'a> Repo<'a> {
         let mut out = Vec::new();
         for n in 0..m.pages {
             let name = page_name(&m.id, n);
-            let sealed = self.get_bounded(&name, MAX_PAGE_BYTES).await?;
-            let page = self
-                .codec
-                .open(&sealed, MAX_PAGE_BYTES)
-                .and_then(|plain| manifest::decode_page(&plain))
-                .map_err(|e| named(&name, e))?;
-            out.extend(page);
+            out.extend(self.open_file(&name, manifest::decode_page).await?);
         }
         Ok(out)
     }
@@ -258,17 +272,22 @@ impl<'a> Repo<'a> {
         let pages: Vec<&[Change]> = changes.chunks(manifest::PAGE_ENTRIES).collect();
         m.pages = pages.len() as u32;
         for (n, page) in pages.iter().enumerate() {
-            let sealed = self.codec.seal(&manifest::encode_page(page))?;
-            self.target
-                .put(&page_name(&m.id, n as u32), Bytes::from(sealed))
+            self.seal_file(&page_name(&m.id, n as u32), manifest::encode_page(page))
                 .await?;
         }
-        let sealed = self.codec.seal(&m.encode())?;
-        self.target
-            .put(&manifest_name(&m.id), Bytes::from(sealed))
-            .await?;
+        self.seal_file(&manifest_name(&m.id), m.encode()).await?;
         Ok(m)
     }
+}
+
+/// Runs CPU-heavy work (hashing, compression, ciphers, decoding) on a
+/// blocking thread.
+async fn off_reactor<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, BackupError> + Send + 'static,
+) -> Result<T, BackupError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| BackupError::Target(format!("a task failed: {e}")))?
 }
 
 /// An error about the file `name` at a target.
@@ -338,9 +357,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let t = LocalTarget::new(dir.path());
         let repo = Repo::open(&t, None, true).await.unwrap();
-        let (id, n, new) = repo.put_chunk(b"some bytes").await.unwrap();
+        let (id, n, new) = repo.put_chunk(b"some bytes".to_vec()).await.unwrap();
         assert!(n > 0 && new);
-        assert_eq!(repo.put_chunk(b"some bytes").await.unwrap(), (id, n, false));
+        assert_eq!(
+            repo.put_chunk(b"some bytes".to_vec()).await.unwrap(),
+            (id, n, false)
+        );
         assert_eq!(repo.get_chunk(&id).await.unwrap(), b"some bytes");
         let obj = |key: &str| ObjectEntry {
             bucket: "b".into(),

@@ -19,6 +19,21 @@ struct Obj {
     meta: BTreeMap<String, String>,
 }
 
+/// A server with an empty bucket `media`, and a folder for a target.
+async fn start() -> (
+    Server,
+    aws_sdk_s3::Client,
+    tempfile::TempDir,
+    std::path::PathBuf,
+) {
+    let srv = Server::start();
+    let s3 = srv.client();
+    s3.create_bucket().bucket("media").send().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let target = dir.path().join("backups");
+    (srv, s3, dir, target)
+}
+
 /// Runs `cairn ARGS` against `srv`; its exit status, stdout and stderr.
 fn cairn(srv: &Server, args: &[&str], env: &[(&str, &str)]) -> (bool, String, String) {
     // The commands that talk to a cairn are sent to this one.
@@ -139,11 +154,7 @@ fn obj(n: usize, seed: u64, kind: &str) -> Obj {
 /// time; a non-empty bucket is refused without --force and made equal with it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_backup_of_a_chain_restores_its_moment() {
-    let srv = Server::start();
-    let s3 = srv.client();
-    let dir = tempfile::tempdir().unwrap();
-    let target = dir.path().join("backups");
-    s3.create_bucket().bucket("media").send().await.unwrap();
+    let (srv, s3, _dir, target) = start().await;
     // An object of more than one chunk (8 MiB) among small ones, and an empty one.
     let mut live: BTreeMap<String, Obj> = BTreeMap::new();
     for (k, o) in [
@@ -247,10 +258,7 @@ async fn each_backup_of_a_chain_restores_its_moment() {
 /// the key, or with another, the backups are refused with a clear error.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn encrypted_backups_show_nothing_and_need_their_key() {
-    let srv = Server::start();
-    let s3 = srv.client();
-    let dir = tempfile::tempdir().unwrap();
-    let target = dir.path().join("backups");
+    let (srv, s3, dir, target) = start().await;
     let key = dir.path().join("key");
     let other = dir.path().join("other");
     for k in [&key, &other] {
@@ -259,7 +267,6 @@ async fn encrypted_backups_show_nothing_and_need_their_key() {
     }
     let (again, _, _) = cairn(&srv, &["backup", "keygen", key.to_str().unwrap()], &[]);
     assert!(!again, "keygen replaced a key");
-    s3.create_bucket().bucket("media").send().await.unwrap();
     let marker = b"PLAINTEXT-MARKER-cairn-4711 ".repeat(2000);
     let o = Obj {
         data: marker.clone(),
@@ -310,12 +317,8 @@ fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
 /// one whose bytes are bad.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn verify_and_restore_name_damaged_files_and_write_no_bad_object() {
-    let srv = Server::start();
-    let s3 = srv.client();
-    let dir = tempfile::tempdir().unwrap();
-    let target = dir.path().join("backups");
+    let (srv, s3, _dir, target) = start().await;
     let t = target.to_str().unwrap();
-    s3.create_bucket().bucket("media").send().await.unwrap();
     let (good, bad) = (obj(5000, 11, "mp4"), obj(300_000, 12, "mp4"));
     put(&s3, "good", &good).await;
     put(&s3, "bad", &bad).await;
@@ -439,12 +442,8 @@ async fn a_backup_to_another_cairn_restores_back() {
 /// uploads only the chunks still missing, verifies and restores.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backup_killed_midway_is_invisible_and_the_next_run_completes_it() {
-    let srv = Server::start();
-    let s3 = srv.client();
-    let dir = tempfile::tempdir().unwrap();
-    let target = dir.path().join("backups");
+    let (srv, s3, _dir, target) = start().await;
     let t = target.to_str().unwrap();
-    s3.create_bucket().bucket("media").send().await.unwrap();
     let mut want = BTreeMap::new();
     for i in 0..150u64 {
         let o = obj(100_000, 100 + i, "x");
@@ -533,12 +532,8 @@ fn walk_or_empty(dir: &Path) -> Vec<std::path::PathBuf> {
 /// its moment.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prune_keeps_every_chain_it_must() {
-    let srv = Server::start();
-    let s3 = srv.client();
-    let dir = tempfile::tempdir().unwrap();
-    let target = dir.path().join("backups");
+    let (srv, s3, _dir, target) = start().await;
     let t = target.to_str().unwrap();
-    s3.create_bucket().bucket("media").send().await.unwrap();
     let mut live = BTreeMap::new();
     let mut moments = Vec::new();
     for (i, kind) in [

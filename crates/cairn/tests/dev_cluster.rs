@@ -747,6 +747,15 @@ fn a_follower_on_a_full_disk_votes_once_space_is_freed() {
     dev.kill9(leader);
     // No leader without the full node's vote: writes fail meanwhile.
     std::thread::sleep(Duration::from_secs(5));
+    let during = rt.block_on(
+        c[other]
+            .put_object()
+            .bucket("bkt")
+            .key("during")
+            .body(bytes(10, 3).into())
+            .send(),
+    );
+    assert!(during.is_err(), "a write was acknowledged without a quorum");
     std::fs::remove_file(data.join("ballast")).unwrap();
     let after = bytes(100_000, 2);
     eventually(Duration::from_secs(60), || {
