@@ -10,7 +10,7 @@ use crate::manifest::{
     self, Change, MANIFEST_FORMAT, MAX_PAGE_BYTES, Manifest, State, chunk_name, manifest_name,
     page_name,
 };
-use crate::target::Target;
+use crate::target::{Target, blocking};
 use crate::{BackupError, BackupKey, ChunkId, Codec};
 
 /// The target's own file: its format, and whether (and with which key) its
@@ -109,13 +109,13 @@ impl<'a> Repo<'a> {
     /// reactor.
     pub async fn put_chunk(&self, plain: Vec<u8>) -> Result<(ChunkId, u64, bool), BackupError> {
         let codec = self.codec.clone();
-        let (id, plain) = off_reactor(move || Ok((codec.chunk_id(&plain), plain))).await?;
+        let (id, plain) = blocking(move || Ok((codec.chunk_id(&plain), plain))).await?;
         let name = chunk_name(&id);
         if let Some(n) = self.target.size(&name).await? {
             return Ok((id, n, false));
         }
         let codec = self.codec.clone();
-        let sealed = off_reactor(move || codec.seal(&plain)).await?;
+        let sealed = blocking(move || codec.seal(&plain)).await?;
         let n = sealed.len() as u64;
         self.target.put(&name, Bytes::from(sealed)).await?;
         Ok((id, n, true))
@@ -126,7 +126,7 @@ impl<'a> Repo<'a> {
         let name = chunk_name(id);
         let sealed = self.get_bounded(&name, MAX_CHUNK).await?;
         let (codec, id) = (self.codec.clone(), *id);
-        off_reactor(move || codec.open_chunk(&id, &sealed, MAX_CHUNK))
+        blocking(move || codec.open_chunk(&id, &sealed, MAX_CHUNK))
             .await
             .map_err(|e| named(&name, e))
     }
@@ -140,7 +140,7 @@ impl<'a> Repo<'a> {
     ) -> Result<T, BackupError> {
         let sealed = self.get_bounded(name, MAX_PAGE_BYTES).await?;
         let codec = self.codec.clone();
-        off_reactor(move || decode(&codec.open(&sealed, MAX_PAGE_BYTES)?))
+        blocking(move || decode(&codec.open(&sealed, MAX_PAGE_BYTES)?))
             .await
             .map_err(|e| named(name, e))
     }
@@ -148,7 +148,7 @@ impl<'a> Repo<'a> {
     /// Seals `plain` (off the reactor) and writes it as `name`.
     async fn seal_file(&self, name: &str, plain: Vec<u8>) -> Result<(), BackupError> {
         let codec = self.codec.clone();
-        let sealed = off_reactor(move || codec.seal(&plain)).await?;
+        let sealed = blocking(move || codec.seal(&plain)).await?;
         self.target.put(name, Bytes::from(sealed)).await
     }
 
@@ -278,16 +278,6 @@ impl<'a> Repo<'a> {
         self.seal_file(&manifest_name(&m.id), m.encode()).await?;
         Ok(m)
     }
-}
-
-/// Runs CPU-heavy work (hashing, compression, ciphers, decoding) on a
-/// blocking thread.
-async fn off_reactor<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, BackupError> + Send + 'static,
-) -> Result<T, BackupError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| BackupError::Target(format!("a task failed: {e}")))?
 }
 
 /// An error about the file `name` at a target.

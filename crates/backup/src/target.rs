@@ -100,12 +100,14 @@ fn sync_dir(dir: &Path) -> Result<(), BackupError> {
         .map_err(|e| io_err("syncing", dir, e))
 }
 
-async fn blocking<T: Send + 'static>(
+/// Runs file I/O or CPU-heavy work (hashing, compression, ciphers, decoding)
+/// on a blocking thread, off the reactor.
+pub(crate) async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, BackupError> + Send + 'static,
 ) -> Result<T, BackupError> {
     tokio::task::spawn_blocking(f)
         .await
-        .map_err(|e| BackupError::Target(format!("a file task failed: {e}")))?
+        .map_err(|e| BackupError::Target(format!("a blocking task failed: {e}")))?
 }
 
 #[async_trait]
