@@ -280,6 +280,12 @@ pub fn run(cmd: ClusterCmd) -> Result<()> {
                     s("applied_index"),
                     s("snapshot_index")
                 );
+                if v.get("current").and_then(|x| x.as_bool()) == Some(false) {
+                    println!(
+                        "this node could not confirm it is up to date with the cluster \
+                         (no quorum?): what follows may be behind"
+                    );
+                }
                 if let Some(r) = v.get("redundancy") {
                     let n = r.get("blocks_at_risk").and_then(|x| x.as_u64()).unwrap_or(0);
                     let complete = r.get("complete").and_then(|x| x.as_bool()) == Some(true);

@@ -351,12 +351,24 @@ async fn register(meta: &MetaStore, entry: &LayoutNode) -> Result<(), cairn_meta
     meta.set_layout_node(entry).await
 }
 
+/// How long a status call waits to have caught up with the cluster's commits.
+const STATUS_BARRIER: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// How long a joining node waits to have caught up with its new cluster.
 const JOIN_CATCH_UP: std::time::Duration = std::time::Duration::from_secs(60);
 
 #[async_trait::async_trait]
 impl ClusterAdmin for NodeCluster {
     async fn status(&self) -> serde_json::Value {
+        // What any node answers includes every change acknowledged before the
+        // call (a setting changed through one node shows on the next status from
+        // another), unless the cluster cannot confirm it in time: status still
+        // answers then, for it is how an operator sees a cluster without quorum,
+        // and says its view may be behind.
+        let current = matches!(
+            tokio::time::timeout(STATUS_BARRIER, self.meta.read_barrier()).await,
+            Ok(Ok(()))
+        );
         let raft = self.meta.raft();
         let m = raft.metrics().borrow().clone();
         let voters: std::collections::BTreeSet<u64> =
@@ -461,6 +473,10 @@ impl ClusterAdmin for NodeCluster {
             "applied_index": m.last_applied.map(|l| l.index),
             "snapshot_index": m.snapshot.map(|l| l.index),
             "purged_index": m.purged.map(|l| l.index),
+            // False when the cluster could not confirm within two seconds that
+            // this node has applied every committed change (no quorum, say):
+            // members and layout may then be behind.
+            "current": current,
             "members": members,
             "layout": {
                 "version": layout.version,

@@ -454,6 +454,9 @@ fn three_nodes_survive_one_down_and_refuse_cleanly_with_two_down() {
             t.elapsed()
         );
     });
+    // Status still answers without quorum, and says it may be behind.
+    let st = dev.status(0);
+    assert_eq!(st["current"], false, "{st}");
     dev.restart(1);
     dev.restart(2);
     rt.block_on(async {
@@ -1691,7 +1694,21 @@ fn the_replication_factor_changes_and_blocks_follow() {
     assert_eq!(st["layout"]["version"].as_u64().unwrap(), version, "{st}");
     assert_eq!(st["layout"]["copies"], 3, "{st}");
 
+    // A change made through one node shows in every node's status from the
+    // moment it is acknowledged, even on a node that was stopped while it was made
+    // (asked the instant it runs again, before the leader has sent it the change).
+    let leader = dev.leader();
+    let behind = (1..4).find(|i| *i != leader).unwrap();
+    let pid = dev.node(behind)["pid"].as_u64().unwrap().to_string();
+    Command::new("kill").args(["-STOP", &pid]).status().unwrap();
     dev.cluster_ok(&["set-replication", "2"]);
+    Command::new("kill").args(["-CONT", &pid]).status().unwrap();
+    let st = dev.status(behind);
+    assert_eq!(st["current"], true, "{st}");
+    assert_eq!(
+        st["layout"]["copies"], 2,
+        "node {behind} answered from behind: {st}"
+    );
     let st = dev.status(1);
     assert_eq!(st["layout"]["copies"], 2, "{st}");
     assert_eq!(st["layout"]["quorum"], 2, "{st}");
