@@ -73,6 +73,10 @@ pub trait ClusterAdmin: Send + Sync {
         bucket: Option<&str>,
         class: &str,
     ) -> Result<serde_json::Value, (StatusCode, String)>;
+    /// Every bucket with its own settings (its storage class, `null` for the
+    /// cluster's default), and the default; as of every change acknowledged
+    /// before the call.
+    async fn buckets(&self) -> Result<serde_json::Value, (StatusCode, String)>;
     /// Asks every node's scrub for its status, or to `start` (a pass now, or go
     /// on with a paused one) or `pause`; answers each node's scrub status.
     async fn scrub(&self, command: &str) -> Result<serde_json::Value, (StatusCode, String)>;
@@ -156,6 +160,25 @@ impl Admin {
         })
     }
 
+    /// Refuses a request without the admin token.
+    #[allow(clippy::result_large_err)]
+    fn authorized<B>(&self, req: &Request<B>) -> Result<(), Response<Full<Bytes>>> {
+        let given = req
+            .headers()
+            .get(http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        if self.token.get().is_some_and(|t| same_secret(t, given)) {
+            return Ok(());
+        }
+        tracing::warn!("admin request refused: missing or wrong admin token");
+        Err(error_json(
+            StatusCode::UNAUTHORIZED,
+            "missing or wrong admin token (Authorization: Bearer TOKEN)",
+        ))
+    }
+
     async fn cluster_api<B>(&self, req: Request<B>) -> Response<Full<Bytes>>
     where
         B: http_body::Body<Data = Bytes>,
@@ -173,6 +196,15 @@ impl Admin {
                 Ok(v) => json(StatusCode::OK, &v),
                 Err((status, msg)) => error_json(status, &msg),
             },
+            (Method::GET, "/v1/cluster/buckets") => {
+                if let Err(refused) = self.authorized(&req) {
+                    return refused;
+                }
+                match cluster.buckets().await {
+                    Ok(v) => json(StatusCode::OK, &v),
+                    Err((status, msg)) => error_json(status, &msg),
+                }
+            }
             (
                 Method::POST,
                 p @ ("/v1/cluster/join"
@@ -183,20 +215,8 @@ impl Admin {
                 | "/v1/cluster/scrub/start"
                 | "/v1/cluster/scrub/pause"),
             ) => {
-                let given = req
-                    .headers()
-                    .get(http::header::AUTHORIZATION)
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.strip_prefix("Bearer "))
-                    .unwrap_or("")
-                    .to_string();
-                let ok = self.token.get().is_some_and(|t| same_secret(t, &given));
-                if !ok {
-                    tracing::warn!("admin request refused: missing or wrong admin token");
-                    return error_json(
-                        StatusCode::UNAUTHORIZED,
-                        "missing or wrong admin token (Authorization: Bearer TOKEN)",
-                    );
+                if let Err(refused) = self.authorized(&req) {
+                    return refused;
                 }
                 let body = match http_body_util::Limited::new(req.into_body(), MAX_BODY)
                     .collect()

@@ -10,11 +10,24 @@ use crate::lock::Lock;
 use crate::manifest::{self, Change, Kind, MANIFEST_FORMAT, Manifest, ObjectEntry, State};
 use crate::repo::{CHUNK_SIZE, Repo};
 
+/// The settings of a cairn's buckets that S3 does not carry (their storage
+/// class), read and written through cairn's admin API.
+#[async_trait::async_trait]
+pub trait BucketSettings: Send + Sync {
+    /// Every bucket's settings, by name (a JSON object each).
+    async fn read(&self) -> Result<BTreeMap<String, serde_json::Value>, BackupError>;
+    /// Gives `bucket` the settings `read` gave.
+    async fn apply(&self, bucket: &str, settings: &serde_json::Value) -> Result<(), BackupError>;
+}
+
 /// The S3 endpoint backed up, or restored into.
 #[derive(Clone)]
 pub struct Endpoint {
     pub client: aws_sdk_s3::Client,
     pub url: String,
+    /// The buckets' own settings, where the endpoint is a cairn whose admin API
+    /// the caller may use: recorded by a backup, given back by a restore.
+    pub settings: Option<std::sync::Arc<dyn BucketSettings>>,
 }
 
 impl Endpoint {
@@ -22,7 +35,13 @@ impl Endpoint {
         Endpoint {
             client: crate::target::s3_client(url, access_key, secret_key),
             url: url.to_string(),
+            settings: None,
         }
+    }
+
+    pub fn with_settings(mut self, settings: std::sync::Arc<dyn BucketSettings>) -> Endpoint {
+        self.settings = Some(settings);
+        self
     }
 
     fn fail<E: std::fmt::Debug>(&self, what: &str, e: E) -> BackupError {
@@ -212,6 +231,19 @@ async fn backup_locked(
         Some(p) => repo.state_at(&all, &p.id).await?,
         None => State::new(),
     };
+    let bucket_settings = match &source.settings {
+        Some(s) => {
+            let mut all = s.read().await?;
+            all.retain(|b, _| buckets.contains(b));
+            all
+        }
+        None => {
+            progress.note(
+                "the buckets' own settings (storage class) are not recorded: no admin access to the source",
+            );
+            BTreeMap::new()
+        }
+    };
     let mut listed = Vec::with_capacity(buckets.len());
     for bucket in &buckets {
         listed.push((bucket, source.list(bucket).await?));
@@ -262,7 +294,7 @@ async fn backup_locked(
         bytes,
         bytes_stored,
         bytes_new,
-        bucket_settings: BTreeMap::new(),
+        bucket_settings,
         pages: 0,
     };
     repo.commit(m, &changes).await
@@ -444,6 +476,20 @@ pub async fn restore(
         }
         existing.insert(d, keys);
     }
+    // The buckets' settings before their objects (a storage class applies to
+    // objects written after it is set).
+    for b in &wanted {
+        let Some(settings) = m.bucket_settings.get(b) else {
+            continue;
+        };
+        let d = dest_of(b);
+        match &dest.settings {
+            Some(s) => s.apply(&d, settings).await?,
+            None => progress.note(&format!(
+                "bucket {d}: its settings in the backup ({settings}) are not restored: no admin access to the destination"
+            )),
+        }
+    }
     let mut report = RestoreReport::default();
     let todo: Vec<(&(String, String), &ObjectEntry)> = state
         .iter()
@@ -480,6 +526,16 @@ pub async fn restore(
         }
     }
     Ok(report)
+}
+
+/// The most parts an S3 multipart upload may have.
+const MAX_PARTS: usize = 10_000;
+
+/// How many consecutive chunks go into one part of a restored object: one, but
+/// for objects of more than [`MAX_PARTS`] chunks (over 80 GiB), as few as keep
+/// the count of parts within the limit.
+fn chunks_per_part(chunks: usize) -> usize {
+    chunks.div_ceil(MAX_PARTS).max(1)
 }
 
 /// Writes one object from its chunks, each checked before it is sent; an
@@ -537,14 +593,18 @@ async fn put_object(
             .await;
     };
     let mut parts = Vec::new();
-    for (n, id) in o.chunks.iter().enumerate() {
-        let data = match repo.get_chunk(id).await {
-            Ok(d) => d,
-            Err(e) => {
-                abort().await;
-                return Ok(Err(e.to_string()));
+    for (n, group) in o.chunks.chunks(chunks_per_part(o.chunks.len())).enumerate() {
+        let mut data = Vec::new();
+        for id in group {
+            match repo.get_chunk(id).await {
+                Ok(d) if data.is_empty() => data = d,
+                Ok(d) => data.extend_from_slice(&d),
+                Err(e) => {
+                    abort().await;
+                    return Ok(Err(e.to_string()));
+                }
             }
-        };
+        }
         let part = (n + 1) as i32;
         let res = dest
             .client
@@ -796,6 +856,23 @@ pub fn parse_duration(s: &str) -> Result<std::time::Duration, BackupError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn restored_objects_stay_within_the_part_limit() {
+        for chunks in [1, 2, 9_999, 10_000, 10_001, 20_000, 20_001, 655_360] {
+            let per = chunks_per_part(chunks);
+            assert!(
+                chunks.div_ceil(per) <= MAX_PARTS,
+                "{chunks} chunks, {per} per part"
+            );
+            assert!(
+                per == 1 || chunks.div_ceil(per - 1) > MAX_PARTS,
+                "{chunks}: {per} per part is more than needed"
+            );
+        }
+        assert_eq!(chunks_per_part(10_000), 1);
+        assert_eq!(chunks_per_part(10_001), 2);
+    }
 
     #[test]
     fn durations_parse_with_their_unit() {

@@ -15,7 +15,7 @@ pub struct Endpoint {
         env = "CAIRN_ADMIN_ENDPOINT",
         default_value = "http://127.0.0.1:9001"
     )]
-    admin_endpoint: String,
+    pub(crate) admin_endpoint: String,
     /// The admin token [default: CAIRN_ADMIN_TOKEN, else DATA_DIR/admin_token]
     #[arg(long)]
     admin_token: Option<String>,
@@ -80,6 +80,24 @@ pub enum ClusterCmd {
 }
 
 impl Endpoint {
+    /// The token given (`--admin-token` or CAIRN_ADMIN_TOKEN), or with
+    /// `from_data_dir` the one in the data directory, if any.
+    pub(crate) fn token_if_any(&self, from_data_dir: bool) -> Option<String> {
+        if let Some(t) = &self.admin_token {
+            return Some(t.clone());
+        }
+        if let Ok(t) = std::env::var("CAIRN_ADMIN_TOKEN")
+            && !t.is_empty()
+        {
+            return Some(t);
+        }
+        if !from_data_dir {
+            return None;
+        }
+        let t = std::fs::read_to_string(self.data_dir.join("admin_token")).ok()?;
+        Some(t.trim().to_string())
+    }
+
     fn token(&self) -> Result<String> {
         if let Some(t) = &self.admin_token {
             return Ok(t.clone());
@@ -382,6 +400,14 @@ pub enum BucketCmd {
         #[command(flatten)]
         endpoint: Endpoint,
     },
+    /// List the buckets with their own settings (storage class)
+    List {
+        /// Print JSON
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        endpoint: Endpoint,
+    },
 }
 
 pub fn run_bucket(cmd: BucketCmd) -> Result<()> {
@@ -406,6 +432,36 @@ pub fn run_bucket(cmd: BucketCmd) -> Result<()> {
                     v["class"].as_str().unwrap_or("?"),
                     v["effective"].as_str().unwrap_or("?")
                 );
+                Ok(())
+            }
+            BucketCmd::List { json, endpoint } => {
+                let token = endpoint.token()?;
+                let (status, v) = request(
+                    &endpoint.admin_endpoint,
+                    http::Method::GET,
+                    "/v1/cluster/buckets",
+                    Some(&token),
+                    None,
+                )
+                .await?;
+                if !status.is_success() {
+                    return Err(fail(status, &v));
+                }
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&v)?);
+                    return Ok(());
+                }
+                let default = v["default_class"].as_str().unwrap_or("?");
+                for b in v["buckets"].as_array().into_iter().flatten() {
+                    println!(
+                        "{:<40} {}",
+                        b["name"].as_str().unwrap_or("?"),
+                        match b["class"].as_str() {
+                            Some(c) => c.to_string(),
+                            None => format!("{default} (the cluster's default)"),
+                        }
+                    );
+                }
                 Ok(())
             }
         }

@@ -30,15 +30,23 @@ pub struct TargetArgs {
     key_file: Option<PathBuf>,
 }
 
-/// The cairn (or S3 endpoint) backed up or restored into.
-#[derive(Args, Clone)]
+/// The endpoint a cairn serves S3 on by default.
+const DEFAULT_ENDPOINT: &str = "http://127.0.0.1:9000";
+
+/// The cairn (or S3 endpoint) backed up or restored into. Its buckets' own
+/// settings (storage class) are recorded and restored through its admin API
+/// when an admin token is given (or, for the default endpoint, found in the
+/// data directory).
+#[derive(Args)]
 pub struct EndpointArgs {
-    #[arg(long, default_value = "http://127.0.0.1:9000")]
+    #[arg(long, default_value = DEFAULT_ENDPOINT)]
     endpoint: String,
     #[arg(long, env = "CAIRN_ACCESS_KEY", hide_env_values = true)]
     access_key: Option<String>,
     #[arg(long, env = "CAIRN_SECRET_KEY", hide_env_values = true)]
     secret_key: Option<String>,
+    #[command(flatten)]
+    admin: crate::admin_cli::Endpoint,
 }
 
 #[derive(Subcommand)]
@@ -163,7 +171,85 @@ fn endpoint(e: &EndpointArgs) -> Result<Endpoint> {
             e.endpoint
         );
     };
-    Ok(Endpoint::new(&e.endpoint, a, s))
+    let ep = Endpoint::new(&e.endpoint, a, s);
+    let local = e.endpoint.trim_end_matches('/') == DEFAULT_ENDPOINT;
+    Ok(match e.admin.token_if_any(local) {
+        Some(token) => ep.with_settings(std::sync::Arc::new(AdminSettings {
+            admin: e.admin.admin_endpoint.clone(),
+            token,
+        })),
+        None => ep,
+    })
+}
+
+/// Bucket settings through a cairn's admin API.
+struct AdminSettings {
+    admin: String,
+    token: String,
+}
+
+impl AdminSettings {
+    async fn call(
+        &self,
+        method: http::Method,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> Result<serde_json::Value, cairn_backup::BackupError> {
+        let fail = |e: String| {
+            cairn_backup::BackupError::Source(format!(
+                "the buckets' settings at {}: {e}",
+                self.admin
+            ))
+        };
+        let (status, v) =
+            crate::admin_cli::request(&self.admin, method, path, Some(&self.token), body)
+                .await
+                .map_err(|e| fail(format!("{e:#}")))?;
+        if !status.is_success() {
+            let msg = v["error"]
+                .as_str()
+                .map(str::to_string)
+                .unwrap_or(v.to_string());
+            return Err(fail(format!("HTTP {status}: {msg}")));
+        }
+        Ok(v)
+    }
+}
+
+#[async_trait::async_trait]
+impl engine::BucketSettings for AdminSettings {
+    async fn read(
+        &self,
+    ) -> Result<std::collections::BTreeMap<String, serde_json::Value>, cairn_backup::BackupError>
+    {
+        let v = self
+            .call(http::Method::GET, "/v1/cluster/buckets", None)
+            .await?;
+        Ok(v["buckets"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|b| {
+                let name = b["name"].as_str()?;
+                Some((name.to_string(), serde_json::json!({ "class": b["class"] })))
+            })
+            .collect())
+    }
+
+    async fn apply(
+        &self,
+        bucket: &str,
+        settings: &serde_json::Value,
+    ) -> Result<(), cairn_backup::BackupError> {
+        let class = settings["class"].as_str().unwrap_or("default");
+        self.call(
+            http::Method::POST,
+            "/v1/cluster/bucket-class",
+            Some(serde_json::json!({ "bucket": bucket, "class": class })),
+        )
+        .await?;
+        Ok(())
+    }
 }
 
 fn print_summary(s: &Summary) {

@@ -625,6 +625,31 @@ impl ClusterAdmin for NodeCluster {
         }))
     }
 
+    async fn buckets(&self) -> Result<serde_json::Value, (http::StatusCode, String)> {
+        self.meta.read_barrier().await.map_err(|e| {
+            (
+                http::StatusCode::SERVICE_UNAVAILABLE,
+                format!("cannot confirm the cluster's latest state: {e}"),
+            )
+        })?;
+        let buckets: Vec<serde_json::Value> = self
+            .meta
+            .buckets()
+            .into_iter()
+            .map(|(name, b)| {
+                serde_json::json!({
+                    "name": name,
+                    "created": b.created,
+                    "class": b.class.map(|c| c.to_string()),
+                })
+            })
+            .collect();
+        Ok(serde_json::json!({
+            "default_class": self.meta.layout().default_class.to_string(),
+            "buckets": buckets,
+        }))
+    }
+
     async fn set_class(
         &self,
         bucket: Option<&str>,

@@ -605,3 +605,99 @@ async fn prune_keeps_every_chain_it_must() {
         assert_eq!(&contents(&s3, &into).await, state, "backup {i}");
     }
 }
+
+/// The class of each bucket named in `cairn bucket list --json`.
+fn classes(srv: &Server, admin: &[&str]) -> BTreeMap<String, serde_json::Value> {
+    let mut args = vec!["bucket", "list", "--json"];
+    args.extend_from_slice(admin);
+    let (ok, out, err) = cairn(srv, &args, &[]);
+    assert!(ok, "{out}\n{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    v["buckets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| (b["name"].as_str().unwrap().to_string(), b["class"].clone()))
+        .collect()
+}
+
+/// A bucket's own settings (its storage class) are recorded by a backup with
+/// admin access and given back by a restore with admin access, before its
+/// objects are written; without admin access both still work and say what they
+/// leave out. The buckets' settings need the admin token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_buckets_storage_class_comes_back_with_it() {
+    let (srv, s3, _dir, target) = start().await;
+    let t = target.to_str().unwrap();
+    let token = std::fs::read_to_string(srv.dir.join("admin_token")).unwrap();
+    let admin = [
+        "--admin-endpoint",
+        &srv.admin,
+        "--admin-token",
+        token.trim(),
+    ];
+    let with_admin = |args: &[&str]| {
+        let mut all = args.to_vec();
+        all.extend_from_slice(&admin);
+        let (ok, out, err) = cairn(&srv, &all, &[]);
+        assert!(ok, "{all:?}:\n{out}\n{err}");
+        (out, err)
+    };
+    // A single node takes no erasure coding; a class of the bucket's own
+    // (not the cluster's default, `null`) tells the setting apart all the same.
+    with_admin(&["bucket", "set-class", "media", "replicated"]);
+    let o = obj(3 << 20, 31, "mp4");
+    put(&s3, "v", &o).await;
+
+    let (out, err) = with_admin(&["backup", "create", "--target", t, "--bucket", "media"]);
+    assert!(!err.contains("not recorded"), "{err}");
+    let id = out.lines().last().unwrap().trim().to_string();
+    with_admin(&[
+        "restore",
+        "--target",
+        t,
+        "--id",
+        &id,
+        "--to-bucket",
+        "copy",
+        "--bucket",
+        "media",
+    ]);
+    let got = classes(&srv, &admin);
+    assert_eq!(got["media"], "replicated", "{got:?}");
+    assert_eq!(
+        got["copy"], "replicated",
+        "the class did not come back: {got:?}"
+    );
+    assert_eq!(contents(&s3, "copy").await["v"], o);
+
+    // Without admin access: said, not silently dropped; the objects still come back.
+    let (ok, out, err) = restore(&srv, &target, ["--id", &id], "plain", &[]);
+    assert!(ok, "{out}\n{err}");
+    assert!(err.contains("not restored: no admin access"), "{err}");
+    assert_eq!(classes(&srv, &admin)["plain"], serde_json::Value::Null);
+    assert_eq!(contents(&s3, "plain").await["v"], o);
+    let (ok, out, err) = cairn(
+        &srv,
+        &["backup", "create", "--target", t, "--bucket", "media"],
+        &[],
+    );
+    assert!(ok, "{out}\n{err}");
+    assert!(err.contains("not recorded: no admin access"), "{err}");
+
+    // The buckets' settings are not for anyone without the token.
+    let (ok, _, err) = cairn(
+        &srv,
+        &[
+            "bucket",
+            "list",
+            "--admin-endpoint",
+            &srv.admin,
+            "--admin-token",
+            "wrong",
+        ],
+        &[],
+    );
+    assert!(!ok);
+    assert!(err.contains("admin token"), "{err}");
+}
