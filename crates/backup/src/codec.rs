@@ -16,7 +16,7 @@
 //! target by a keyed BLAKE3 hash (a key derived from the backup key), so the
 //! names say nothing about the contents to whoever can list the target.
 
-use chacha20poly1305::aead::{Aead, KeyInit, Payload};
+use chacha20poly1305::aead::{Aead, AeadInPlace, KeyInit, Payload};
 use chacha20poly1305::{XChaCha20Poly1305, XNonce};
 
 use crate::BackupError;
@@ -25,10 +25,32 @@ const MAGIC: &[u8; 4] = b"CRNB";
 const VERSION: u8 = 1;
 const HEADER_LEN: usize = 16;
 const NONCE_LEN: usize = 24;
+/// The length of the cipher's authentication tag, after the ciphertext.
+const TAG_LEN: usize = 16;
 /// Bytes a sealed file holds beyond its body: header, nonce and tag.
 pub const OVERHEAD: usize = HEADER_LEN + NONCE_LEN + 16;
 const FLAG_ZSTD: u8 = 1;
 const FLAG_ENCRYPTED: u8 = 2;
+/// Whether compressing `plain` would gain anything: a large chunk is judged by
+/// three samples (its start, middle and end), so that video, archives and other
+/// already compressed data cost no compression time.
+fn worth_compressing(plain: &[u8]) -> bool {
+    const SAMPLE: usize = 16 << 10;
+    if plain.len() < 16 * SAMPLE {
+        return true;
+    }
+    let mid = plain.len() / 2 - SAMPLE / 2;
+    let mut sample = Vec::with_capacity(3 * SAMPLE);
+    for at in [0, mid, plain.len() - SAMPLE] {
+        sample.extend_from_slice(&plain[at..at + SAMPLE]);
+    }
+    match zstd::bulk::compress(&sample, LEVEL) {
+        // At least 5% smaller, or it is not worth the time.
+        Ok(p) => p.len() * 100 < sample.len() * 95,
+        Err(_) => true,
+    }
+}
+
 /// zstd's level: fast, and most of the gain on text and logs.
 const LEVEL: i32 = 3;
 
@@ -141,38 +163,39 @@ impl Codec {
     /// The sealed form of `plain`: compressed when that makes it smaller,
     /// encrypted when the codec has a key.
     pub fn seal(&self, plain: &[u8]) -> Result<Vec<u8>, BackupError> {
-        let packed = zstd::bulk::compress(plain, LEVEL)
-            .map_err(|e| BackupError::Corrupt(format!("compressing: {e}")))?;
-        let (mut flags, body) = if packed.len() < plain.len() {
-            (FLAG_ZSTD, packed)
-        } else {
-            (0, plain.to_vec())
+        let packed = match worth_compressing(plain) {
+            true => Some(
+                zstd::bulk::compress(plain, LEVEL)
+                    .map_err(|e| BackupError::Corrupt(format!("compressing: {e}")))?,
+            ),
+            false => None,
+        };
+        let (mut flags, body): (u8, &[u8]) = match &packed {
+            Some(p) if p.len() < plain.len() => (FLAG_ZSTD, p),
+            _ => (0, plain),
         };
         if self.keys.is_some() {
             flags |= FLAG_ENCRYPTED;
         }
-        let mut out = Vec::with_capacity(HEADER_LEN + NONCE_LEN + body.len() + 16);
+        // One copy of the body into the output, encrypted there in place.
+        let mut out = Vec::with_capacity(HEADER_LEN + NONCE_LEN + body.len() + TAG_LEN);
         out.extend_from_slice(MAGIC);
         out.push(VERSION);
         out.push(flags);
         out.extend_from_slice(&[0, 0]);
         out.extend_from_slice(&(plain.len() as u64).to_le_bytes());
         match &self.keys {
-            None => out.extend_from_slice(&body),
+            None => out.extend_from_slice(body),
             Some(k) => {
                 let nonce: [u8; NONCE_LEN] = rand::random();
-                let sealed = k
-                    .cipher
-                    .encrypt(
-                        XNonce::from_slice(&nonce),
-                        Payload {
-                            msg: &body,
-                            aad: &out[..HEADER_LEN],
-                        },
-                    )
-                    .map_err(|_| BackupError::Corrupt("encrypting failed".into()))?;
                 out.extend_from_slice(&nonce);
-                out.extend_from_slice(&sealed);
+                out.extend_from_slice(body);
+                let (head, msg) = out.split_at_mut(HEADER_LEN + NONCE_LEN);
+                let tag = k
+                    .cipher
+                    .encrypt_in_place_detached(XNonce::from_slice(&nonce), &head[..HEADER_LEN], msg)
+                    .map_err(|_| BackupError::Corrupt("encrypting failed".into()))?;
+                out.extend_from_slice(&tag);
             }
         }
         Ok(out)
@@ -293,6 +316,32 @@ mod tests {
         let data = vec![b'a'; 1 << 20];
         for c in both() {
             assert!(c.seal(&data).unwrap().len() < 10_000);
+        }
+    }
+
+    #[test]
+    fn random_bytes_are_stored_as_they_are_and_mixed_ones_compressed() {
+        let mut random = vec![0u8; 1 << 20];
+        rand::fill(&mut random[..]);
+        let text: Vec<u8> = b"a log line of some service, time=12:00:00 level=info\n"
+            .iter()
+            .copied()
+            .cycle()
+            .take(1 << 20)
+            .collect();
+        // Random but for its middle: judged by the samples, compressed.
+        let mut mixed = random.clone();
+        mixed[400 << 10..600 << 10].copy_from_slice(&text[..200 << 10]);
+        for c in both() {
+            let sealed = c.seal(&random).unwrap();
+            assert_eq!(sealed[5] & FLAG_ZSTD, 0, "random bytes were compressed");
+            assert_eq!(c.open(&sealed, 1 << 21).unwrap(), random);
+            let sealed = c.seal(&text).unwrap();
+            assert_ne!(sealed[5] & FLAG_ZSTD, 0);
+            assert!(sealed.len() < 20_000);
+            let sealed = c.seal(&mixed).unwrap();
+            assert_ne!(sealed[5] & FLAG_ZSTD, 0, "a compressible middle was missed");
+            assert_eq!(c.open(&sealed, 1 << 21).unwrap(), mixed);
         }
     }
 

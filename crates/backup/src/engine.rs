@@ -3,6 +3,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use aws_sdk_s3::primitives::ByteStream;
+use futures::{SinkExt, StreamExt};
 use serde::Serialize;
 
 use crate::BackupError;
@@ -246,7 +247,7 @@ async fn backup_locked(
     };
     let mut listed = Vec::with_capacity(buckets.len());
     for bucket in &buckets {
-        listed.push((bucket, source.list(bucket).await?));
+        listed.push((bucket.clone(), source.list(bucket).await?));
     }
     progress.begin(
         listed.iter().map(|(_, l)| l.len() as u64).sum(),
@@ -255,32 +256,52 @@ async fn backup_locked(
     let mut now = State::new();
     let (mut bytes_stored, mut bytes_new, mut bytes) = (0u64, 0u64, 0u64);
     let mut renewed = std::time::Instant::now();
-    for (bucket, objects) in listed {
-        for (key, size, etag, modified) in objects {
-            if renewed.elapsed() > crate::lock::LOCK_TTL / 3 {
+    // Unchanged objects are taken from the parent as they are; changed ones are
+    // read, OBJECTS_IN_FLIGHT at once (small objects are bound by round trips
+    // and fsyncs, not bandwidth), their results taken in listing order.
+    let held = &held;
+    let mut results = futures::stream::iter(
+        listed
+            .into_iter()
+            .flat_map(|(bucket, objects)| objects.into_iter().map(move |o| (bucket.clone(), o))),
+    )
+    .map(|(bucket, (key, size, etag, modified))| async move {
+        let k = (bucket, key);
+        let got = match held.get(&k) {
+            Some(h) if manifest::unchanged(h, size, &etag, &modified) => Some((h.clone(), None)),
+            _ => capture(source, repo, &k.0, &k.1, &etag, &modified)
+                .await?
+                .map(|(entry, stored)| (entry, Some(stored))),
+        };
+        Ok::<_, BackupError>((k, got))
+    })
+    .buffered(OBJECTS_IN_FLIGHT);
+    loop {
+        // The lock is renewed on time even while one large object takes long.
+        let renew_at = renewed + crate::lock::LOCK_TTL / 3;
+        let r = tokio::select! {
+            r = results.next() => r,
+            _ = tokio::time::sleep_until(renew_at.into()) => {
                 lock.renew(repo.target).await?;
                 renewed = std::time::Instant::now();
+                continue;
             }
-            let k = (bucket.clone(), key.clone());
-            let entry = match held.get(&k) {
-                Some(h) if manifest::unchanged(h, size, &etag, &modified) => h.clone(),
-                _ => {
-                    let Some((entry, stored)) =
-                        capture(source, repo, bucket, &key, &etag, &modified).await?
-                    else {
-                        continue; // deleted since the listing
-                    };
-                    bytes_stored += stored;
-                    bytes_new += entry.size;
-                    entry
-                }
-            };
-            bytes += entry.size;
-            progress.object_done(entry.size);
-            now.insert(k, entry);
+        };
+        let Some(r) = r else { break };
+        let (k, got) = r?;
+        let Some((entry, stored)) = got else {
+            continue; // deleted since the listing
+        };
+        if let Some(stored) = stored {
+            bytes_stored += stored;
+            bytes_new += entry.size;
         }
+        bytes += entry.size;
+        progress.object_done(entry.size);
+        now.insert(k, entry);
     }
-    let changes: Vec<Change> = manifest::diff(&held, &now);
+    drop(results);
+    let changes: Vec<Change> = manifest::diff(held, &now);
     let (finished, _) = now_and_id();
     let m = Manifest {
         format: MANIFEST_FORMAT,
@@ -343,16 +364,21 @@ async fn capture(
         chunks: Vec::new(),
         sealed: Vec::new(),
     };
-    let mut body = resp.body;
-    let mut buf: Vec<u8> = Vec::with_capacity(CHUNK_SIZE);
-    let mut stored = 0u64;
-    loop {
-        let next = body
-            .try_next()
-            .await
-            .map_err(|e| source.fail(&format!("reading {bucket}/{key}"), e))?;
-        let end = next.is_none();
-        if let Some(b) = next {
+    // Reading the object overlaps storing its chunks: the reader cuts chunks
+    // and hands them over (at most one waiting), and up to STORES_IN_FLIGHT are
+    // hashed, sealed and written at once, their order kept.
+    let (tx, rx) = futures::channel::mpsc::channel::<Vec<u8>>(0);
+    let reader = async move {
+        let mut tx = tx;
+        let mut body = resp.body;
+        let mut buf: Vec<u8> = Vec::with_capacity(CHUNK_SIZE);
+        let mut sent = false;
+        loop {
+            let next = body
+                .try_next()
+                .await
+                .map_err(|e| source.fail(&format!("reading {bucket}/{key}"), e))?;
+            let Some(b) = next else { break };
             let mut b = &b[..];
             while !b.is_empty() {
                 let take = (CHUNK_SIZE - buf.len()).min(b.len());
@@ -360,34 +386,45 @@ async fn capture(
                 b = &b[take..];
                 if buf.len() == CHUNK_SIZE {
                     let full = std::mem::replace(&mut buf, Vec::with_capacity(CHUNK_SIZE));
-                    stored += add_chunk(repo, &mut entry, full).await?;
+                    if tx.send(full).await.is_err() {
+                        return Ok(()); // the writer failed: its error is the one told
+                    }
+                    sent = true;
                 }
             }
         }
-        if end {
-            break;
+        if !buf.is_empty() || !sent {
+            let _ = tx.send(buf).await;
         }
-    }
-    if !buf.is_empty() || entry.chunks.is_empty() {
-        stored += add_chunk(repo, &mut entry, buf).await?;
-    }
+        Ok::<(), BackupError>(())
+    };
+    let writer = async {
+        let mut stored = 0u64;
+        let mut done = rx
+            .map(|plain| async move {
+                let len = plain.len() as u64;
+                repo.put_chunk(plain).await.map(|r| (r, len))
+            })
+            .buffered(STORES_IN_FLIGHT);
+        while let Some(r) = done.next().await {
+            let ((id, n, new), len) = r?;
+            entry.chunks.push(id);
+            entry.sealed.push(n);
+            entry.size += len;
+            stored += if new { n } else { 0 };
+        }
+        Ok::<u64, BackupError>(stored)
+    };
+    let ((), stored) = futures::try_join!(reader, writer)?;
     Ok(Some((entry, stored)))
 }
 
-/// Stores the next chunk of an object and adds it to its entry; the bytes it
-/// took at the target (0 when the target had it).
-async fn add_chunk(
-    repo: &Repo<'_>,
-    entry: &mut ObjectEntry,
-    plain: Vec<u8>,
-) -> Result<u64, BackupError> {
-    let len = plain.len() as u64;
-    let (id, n, new) = repo.put_chunk(plain).await?;
-    entry.chunks.push(id);
-    entry.sealed.push(n);
-    entry.size += len;
-    Ok(if new { n } else { 0 })
-}
+/// Objects read at once by a backup (each with up to STORES_IN_FLIGHT chunks
+/// being stored and one more read: memory stays within about 12 chunks).
+const OBJECTS_IN_FLIGHT: usize = 3;
+
+/// Chunks of one object hashed, sealed and written at once.
+const STORES_IN_FLIGHT: usize = 2;
 
 /// What to restore, and where.
 #[derive(Clone, Debug, Default)]

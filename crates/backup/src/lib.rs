@@ -11,6 +11,7 @@ pub mod engine;
 pub mod lock;
 pub mod manifest;
 pub mod repo;
+pub mod schedule;
 pub mod target;
 
 pub use codec::{BackupKey, ChunkId, Codec};

@@ -40,6 +40,8 @@ pub struct Options {
     pub duration: Option<Duration>,
     pub ops: Option<u64>,
     pub keys: usize,
+    /// The objects to read exist already: not written first.
+    pub prepared: bool,
     pub get_ratio: f64,
     pub pid: Option<u32>,
     pub json: bool,
@@ -322,7 +324,7 @@ pub async fn run(o: Options) -> Result<()> {
         bail!("creating bucket {} failed: HTTP {st}", o.bucket);
     }
     let keys = o.keys.max(1);
-    if o.op != Op::Put {
+    if o.op != Op::Put && !o.prepared {
         // Objects to read, written by `concurrency` writers.
         let next = Arc::new(AtomicU64::new(0));
         let mut tasks = Vec::new();

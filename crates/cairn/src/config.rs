@@ -44,6 +44,9 @@ pub struct FileConfig {
     pub hedge_after: Option<String>,
     pub scrub_interval: Option<String>,
     pub scrub_rate: Option<String>,
+    /// Scheduled backups: one `[[backup]]` section each.
+    #[serde(default)]
+    pub backup: Vec<cairn_backup::schedule::JobConfig>,
 }
 
 /// The shortest cluster secret accepted: it is all that keeps strangers out.
@@ -100,6 +103,8 @@ pub struct Config {
     pub scrub_interval: Duration,
     /// Bytes per second a scrub pass reads at most.
     pub scrub_rate: u64,
+    /// Scheduled backups (run by the node that leads the cluster).
+    pub backups: Vec<cairn_backup::schedule::Job>,
 }
 
 impl std::fmt::Debug for Config {
@@ -324,6 +329,11 @@ impl Config {
                 fc.scrub_rate,
                 cairn_cluster::scrub::ScrubSettings::default().rate as usize,
             )? as u64,
+            backups: fc
+                .backup
+                .into_iter()
+                .map(|j| j.validate())
+                .collect::<Result<_, _>>()?,
         };
         cfg.health.validate().map_err(anyhow::Error::msg)?;
         if cfg.snapshot_every == 0 {

@@ -169,6 +169,10 @@ struct BenchArgs {
     /// Share of GETs in --op mixed
     #[arg(long, default_value_t = 0.7)]
     get_ratio: f64,
+    /// With --op get or mixed: the --keys objects are there already (written by
+    /// an earlier run with the same --bucket and --keys), read them as they are
+    #[arg(long)]
+    prepared: bool,
     /// Process id of the server, to report its CPU time per operation and peak RSS
     #[arg(long)]
     pid: Option<u32>,
@@ -463,6 +467,7 @@ fn run_bench(a: BenchArgs) -> anyhow::Result<()> {
         ops: a.ops,
         keys: a.keys,
         get_ratio: a.get_ratio,
+        prepared: a.prepared,
         pid: a.pid,
         json: a.json,
     }))

@@ -249,6 +249,22 @@ pub async fn serve(cfg: Config) -> Result<()> {
         ))
     };
 
+    // Scheduled backups read this node's own S3 endpoint with the root key.
+    for job in cfg.backups.clone() {
+        let ip = match s3_addr.ip() {
+            std::net::IpAddr::V4(ip) if ip.is_unspecified() => "127.0.0.1".to_string(),
+            std::net::IpAddr::V6(ip) if ip.is_unspecified() => "[::1]".to_string(),
+            std::net::IpAddr::V6(ip) => format!("[{ip}]"),
+            ip => ip.to_string(),
+        };
+        let url = format!("http://{ip}:{}", s3_addr.port());
+        let source = cairn_backup::engine::Endpoint::new(&url, &key.access_key, &key.secret_key)
+            .with_settings(Arc::new(MetaBucketSettings(meta.clone())));
+        let m = meta.clone();
+        tracing::info!(target = %job.target, interval = ?job.interval, "scheduled backups");
+        tokio::spawn(job.run(source, Arc::new(move || m.is_leader()), stop_rx.clone()));
+    }
+
     shutdown_signal().await;
     tracing::info!("shutting down: no new connections; finishing requests in flight");
     health.set_unavailable("shutting down");
@@ -268,6 +284,49 @@ pub async fn serve(cfg: Config) -> Result<()> {
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The buckets' own settings, for this node's scheduled backups.
+struct MetaBucketSettings(MetaStore);
+
+#[async_trait::async_trait]
+impl cairn_backup::engine::BucketSettings for MetaBucketSettings {
+    async fn read(
+        &self,
+    ) -> Result<std::collections::BTreeMap<String, serde_json::Value>, cairn_backup::BackupError>
+    {
+        self.0.read_barrier().await.map_err(|e| {
+            cairn_backup::BackupError::Source(format!("the buckets' settings: {e}"))
+        })?;
+        Ok(self
+            .0
+            .buckets()
+            .into_iter()
+            .map(|(name, b)| {
+                let class = b.class.map(|c| c.to_string());
+                (name, serde_json::json!({ "class": class }))
+            })
+            .collect())
+    }
+
+    async fn apply(
+        &self,
+        bucket: &str,
+        settings: &serde_json::Value,
+    ) -> Result<(), cairn_backup::BackupError> {
+        let class = match settings["class"].as_str() {
+            Some(c) => Some(c.parse().map_err(cairn_backup::BackupError::Usage)?),
+            None => None,
+        };
+        self.0
+            .apply(cairn_meta::Command::SetBucketClass {
+                bucket: bucket.to_string(),
+                class,
+            })
+            .await
+            .map(|_| ())
+            .map_err(|e| cairn_backup::BackupError::Source(format!("bucket {bucket}: {e}")))
+    }
 }
 
 /// How long connecting to a peer (with the handshake) may take.
@@ -809,6 +868,8 @@ impl NodeCluster {
 struct ShownKey {
     access_key: String,
     new_secret: Option<String>,
+    /// The secret, for this node's own scheduled backups; never printed.
+    secret_key: String,
 }
 
 fn print_banner(
@@ -928,6 +989,7 @@ async fn ensure_root_key(cfg: &Config, meta: &MetaStore) -> Result<ShownKey> {
     Ok(ShownKey {
         new_secret: new_secret.then(|| pair.secret_key.clone()),
         access_key: pair.access_key,
+        secret_key: pair.secret_key,
     })
 }
 

@@ -701,3 +701,132 @@ async fn a_buckets_storage_class_comes_back_with_it() {
     assert!(!ok);
     assert!(err.contains("admin token"), "{err}");
 }
+
+/// `cairn backup list --json` of a target.
+fn list(srv: &Server, target: &Path) -> Vec<serde_json::Value> {
+    let (ok, out, err) = cairn(
+        srv,
+        &[
+            "backup",
+            "list",
+            "--json",
+            "--target",
+            target.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert!(ok, "{out}\n{err}");
+    serde_json::from_str::<serde_json::Value>(&out)
+        .unwrap()
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
+/// Polls `check` every 200 ms until it gives a value, for at most `secs`.
+fn wait_for<T>(secs: u64, what: &str, mut check: impl FnMut() -> Option<T>) -> T {
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    loop {
+        if let Some(v) = check() {
+            return v;
+        }
+        assert!(
+            std::time::Instant::now() < end,
+            "waited {secs} s for {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}
+
+/// A `[[backup]]` section in the server's config: backups are taken on their
+/// own, full when the last full one is old enough and incremental between,
+/// each restoring what the bucket held; the retention policy drops the older
+/// chain once a newer full backup stands; runs are counted in the metrics. A bad
+/// section keeps the server from starting, naming the field.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scheduled_backups_run_on_their_own_and_keep_to_their_retention() {
+    let dir = tempfile::tempdir().unwrap();
+    let target = dir.path().join("scheduled");
+    let conf = dir.path().join("cairn.toml");
+    std::fs::write(
+        &conf,
+        format!(
+            "[[backup]]\ntarget = \"{}\"\nbuckets = [\"media\"]\ninterval = \"1s\"\n\
+             full_every = \"6s\"\nkeep_full = 1\n",
+            target.display()
+        ),
+    )
+    .unwrap();
+    let srv = Server::start_in(
+        &dir.path().join("data"),
+        &["--config", conf.to_str().unwrap()],
+    );
+    let s3 = srv.client();
+    s3.create_bucket().bucket("media").send().await.unwrap();
+    let mut want = BTreeMap::new();
+    for (k, o) in [("a", obj(1000, 41, "mp4")), ("b", obj(9 << 20, 42, "mp4"))] {
+        put(&s3, k, &o).await;
+        want.insert(k.to_string(), o);
+    }
+    // A full backup, then incremental ones.
+    let first_full = wait_for(30, "a full and an incremental backup", || {
+        let l = list(&srv, &target);
+        let full = l.iter().find(|b| b["type"] == "full")?;
+        l.iter()
+            .any(|b| b["type"] == "incremental")
+            .then(|| full["id"].as_str().unwrap().to_string())
+    });
+    // A change is in the next backup, which restores the bucket as it is now.
+    let late = obj(5000, 43, "webm");
+    put(&s3, "late", &late).await;
+    want.insert("late".into(), late);
+    s3.delete_object()
+        .bucket("media")
+        .key("a")
+        .send()
+        .await
+        .unwrap();
+    want.remove("a");
+    let n = list(&srv, &target).len();
+    let newest = wait_for(30, "a backup after the change", || {
+        let l = list(&srv, &target);
+        let b = l.last()?;
+        (l.len() > n && b["objects"] == 2).then(|| b["id"].as_str().unwrap().to_string())
+    });
+    let (ok, out, err) = restore(&srv, &target, ["--id", &newest], "copy", &[]);
+    assert!(ok, "{out}\n{err}");
+    assert_eq!(contents(&s3, "copy").await, want);
+    // A newer full backup: the first chain is pruned (keep_full = 1), and what
+    // is left starts with a full backup and verifies.
+    wait_for(30, "the first chain pruned", || {
+        let l = list(&srv, &target);
+        (!l.iter().any(|b| b["id"] == first_full.as_str()) && l[0]["type"] == "full").then_some(())
+    });
+    let t = target.to_str().unwrap();
+    let (ok, out, err) = cairn(&srv, &["backup", "verify", "--target", t], &[]);
+    assert!(ok, "{out}\n{err}");
+    let metrics = common::admin_get(&srv.admin, "/metrics").unwrap();
+    let ok_runs = metrics
+        .lines()
+        .find(|l| l.starts_with("cairn_backup_runs_total") && l.contains("result=\"ok\""))
+        .unwrap_or_else(|| panic!("no backup run counted:\n{metrics}"));
+    let runs: f64 = ok_runs.rsplit(' ').next().unwrap().parse().unwrap();
+    assert!(runs >= 3.0, "{ok_runs}");
+    drop(srv);
+
+    // A bad section: the server does not start, and says which field.
+    std::fs::write(
+        &conf,
+        "[[backup]]\ntarget = \"/tmp/x\"\ninterval = \"soon\"\n",
+    )
+    .unwrap();
+    let e = match Server::try_start_in(
+        &dir.path().join("data2"),
+        &["--config", conf.to_str().unwrap()],
+        &[],
+    ) {
+        Ok(_) => panic!("a bad [[backup]] section was accepted"),
+        Err(e) => e,
+    };
+    assert!(e.contains("backup.interval"), "{e}");
+}

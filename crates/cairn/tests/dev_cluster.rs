@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{bytes, client_for, err_of};
+use common::{admin_get, bytes, client_for, err_of};
 
 /// A `cairn dev-cluster` process and what its cluster.json says.
 struct Dev {
@@ -262,21 +262,6 @@ fn health_ok(admin: &str) -> bool {
 
 /// `GET path` on an admin endpoint: the whole response, or `None` when nothing
 /// answers.
-fn admin_get(admin: &str, path: &str) -> Option<String> {
-    use std::io::{Read, Write};
-    let addr = admin.trim_start_matches("http://");
-    let mut s = std::net::TcpStream::connect(addr).ok()?;
-    let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut out = String::new();
-    let _ = s.read_to_string(&mut out);
-    Some(out)
-}
-
 /// The block files under a data directory, by address.
 fn block_files(data_dir: &Path) -> HashSet<String> {
     let mut out = HashSet::new();

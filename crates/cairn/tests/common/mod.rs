@@ -253,3 +253,19 @@ pub fn fill_disk(path: &Path) {
     let _ = f.write_all(&[0u8; 512]);
     let _ = f.sync_all();
 }
+
+/// A plain HTTP GET of `path` at `admin` (http://HOST:PORT): the whole response.
+pub fn admin_get(admin: &str, path: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let addr = admin.trim_start_matches("http://");
+    let mut s = std::net::TcpStream::connect(addr).ok()?;
+    let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    Some(out)
+}

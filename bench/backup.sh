@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# Measures backups against a local cairn: the rate of a full backup to a local
+# folder next to the rate at which the same objects are read from cairn (one
+# request at a time, as the backup reads), then the time and bytes of an
+# incremental backup after about 1% of the objects were overwritten.
+#
+#   bench/backup.sh [TOTAL_MIB] [OBJECT_MIB]      (default 10240 and 16)
+#
+# Uses target/release/cairn (CAIRN_BIN to change), a scratch folder under
+# BENCH_DIR (default /tmp) for cairn's data and, unless TARGET_DIR names
+# another place, the backups; ports 19000-19001. As root, the page cache is
+# dropped before each measured read, so that reads come from the disk.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BIN=${CAIRN_BIN:-target/release/cairn}
+TOTAL=${1:-10240}
+SIZE=${2:-16}
+N=$((TOTAL / SIZE))
+CHANGED=$(((N + 99) / 100))
+WORK=$(mktemp -d "${BENCH_DIR:-/tmp}/cairn-bench-backup.XXXXXX")
+export CAIRN_ACCESS_KEY=BENCHBACKUPACCESS001 CAIRN_SECRET_KEY=bench-backup-secret-0123456789abcdefgh
+S3=http://127.0.0.1:19000
+# The backups' folder: TARGET_DIR (another disk, say), else next to the data.
+TARGET=${TARGET_DIR:-$WORK}/cairn-bench-target-$$
+"$BIN" serve --data-dir "$WORK/data" --s3-address 127.0.0.1:19000 \
+  --admin-address 127.0.0.1:19001 >"$WORK/serve.out" 2>"$WORK/serve.log" &
+PID=$!
+trap 'kill $PID 2>/dev/null; wait $PID 2>/dev/null; rm -rf "$WORK" "$TARGET"' EXIT
+for _ in $(seq 100); do grep -q '^ready' "$WORK/serve.out" && break; sleep 0.1; done
+grep -q '^ready' "$WORK/serve.out" || { cat "$WORK/serve.log"; exit 1; }
+
+field() { python3 -c "import json,sys; print(json.load(sys.stdin)$1)"; }
+now() { date +%s.%N; }
+
+# Every measured read starts from the disk, not the page cache, when the
+# caches can be dropped (root); otherwise both read from memory.
+cold() { sync; [ "$(id -u)" = 0 ] && echo 3 >/proc/sys/vm/drop_caches || true; }
+
+echo "== $N objects of $SIZE MiB written"
+"$BIN" bench --endpoint $S3 --bucket media --op get --size "${SIZE}MiB" \
+  --keys "$N" --ops 1 --concurrency 1 --json >/dev/null
+cold
+echo "== read back one at a time"
+"$BIN" bench --endpoint $S3 --bucket media --op get --prepared --size "${SIZE}MiB" \
+  --keys "$N" --ops "$N" --concurrency 1 --json >"$WORK/read.json"
+cold
+READ=$(field "['mib_per_sec']" <"$WORK/read.json" 2>/dev/null || true)
+[ -n "$READ" ] || { cat "$WORK/read.json"; exit 1; }
+
+echo "== full backup"
+t0=$(now)
+"$BIN" backup create --endpoint $S3 --target "$TARGET" --bucket media \
+  --type full --json 2>/dev/null >"$WORK/full.json"
+t1=$(now)
+FULL_S=$(python3 -c "print($t1 - $t0)")
+FULL_BYTES=$(field "['bytes_new']" <"$WORK/full.json")
+FULL_STORED=$(field "['bytes_stored']" <"$WORK/full.json")
+
+echo "== $CHANGED of $N objects overwritten, incremental backup"
+"$BIN" bench --endpoint $S3 --bucket media --op put --size "${SIZE}MiB" \
+  --keys "$N" --ops "$CHANGED" --concurrency 1 --json >/dev/null
+t0=$(now)
+"$BIN" backup create --endpoint $S3 --target "$TARGET" --bucket media \
+  --json 2>/dev/null >"$WORK/incr.json"
+t1=$(now)
+INCR_S=$(python3 -c "print($t1 - $t0)")
+INCR_BYTES=$(field "['bytes_new']" <"$WORK/incr.json")
+INCR_STORED=$(field "['bytes_stored']" <"$WORK/incr.json")
+
+python3 - "$READ" "$FULL_S" "$FULL_BYTES" "$FULL_STORED" "$INCR_S" "$INCR_BYTES" "$INCR_STORED" <<'PY'
+import sys
+read, full_s, full_b, full_st, incr_s, incr_b, incr_st = map(float, sys.argv[1:])
+mib = 1 << 20
+full_rate = full_b / mib / full_s
+print(f"read from cairn:    {read:8.1f} MiB/s (GET, one at a time)")
+print(f"full backup:        {full_rate:8.1f} MiB/s ({full_b / mib:.0f} MiB in {full_s:.1f} s, "
+      f"{full_st / mib:.0f} MiB stored): {100 * full_rate / read:.0f}% of the read rate")
+print(f"incremental backup: {incr_s:8.1f} s, {incr_b / mib:.0f} MiB read, {incr_st / mib:.0f} MiB stored: "
+      f"{100 * incr_s / full_s:.1f}% of the full backup's time, {100 * incr_st / full_st:.1f}% of its bytes")
+PY
