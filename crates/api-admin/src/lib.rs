@@ -77,6 +77,12 @@ pub trait ClusterAdmin: Send + Sync {
     /// cluster's default), and the default; as of every change acknowledged
     /// before the call.
     async fn buckets(&self) -> Result<serde_json::Value, (StatusCode, String)>;
+    /// The whole metadata state as a snapshot file, as of every write
+    /// acknowledged before the call: the file, open and already unlinked (it
+    /// goes once read), its length, and what it holds (JSON).
+    async fn export_snapshot(
+        &self,
+    ) -> Result<(tokio::fs::File, u64, serde_json::Value), (StatusCode, String)>;
     /// Asks every node's scrub for its status, or to `start` (a pass now, or go
     /// on with a paused one) or `pause`; answers each node's scrub status.
     async fn scrub(&self, command: &str) -> Result<serde_json::Value, (StatusCode, String)>;
@@ -126,23 +132,90 @@ fn text(
     r
 }
 
+/// The body of an admin response: whole, or streamed from a file.
+pub type Body = http_body_util::combinators::UnsyncBoxBody<Bytes, std::io::Error>;
+
+fn boxed(r: Response<Full<Bytes>>) -> Response<Body> {
+    use http_body_util::BodyExt;
+    r.map(|b| b.map_err(|never| match never {}).boxed_unsync())
+}
+
+/// Bytes read from a snapshot file per frame of the response.
+const SNAPSHOT_FRAME: usize = 1 << 20;
+
 impl Admin {
-    pub async fn handle<B>(&self, req: Request<B>) -> Result<Response<Full<Bytes>>, Infallible>
+    pub async fn handle<B>(&self, req: Request<B>) -> Result<Response<Body>, Infallible>
+    where
+        B: http_body::Body<Data = Bytes>,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        if req.method() == Method::GET && req.uri().path() == "/v1/cluster/snapshot" {
+            return Ok(self.snapshot(&req).await);
+        }
+        Ok(boxed(self.handle_whole(req).await))
+    }
+
+    /// `GET /v1/cluster/snapshot`: the metadata state, streamed (memory stays
+    /// at one frame whatever its size), with what it holds in headers.
+    async fn snapshot<B>(&self, req: &Request<B>) -> Response<Body> {
+        use futures::StreamExt;
+        use http_body_util::BodyExt;
+        use tokio::io::AsyncReadExt;
+        let Some(cluster) = self.cluster.get().cloned() else {
+            return boxed(error_json(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the node is starting",
+            ));
+        };
+        if let Err(refused) = self.authorized(req) {
+            return boxed(refused);
+        }
+        let (file, len, info) = match cluster.export_snapshot().await {
+            Ok(x) => x,
+            Err((status, msg)) => return boxed(error_json(status, &msg)),
+        };
+        let frames = futures::stream::unfold(Some(file), |file| async move {
+            let mut file = file?;
+            let mut buf = vec![0u8; SNAPSHOT_FRAME];
+            match file.read(&mut buf).await {
+                Ok(0) => None,
+                Ok(n) => {
+                    buf.truncate(n);
+                    Some((Ok(http_body::Frame::data(Bytes::from(buf))), Some(file)))
+                }
+                Err(e) => Some((Err(e), None)),
+            }
+        });
+        let body = http_body_util::StreamBody::new(StreamExt::boxed(frames));
+        let mut r = Response::new(body.boxed_unsync());
+        let h = r.headers_mut();
+        h.insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("application/octet-stream"),
+        );
+        h.insert(http::header::CONTENT_LENGTH, http::HeaderValue::from(len));
+        if let Ok(v) = http::HeaderValue::from_str(&info.to_string()) {
+            h.insert("x-cairn-snapshot", v);
+        }
+        r
+    }
+
+    async fn handle_whole<B>(&self, req: Request<B>) -> Response<Full<Bytes>>
     where
         B: http_body::Body<Data = Bytes>,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
         if req.uri().path().starts_with("/v1/cluster/") {
-            return Ok(self.cluster_api(req).await);
+            return self.cluster_api(req).await;
         }
         if req.method() != Method::GET && req.method() != Method::HEAD {
-            return Ok(text(
+            return text(
                 StatusCode::METHOD_NOT_ALLOWED,
                 "method not allowed\n",
                 "text/plain",
-            ));
+            );
         }
-        Ok(match req.uri().path() {
+        match req.uri().path() {
             "/health" => match self.health.get() {
                 Ok(()) => text(StatusCode::OK, "ok\n", "text/plain"),
                 Err(reason) => text(
@@ -157,7 +230,7 @@ impl Admin {
                 "text/plain; version=0.0.4",
             ),
             _ => text(StatusCode::NOT_FOUND, "not found\n", "text/plain"),
-        })
+        }
     }
 
     /// Refuses a request without the admin token.

@@ -118,14 +118,14 @@ impl Endpoint {
     }
 }
 
-/// One HTTP/1.1 request to the admin API; the status and the body as JSON.
-pub async fn request(
+/// One HTTP/1.1 request to the admin API; its response, the body unread.
+async fn send(
     endpoint: &str,
     method: http::Method,
     path: &str,
     token: Option<&str>,
     body: Option<serde_json::Value>,
-) -> Result<(http::StatusCode, serde_json::Value)> {
+) -> Result<http::Response<hyper::body::Incoming>> {
     let uri: http::Uri = format!("{}{path}", endpoint.trim_end_matches('/'))
         .parse()
         .with_context(|| format!("bad admin endpoint '{endpoint}'"))?;
@@ -153,7 +153,18 @@ pub async fn request(
         }
         None => Full::new(bytes::Bytes::new()),
     };
-    let resp = sender.send_request(b.body(body)?).await?;
+    Ok(sender.send_request(b.body(body)?).await?)
+}
+
+/// One HTTP/1.1 request to the admin API; the status and the body as JSON.
+pub async fn request(
+    endpoint: &str,
+    method: http::Method,
+    path: &str,
+    token: Option<&str>,
+    body: Option<serde_json::Value>,
+) -> Result<(http::StatusCode, serde_json::Value)> {
+    let resp = send(endpoint, method, path, token, body).await?;
     let status = resp.status();
     let bytes = resp.into_body().collect().await?.to_bytes();
     let v = serde_json::from_slice(&bytes)
@@ -570,4 +581,149 @@ pub fn run_scrub(cmd: ScrubCmd) -> Result<()> {
         }
         Ok(())
     })
+}
+
+#[derive(Subcommand)]
+pub enum AdminCmd {
+    /// The cluster's metadata (keys, buckets, objects, layout, membership) as
+    /// one file, for disaster recovery
+    #[command(subcommand)]
+    Snapshot(SnapshotCmd),
+}
+
+#[derive(Subcommand)]
+pub enum SnapshotCmd {
+    /// Save the metadata as of now (every write acknowledged before) to FILE,
+    /// checked whole once written
+    Save {
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
+        #[command(flatten)]
+        endpoint: Endpoint,
+    },
+    /// Replace a stopped node's metadata with FILE's (the old metadata is moved
+    /// aside, not deleted). Restore every node of the cluster from the same
+    /// file, then start them
+    Restore {
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
+        /// The stopped node's data directory
+        #[arg(long, env = "CAIRN_DATA_DIR")]
+        data_dir: PathBuf,
+    },
+}
+
+pub fn run_admin(cmd: AdminCmd) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        match cmd {
+            AdminCmd::Snapshot(SnapshotCmd::Save { file, endpoint }) => {
+                save_snapshot(&endpoint, &file).await
+            }
+            AdminCmd::Snapshot(SnapshotCmd::Restore { file, data_dir }) => {
+                if !data_dir.join("node_id").exists() {
+                    anyhow::bail!(
+                        "{} is not the data directory of a node that has run (no node_id)",
+                        data_dir.display()
+                    );
+                }
+                let node = crate::datadir::node_id(&data_dir)?;
+                let (info, aside) =
+                    cairn_meta::restore_snapshot(&data_dir.join("meta.redb"), &file, node)
+                        .await
+                        .with_context(|| format!("restoring {}", file.display()))?;
+                println!(
+                    "restored the metadata as of log entry {} (term {}) into {}; the metadata \
+                     it replaced is in {}. Start the node (and the others, restored alike)",
+                    info.last_log_index.map_or("none".into(), |i| i.to_string()),
+                    info.last_log_term.map_or("none".into(), |t| t.to_string()),
+                    data_dir.display(),
+                    aside.display()
+                );
+                Ok(())
+            }
+        }
+    })
+}
+
+/// Streams the snapshot into a temporary file next to `file`, fsyncs it,
+/// checks it whole, and only then gives it its name (an existing file is
+/// never replaced).
+async fn save_snapshot(endpoint: &Endpoint, file: &std::path::Path) -> Result<()> {
+    use tokio::io::AsyncWriteExt;
+    if file.exists() {
+        anyhow::bail!("{} exists: give a new file name", file.display());
+    }
+    let token = endpoint.token()?;
+    let resp = send(
+        &endpoint.admin_endpoint,
+        http::Method::GET,
+        "/v1/cluster/snapshot",
+        Some(&token),
+        None,
+    )
+    .await?;
+    let status = resp.status();
+    if !status.is_success() {
+        let bytes = resp.into_body().collect().await?.to_bytes();
+        let v = serde_json::from_slice(&bytes)
+            .unwrap_or_else(|_| serde_json::json!({ "error": String::from_utf8_lossy(&bytes) }));
+        return Err(fail(status, &v));
+    }
+    let info: serde_json::Value = resp
+        .headers()
+        .get("x-cairn-snapshot")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| serde_json::from_str(v).ok())
+        .unwrap_or_default();
+    let name = file
+        .file_name()
+        .context("FILE must name a file")?
+        .to_string_lossy()
+        .to_string();
+    let tmp = file.with_file_name(format!(".{name}.partial"));
+    let mut out = tokio::fs::File::create(&tmp)
+        .await
+        .with_context(|| format!("creating {}", tmp.display()))?;
+    let res = async {
+        let mut body = resp.into_body();
+        let mut n = 0u64;
+        while let Some(frame) = body.frame().await {
+            if let Ok(data) = frame?.into_data() {
+                n += data.len() as u64;
+                out.write_all(&data).await?;
+            }
+        }
+        out.sync_all().await?;
+        let check = tmp.clone();
+        tokio::task::spawn_blocking(move || {
+            cairn_meta::raft::state_machine::check_snapshot_file(&check)
+        })
+        .await?
+        .context("the snapshot received is not whole")?;
+        // A link fails if FILE appeared meanwhile: nothing is replaced.
+        std::fs::hard_link(&tmp, file).with_context(|| format!("naming {}", file.display()))?;
+        if let Some(dir) = file.parent() {
+            let dir = if dir.as_os_str().is_empty() {
+                std::path::Path::new(".")
+            } else {
+                dir
+            };
+            std::fs::File::open(dir)?.sync_all()?;
+        }
+        anyhow::Ok(n)
+    }
+    .await;
+    let _ = std::fs::remove_file(&tmp);
+    let n = res?;
+    println!(
+        "saved the metadata as of log entry {} (term {}, {} members) to {}: {n} bytes, checked",
+        info["last_log_index"],
+        info["last_log_term"],
+        info["members"].as_array().map_or(0, |m| m.len()),
+        file.display()
+    );
+    Ok(())
 }

@@ -55,6 +55,10 @@ enum Cmd {
     /// node's admin API)
     #[command(subcommand)]
     Bucket(admin_cli::BucketCmd),
+    /// Save the cluster's metadata (keys, buckets, objects, layout) to a file
+    /// (through a node's admin API)
+    #[command(subcommand)]
+    Admin(admin_cli::AdminCmd),
     /// Start a local N-node cluster on loopback (separate `cairn serve` processes)
     /// to try cairn; writes DIR/cluster.json once it serves
     DevCluster(dev_cluster::DevClusterArgs),
@@ -315,6 +319,7 @@ fn main() -> std::process::ExitCode {
         Cmd::Cluster(c) => admin_cli::run(c),
         Cmd::Scrub(c) => admin_cli::run_scrub(c),
         Cmd::Bucket(c) => admin_cli::run_bucket(c),
+        Cmd::Admin(c) => admin_cli::run_admin(c),
         Cmd::DevCluster(a) => dev_cluster::run(a),
         Cmd::Chaos(a) => run_chaos(a),
         Cmd::Backup(c) => backup_cli::run_backup(c),

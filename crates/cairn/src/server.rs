@@ -684,6 +684,36 @@ impl ClusterAdmin for NodeCluster {
         }))
     }
 
+    async fn export_snapshot(
+        &self,
+    ) -> Result<(tokio::fs::File, u64, serde_json::Value), (http::StatusCode, String)> {
+        let unavailable = |e: String| (http::StatusCode::SERVICE_UNAVAILABLE, e);
+        let (path, info) = self
+            .meta
+            .export_snapshot()
+            .await
+            .map_err(|e| unavailable(format!("cannot write a metadata snapshot: {e}")))?;
+        let opened = tokio::fs::File::open(&path).await;
+        // Unlinked at once: the open file is all that is left, gone once read.
+        let _ = tokio::fs::remove_file(&path).await;
+        let file = opened.map_err(|e| unavailable(format!("reading the snapshot: {e}")))?;
+        let len = file
+            .metadata()
+            .await
+            .map_err(|e| unavailable(format!("reading the snapshot: {e}")))?
+            .len();
+        tracing::info!(last_log = ?info.last_log_index, bytes = len, "metadata snapshot exported");
+        Ok((
+            file,
+            len,
+            serde_json::json!({
+                "last_log_index": info.last_log_index,
+                "last_log_term": info.last_log_term,
+                "members": info.members.iter().map(|m| format!("{m:016x}")).collect::<Vec<_>>(),
+            }),
+        ))
+    }
+
     async fn buckets(&self) -> Result<serde_json::Value, (http::StatusCode, String)> {
         self.meta.read_barrier().await.map_err(|e| {
             (

@@ -238,6 +238,63 @@ fn a_node_joins_with_cluster_join_and_serves_the_same_data() {
             assert!(on_disk.contains(h), "node {node} lacks block {h}");
         }
     }
+
+    // The metadata saved through one node holds a write just made through the
+    // other; the file is checked whole, never replaces one, and needs the token.
+    rt.block_on(async {
+        a.client()
+            .put_object()
+            .bucket("shared")
+            .key("just-written-through-a")
+            .body(bytes(10, 9).into())
+            .send()
+            .await
+            .unwrap();
+    });
+    let snap = d.path().join("meta.snap");
+    let save = |token: &[&str]| {
+        let mut args = vec!["admin", "snapshot", "save", snap.to_str().unwrap()];
+        args.extend_from_slice(&["--admin-endpoint", &b.admin]);
+        args.extend_from_slice(token);
+        cairn(&args)
+    };
+    let out = save(&["--admin-token", "wrong"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("admin token"),
+        "{out:?}"
+    );
+    assert!(!snap.exists());
+    let out = save(&["--data-dir", b_data]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("2 members"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let saved = std::fs::read(&snap).unwrap();
+    let holds = |needle: &[u8]| saved.windows(needle.len()).any(|w| w == needle);
+    assert!(
+        holds(b"just-written-through-a"),
+        "the snapshot lacks the last write"
+    );
+    assert!(holds(b"shared"));
+    let out = save(&["--data-dir", b_data]);
+    assert!(!out.status.success(), "an existing file was replaced");
+    assert_eq!(std::fs::read(&snap).unwrap(), saved);
+    // No copy is left in the node's data directory, nor a partial file here.
+    let left: Vec<_> = walk_files(d.path())
+        .into_iter()
+        .filter(|p| {
+            let name = p.to_string_lossy();
+            name.contains("export-") || name.contains(".partial")
+        })
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
 }
 
 /// The BLAKE3 addresses of `data` cut into blocks.
@@ -256,4 +313,168 @@ fn block_files(data_dir: &std::path::Path) -> std::collections::HashSet<String> 
         }
     }
     out
+}
+
+/// Every file under `dir`.
+fn walk_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk_files(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
+/// Every bucket, and every object of each with its bytes, through S3.
+async fn everything(s3: &aws_sdk_s3::Client) -> Vec<(String, String, Vec<u8>)> {
+    let mut out = Vec::new();
+    for b in s3.list_buckets().send().await.unwrap().buckets() {
+        let name = b.name().unwrap().to_string();
+        let listed = s3.list_objects_v2().bucket(&name).send().await.unwrap();
+        out.push((name.clone(), String::new(), Vec::new()));
+        for o in listed.contents() {
+            let key = o.key().unwrap().to_string();
+            let got = s3
+                .get_object()
+                .bucket(&name)
+                .key(&key)
+                .send()
+                .await
+                .unwrap();
+            let data = got.body.collect().await.unwrap().into_bytes().to_vec();
+            out.push((name.clone(), key, data));
+        }
+    }
+    out
+}
+
+/// `cairn admin snapshot restore` puts a stopped node's metadata back to a saved
+/// snapshot: buckets and objects made since are gone, deleted ones are back
+/// with their bytes. It changes nothing while the node runs, from a damaged
+/// file, or on a node the snapshot's cluster does not count.
+#[test]
+fn a_node_restored_from_a_snapshot_is_back_at_its_moment() {
+    let d = tempfile::tempdir().unwrap();
+    let data = d.path().join("n/data");
+    let mut srv = Server::start_in(&data, &[]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let s3 = srv.client();
+    let then = rt.block_on(async {
+        s3.create_bucket().bucket("keep").send().await.unwrap();
+        for (k, n) in [("small", 100), ("big", 5 << 20)] {
+            s3.put_object()
+                .bucket("keep")
+                .key(k)
+                .body(bytes(n, n as u64).into())
+                .send()
+                .await
+                .unwrap();
+        }
+        everything(&s3).await
+    });
+    let snap = d.path().join("saved.snap");
+    let out = cairn(&[
+        "admin",
+        "snapshot",
+        "save",
+        snap.to_str().unwrap(),
+        "--admin-endpoint",
+        &srv.admin,
+        "--data-dir",
+        data.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let later = rt.block_on(async {
+        s3.create_bucket().bucket("later").send().await.unwrap();
+        s3.delete_object()
+            .bucket("keep")
+            .key("small")
+            .send()
+            .await
+            .unwrap();
+        s3.put_object()
+            .bucket("keep")
+            .key("new")
+            .body(bytes(10, 1).into())
+            .send()
+            .await
+            .unwrap();
+        everything(&s3).await
+    });
+    assert_ne!(later, then);
+    let restore = |file: &std::path::Path, dir: &std::path::Path| {
+        cairn(&[
+            "admin",
+            "snapshot",
+            "restore",
+            file.to_str().unwrap(),
+            "--data-dir",
+            dir.to_str().unwrap(),
+        ])
+    };
+    // Refused while the node runs; it serves on, unchanged.
+    let out = restore(&snap, &data);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("stop the node"),
+        "{out:?}"
+    );
+    assert_eq!(rt.block_on(everything(&s3)), later);
+    srv.sigterm();
+    assert_eq!(srv.wait_exit(Duration::from_secs(30)), Some(0));
+    // A damaged file is refused.
+    let mut bad = std::fs::read(&snap).unwrap();
+    let at = bad.len() / 2;
+    bad[at] ^= 0x40;
+    let bad_file = d.path().join("bad.snap");
+    std::fs::write(&bad_file, &bad).unwrap();
+    let out = restore(&bad_file, &data);
+    assert!(!out.status.success(), "a damaged snapshot was restored");
+    // Another cluster's node is refused.
+    let other = Server::start_in(&d.path().join("o/data"), &[]);
+    drop(other);
+    let out = restore(&snap, &d.path().join("o/data"));
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not a member"),
+        "{out:?}"
+    );
+    // Nothing changed so far: the node starts as it stopped.
+    let mut again = Server::start_in(&data, &[]);
+    assert_eq!(rt.block_on(everything(&again.client())), later);
+    again.sigterm();
+    assert_eq!(again.wait_exit(Duration::from_secs(30)), Some(0));
+
+    let out = restore(&snap, &data);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("before-restore"));
+    let srv = Server::start_in(&data, &[]);
+    let s3 = srv.client();
+    assert_eq!(
+        rt.block_on(everything(&s3)),
+        then,
+        "not back at the snapshot's moment"
+    );
+    // It takes writes again.
+    rt.block_on(async {
+        s3.put_object()
+            .bucket("keep")
+            .key("after")
+            .body(bytes(10, 2).into())
+            .send()
+            .await
+            .unwrap();
+    });
 }

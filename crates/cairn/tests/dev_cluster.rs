@@ -1640,6 +1640,25 @@ impl Dev {
         );
     }
 
+    /// `cairn admin snapshot save FILE` through node 1, which must succeed.
+    fn save_snapshot(&self, file: &Path) {
+        let out = Command::new(common::binary())
+            .args(["admin", "snapshot", "save", file.to_str().unwrap()])
+            .args([
+                "--admin-endpoint",
+                self.node(1)["admin_endpoint"].as_str().unwrap(),
+                "--admin-token",
+                self.doc["admin_token"].as_str().unwrap(),
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     /// `cluster_ok_at` node 0.
     fn cluster_ok(&self, args: &[&str]) {
         self.cluster_ok_at(self.node(0)["admin_endpoint"].as_str().unwrap(), args);
@@ -2135,4 +2154,90 @@ fn a_cluster_shrunk_below_the_class_width_doubles_up_shards() {
     // Setting the class again is refused now (four nodes).
     let out = set_class(&dev, "bkt", "EC:3+2");
     assert!(!out.status.success());
+}
+
+/// Every key of `bkt` with its bytes, read through `c`.
+async fn bucket_contents(c: &aws_sdk_s3::Client) -> Vec<(String, Vec<u8>)> {
+    let listed = c.list_objects_v2().bucket("bkt").send().await.unwrap();
+    let mut out = Vec::new();
+    for o in listed.contents() {
+        let key = o.key().unwrap().to_string();
+        let body = get(c, &key).await;
+        out.push((key, body));
+    }
+    out
+}
+
+/// Disaster recovery of a cluster's metadata: a snapshot saved through one
+/// node, every node stopped and restored from it, started again: the cluster
+/// elects a leader, every node serves the objects of the snapshot's moment
+/// (with their bytes; the ones deleted since are back, the ones written since
+/// are gone), and takes writes again.
+#[test]
+fn a_cluster_restored_from_a_snapshot_is_back_at_its_moment() {
+    let mut dev = Dev::start(3, 3, &[]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let c: Vec<_> = (0..3).map(|i| dev.client(i)).collect();
+    let then = rt.block_on(async {
+        c[0].create_bucket().bucket("bkt").send().await.unwrap();
+        for i in 0..6 {
+            put(&c[i % 3], &format!("k{i}"), &object(i)).await;
+        }
+        bucket_contents(&c[1]).await
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let snap = dir.path().join("cluster.snap");
+    dev.save_snapshot(&snap);
+    rt.block_on(async {
+        for i in 6..9 {
+            put(&c[i % 3], &format!("k{i}"), &object(i)).await;
+        }
+        c[2].delete_object()
+            .bucket("bkt")
+            .key("k0")
+            .send()
+            .await
+            .unwrap();
+    });
+    for i in 0..3 {
+        dev.kill9(i);
+    }
+    for i in 0..3 {
+        let out = Command::new(common::binary())
+            .args([
+                "admin",
+                "snapshot",
+                "restore",
+                snap.to_str().unwrap(),
+                "--data-dir",
+            ])
+            .arg(dev.data_dir(i))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "node {i}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    for i in 0..3 {
+        dev.restart(i);
+    }
+    rt.block_on(async {
+        for (i, cl) in c.iter().enumerate() {
+            let got = tokio::time::timeout(Duration::from_secs(60), async {
+                loop {
+                    match cl.list_objects_v2().bucket("bkt").send().await {
+                        Ok(_) => break bucket_contents(cl).await,
+                        Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+                    }
+                }
+            })
+            .await
+            .unwrap_or_else(|_| panic!("node {i} did not serve after the restore"));
+            assert_eq!(got, then, "node {i} is not at the snapshot's moment");
+        }
+        put(&c[1], "after", &object(20)).await;
+        assert_eq!(get(&c[2], "after").await, object(20));
+    });
 }

@@ -31,7 +31,7 @@ pub use records::{
 };
 pub use store::{
     DEFAULT_CACHE_BYTES, DEFAULT_LOG_KEEP, DEFAULT_SNAPSHOT_EVERY, ListEntry, ListPage, ListQuery,
-    MetaOptions, MetaStore, UploadEntry,
+    MetaOptions, MetaStore, UploadEntry, restore_snapshot,
 };
 
 use cairn_types::{BlockHash, StorageClass, UnixMillis};

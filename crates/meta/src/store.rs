@@ -735,6 +735,20 @@ impl MetaStore {
         Ok(())
     }
 
+    /// Writes the whole metadata state (keys, buckets, objects, layout and
+    /// membership: every table) to a snapshot file, as of every write
+    /// acknowledged before the call; the file's path (which the caller removes)
+    /// and what it holds.
+    pub async fn export_snapshot(
+        &self,
+    ) -> Result<(
+        std::path::PathBuf,
+        crate::raft::state_machine::SnapshotSummary,
+    )> {
+        self.read_barrier().await?;
+        self.node().sm.export().await
+    }
+
     /// Waits until this node has applied every entry committed before the call
     /// (a linearizable read then sees every write acknowledged before it began).
     /// A cluster of one needs nothing: its writes return once applied here. The
@@ -1312,6 +1326,120 @@ pub(crate) async fn open_storage(
     let shared = open_shared(path, opts).await?;
     let (log, sm) = open_raft_storage(shared.clone(), path).await?;
     Ok((shared, log, sm))
+}
+
+/// Replaces the metadata of a stopped node (the tables at `db_path` and the
+/// Raft log beside them) with the state a snapshot file holds (`cairn admin
+/// snapshot restore`). The node keeps its vote; its log starts after the
+/// snapshot. What was there is moved aside (`meta.redb.before-restore-TIME`,
+/// `raft.before-restore-TIME`), and put back if the restore fails. Refused,
+/// changing nothing, while the node runs (its tables are locked), when the file
+/// is damaged, or when the snapshot's cluster does not count `node_id` as a
+/// member. What the snapshot holds, and the folder the old metadata went to.
+pub async fn restore_snapshot(
+    db_path: &Path,
+    file: &Path,
+    node_id: NodeId,
+) -> Result<(crate::raft::state_machine::SnapshotSummary, PathBuf)> {
+    use openraft::storage::RaftStateMachine;
+    let f = file.to_path_buf();
+    let meta =
+        tokio::task::spawn_blocking(move || crate::raft::state_machine::snapshot_file_meta(&f))
+            .await
+            .map_err(|e| MetaError::Storage(e.to_string()))?
+            .map_err(|e| MetaError::Storage(format!("{}: {e}", file.display())))?;
+    let summary = crate::raft::state_machine::check_snapshot_file(file)
+        .map_err(|e| MetaError::Storage(format!("{}: {e}", file.display())))?;
+    if !summary.members.contains(&node_id) {
+        return Err(MetaError::Refused(format!(
+            "this node ({node_id:016x}) is not a member of the cluster the snapshot is of ({}): restore it on those nodes",
+            summary
+                .members
+                .iter()
+                .map(|m| format!("{m:016x}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )));
+    }
+    // The tables are locked while the node runs: opening them is the check.
+    let (p, raft) = (db_path.to_path_buf(), raft_dir(db_path));
+    let vote = tokio::task::spawn_blocking(move || -> Result<Option<openraft::Vote<NodeId>>> {
+        drop(open_db(&p, 1 << 20).map_err(|e| {
+            MetaError::Refused(format!(
+                "cannot open {} ({e}): stop the node first",
+                p.display()
+            ))
+        })?);
+        if !raft.exists() {
+            return Ok(None);
+        }
+        let log = LogStore::open(&raft, skip_fsync_for_test())
+            .map_err(|e| MetaError::from_storage(format!("{}: {e}", raft.display())))?;
+        Ok(log.vote())
+    })
+    .await
+    .map_err(|e| MetaError::Storage(e.to_string()))??;
+    let stamp = cairn_types::now_millis();
+    let aside = |p: &Path| -> PathBuf {
+        let name = p
+            .file_name()
+            .map(|n| n.to_string_lossy().to_string())
+            .unwrap_or_default();
+        p.with_file_name(format!("{name}.before-restore-{stamp}"))
+    };
+    let moved: Vec<(PathBuf, PathBuf)> = [db_path.to_path_buf(), raft_dir(db_path)]
+        .into_iter()
+        .filter(|p| p.exists())
+        .map(|p| {
+            let to = aside(&p);
+            (p, to)
+        })
+        .collect();
+    for (from, to) in &moved {
+        std::fs::rename(from, to).map_err(|e| {
+            MetaError::from_storage(format!("moving {} aside: {e}", from.display()))
+        })?;
+    }
+    let fresh = async {
+        let shared = open_shared(db_path, &MetaOptions::default()).await?;
+        let (mut log, mut sm) = open_raft_storage(shared, db_path).await?;
+        if let Some(v) = vote {
+            log.save_vote(&v)
+                .await
+                .map_err(|e| MetaError::Storage(e.to_string()))?;
+        }
+        let mut into = sm
+            .begin_receiving_snapshot()
+            .await
+            .map_err(|e| MetaError::Storage(e.to_string()))?;
+        let mut from = tokio::fs::File::open(file)
+            .await
+            .map_err(|e| MetaError::Storage(format!("{}: {e}", file.display())))?;
+        tokio::io::copy(&mut from, &mut *into)
+            .await
+            .map_err(|e| MetaError::from_storage(e.to_string()))?;
+        sm.install_snapshot(&meta, into)
+            .await
+            .map_err(|e| MetaError::Storage(e.to_string()))?;
+        if let Some(last) = meta.last_log_id {
+            log.purge(last)
+                .await
+                .map_err(|e| MetaError::Storage(e.to_string()))?;
+        }
+        sm.checkpoint().await?;
+        Ok::<(), MetaError>(())
+    }
+    .await;
+    if let Err(e) = fresh {
+        // Back as it was.
+        let _ = std::fs::remove_file(db_path);
+        let _ = std::fs::remove_dir_all(raft_dir(db_path));
+        for (from, to) in &moved {
+            let _ = std::fs::rename(to, from);
+        }
+        return Err(e);
+    }
+    Ok((summary, aside(db_path)))
 }
 
 /// Creates the tables that do not exist yet.

@@ -383,6 +383,13 @@ async fn read_entries(shared: &Shared, range: impl RangeBounds<u64>) -> SResult<
     .map_err(read_err)
 }
 
+impl LogStore {
+    /// The vote saved last.
+    pub(crate) fn vote(&self) -> Option<Vote<NodeId>> {
+        self.shared.view().vote
+    }
+}
+
 impl RaftLogStorage<TypeConfig> for LogStore {
     type LogReader = LogReader;
 

@@ -809,8 +809,21 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
 impl SnapshotBuilder {
     /// One try: a checkpoint and a read transaction, then the file.
     async fn try_build(&mut self) -> Result<(SnapshotMeta, PathBuf)> {
+        self.sm
+            .write_snapshot_file(|m| format!("{}.snap", m.snapshot_id))
+            .await
+    }
+}
+
+impl StateMachine {
+    /// Writes a snapshot file of everything applied so far into the snapshot
+    /// folder, named by `name`; its meta and path. A checkpoint first, then a
+    /// read transaction: applying goes on while the file is written.
+    async fn write_snapshot_file(
+        &self,
+        name: impl FnOnce(&SnapshotMeta) -> String,
+    ) -> Result<(SnapshotMeta, PathBuf)> {
         let (txn, applied, membership) = self
-            .sm
             .call(Job::BeginSnapshot)
             .await
             .map_err(|e| MetaError::Storage(e.to_string()))??;
@@ -824,13 +837,58 @@ impl SnapshotBuilder {
                 cairn_types::now_millis()
             ),
         };
-        let dir = self.sm.sm.snapshot_dir.clone();
-        let path = dir.join(format!("{}.snap", meta.snapshot_id));
+        let path = self.sm.snapshot_dir.join(name(&meta));
         let (m, p) = (meta.clone(), path.clone());
         tokio::task::spawn_blocking(move || write_snapshot(&txn, &m, &p))
             .await
             .map_err(|e| MetaError::Storage(e.to_string()))??;
         Ok((meta, path))
+    }
+
+    /// A snapshot file of everything applied so far, for a copy kept outside
+    /// the cluster; its meta and path. Named as a leftover (`.tmp`), which the
+    /// next start removes, if the caller does not remove it first.
+    pub(crate) async fn export(&self) -> Result<(PathBuf, SnapshotSummary)> {
+        let (meta, path) = self
+            .write_snapshot_file(|m| format!("export-{}-{}.tmp", m.snapshot_id, rand_suffix()))
+            .await?;
+        Ok((path, SnapshotSummary::of(&meta)))
+    }
+}
+
+/// What a snapshot file holds, as [`check_snapshot_file`] finds it.
+#[derive(Clone, Debug)]
+pub struct SnapshotSummary {
+    /// The index of the last log entry the snapshot holds.
+    pub last_log_index: Option<u64>,
+    /// The term of that entry.
+    pub last_log_term: Option<u64>,
+    /// The cluster's members at that entry, by id.
+    pub members: Vec<NodeId>,
+}
+
+/// Reads a snapshot file whole and checks it (header, every row, checksum).
+pub fn check_snapshot_file(path: &Path) -> io::Result<SnapshotSummary> {
+    Ok(SnapshotSummary::of(&verify_snapshot(path)?))
+}
+
+/// Checks a snapshot file whole; its meta, as openraft sees it.
+pub(crate) fn snapshot_file_meta(path: &Path) -> io::Result<SnapshotMeta> {
+    verify_snapshot(path)
+}
+
+impl SnapshotSummary {
+    fn of(meta: &SnapshotMeta) -> SnapshotSummary {
+        SnapshotSummary {
+            last_log_index: meta.last_log_id.map(|l| l.index),
+            last_log_term: meta.last_log_id.map(|l| l.leader_id.term),
+            members: meta
+                .last_membership
+                .membership()
+                .nodes()
+                .map(|(id, _)| *id)
+                .collect(),
+        }
     }
 }
 
