@@ -1339,15 +1339,21 @@ fn an_added_node_takes_its_share() {
             .unwrap();
         let admin = format!("http://{admin}");
         if wait_healthy_or_exit(&admin, &mut child, &log_path) {
-            started = Some((child, admin));
+            started = Some((child, admin, log_path));
             break;
         }
     }
-    let (child, admin) = started.expect("the fourth node did not start in five attempts");
+    let (child, admin, log_path) = started.expect("the fourth node did not start in five attempts");
     dev.restarted.insert(3, child);
-    dev.cluster_ok_at(
+    let out = dev.cluster_cmd_at(
         &admin,
         &["join", dev.node(0)["rpc_address"].as_str().unwrap()],
+    );
+    assert!(
+        out.status.success(),
+        "join: {}\nthe joining node's log:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        std::fs::read_to_string(&log_path).unwrap_or_default()
     );
     // Reads while blocks move.
     rt.block_on(async {
