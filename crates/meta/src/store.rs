@@ -706,6 +706,17 @@ impl MetaStore {
             ));
         }
         let _ = old.raft.shutdown().await;
+        // Entries the old group committed may still be on their way to its
+        // state machine (openraft's worker outlives the core for a moment):
+        // applied after the tables are emptied, they would put the old group's
+        // rows and applied index back under the new one. Once openraft has let
+        // go of the state machine (only `old` and the store's own handle left),
+        // a checkpoint through its queue comes after every apply sent to it.
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        while old.sm.handles() > 2 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        let _ = old.sm.checkpoint().await;
         let shared = self.shared.clone();
         let raft_dir = raft_dir(&self.path);
         tokio::task::spawn_blocking(move || -> Result<()> {

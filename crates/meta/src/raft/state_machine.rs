@@ -179,6 +179,11 @@ impl StateMachine {
         rx.await.map_err(|_| MetaError::Closed)
     }
 
+    /// How many handles of this state machine exist (this one included).
+    pub(crate) fn handles(&self) -> usize {
+        Arc::strong_count(&self._alive)
+    }
+
     /// Makes everything applied so far durable (called at shutdown).
     pub async fn checkpoint(&self) -> Result<()> {
         self.call(Job::Checkpoint).await?
