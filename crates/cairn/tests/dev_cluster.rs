@@ -2247,3 +2247,125 @@ fn a_cluster_restored_from_a_snapshot_is_back_at_its_moment() {
         assert_eq!(get(&c[2], "after").await, object(20));
     });
 }
+
+/// Scheduled backups runs counted as done by node `i` (0 when it answers none).
+fn backup_runs(dev: &Dev, i: usize) -> f64 {
+    admin_get(dev.node(i)["admin_endpoint"].as_str().unwrap(), "/metrics")
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.starts_with("cairn_backup_runs_total") && l.contains("result=\"ok\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// The ids of the backups at a target, oldest first.
+fn backups_at(target: &Path) -> Vec<String> {
+    let out = Command::new(common::binary())
+        .args([
+            "backup",
+            "list",
+            "--json",
+            "--target",
+            target.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["id"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// Every node of a cluster has the same `[[backup]]` section; only the leader
+/// takes the backups, and when it is killed the next leader goes on with the
+/// schedule at the same target (taking over a lock the dead one may have left).
+#[test]
+fn scheduled_backups_are_taken_by_the_leader_and_go_on_after_it_dies() {
+    let dir = tempfile::tempdir().unwrap();
+    let target = dir.path().join("backups");
+    let (_cfg, flag) = config_file(&format!(
+        "[[backup]]\ntarget = \"{}\"\nbuckets = [\"bkt\"]\ninterval = \"1s\"\n",
+        target.display()
+    ));
+    let mut dev = Dev::start(3, 3, &[&flag]);
+    let (rt, _) = with_objects(&dev, 3, 6);
+    eventually(Duration::from_secs(60), || {
+        let n = backups_at(&target).len();
+        if n >= 3 {
+            Ok(())
+        } else {
+            Err(format!("{n} backups"))
+        }
+    });
+    let leader = dev.leader();
+    for i in 0..3 {
+        let runs = backup_runs(&dev, i);
+        if i == leader {
+            assert!(runs >= 1.0, "the leader took no backup");
+        } else {
+            assert_eq!(runs, 0.0, "node {i}, not the leader, took backups");
+        }
+    }
+    dev.kill9(leader);
+    let before = backups_at(&target).len();
+    eventually(Duration::from_secs(60), || {
+        let n = backups_at(&target).len();
+        if n >= before + 2 {
+            Ok(())
+        } else {
+            Err(format!("{n} backups, {before} when the leader died"))
+        }
+    });
+    let others: f64 = (0..3)
+        .filter(|i| *i != leader)
+        .map(|i| backup_runs(&dev, i))
+        .sum();
+    assert!(others >= 2.0, "no other node went on with the schedule");
+    // The newest backup restores every object.
+    let newest = backups_at(&target).last().unwrap().clone();
+    let up = (0..3).find(|i| *i != leader).unwrap();
+    let out = Command::new(common::binary())
+        .args([
+            "restore",
+            "--target",
+            target.to_str().unwrap(),
+            "--id",
+            &newest,
+        ])
+        .args(["--bucket", "bkt", "--to-bucket", "back", "--endpoint"])
+        .arg(dev.node(up)["s3_endpoint"].as_str().unwrap())
+        .env("CAIRN_ACCESS_KEY", common::ACCESS_KEY)
+        .env("CAIRN_SECRET_KEY", common::SECRET_KEY)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    rt.block_on(async {
+        let cl = dev.client(up);
+        for k in 0..6 {
+            let got = cl
+                .get_object()
+                .bucket("back")
+                .key(format!("k{k}"))
+                .send()
+                .await
+                .unwrap()
+                .body
+                .collect()
+                .await
+                .unwrap()
+                .into_bytes();
+            assert_eq!(got.as_ref(), &object(k)[..], "k{k}");
+        }
+    });
+}
