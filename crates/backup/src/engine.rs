@@ -253,7 +253,11 @@ async fn backup_locked(
         listed.iter().map(|(_, l)| l.len() as u64).sum(),
         listed.iter().flat_map(|(_, l)| l.iter().map(|o| o.1)).sum(),
     );
-    let mut now = State::new();
+    // Only what changed is kept in memory, besides the parent's state: the
+    // objects read again (puts, in listing order) and the keys seen (the
+    // parent's others are deletes).
+    let mut changes: Vec<Change> = Vec::new();
+    let mut seen: std::collections::HashSet<(String, String)> = Default::default();
     let (mut bytes_stored, mut bytes_new, mut bytes) = (0u64, 0u64, 0u64);
     let mut renewed = std::time::Instant::now();
     // Unchanged objects are taken from the parent as they are; changed ones are
@@ -268,10 +272,10 @@ async fn backup_locked(
     .map(|(bucket, (key, size, etag, modified))| async move {
         let k = (bucket, key);
         let got = match held.get(&k) {
-            Some(h) if manifest::unchanged(h, size, &etag, &modified) => Some((h.clone(), None)),
+            Some(h) if manifest::unchanged(h, size, &etag, &modified) => Some(Captured::Held(size)),
             _ => capture(source, repo, &k.0, &k.1, &etag, &modified)
                 .await?
-                .map(|(entry, stored)| (entry, Some(stored))),
+                .map(|(entry, stored)| Captured::Read(entry, stored)),
         };
         Ok::<_, BackupError>((k, got))
     })
@@ -289,19 +293,34 @@ async fn backup_locked(
         };
         let Some(r) = r else { break };
         let (k, got) = r?;
-        let Some((entry, stored)) = got else {
-            continue; // deleted since the listing
+        let size = match got {
+            None => continue, // deleted since the listing
+            Some(Captured::Held(size)) => size,
+            Some(Captured::Read(entry, stored)) => {
+                bytes_stored += stored;
+                bytes_new += entry.size;
+                let size = entry.size;
+                if held.get(&k) != Some(&entry) {
+                    changes.push(Change::Put(entry));
+                }
+                size
+            }
         };
-        if let Some(stored) = stored {
-            bytes_stored += stored;
-            bytes_new += entry.size;
-        }
-        bytes += entry.size;
-        progress.object_done(entry.size);
-        now.insert(k, entry);
+        bytes += size;
+        progress.object_done(size);
+        seen.insert(k);
     }
     drop(results);
-    let changes: Vec<Change> = manifest::diff(held, &now);
+    let objects = seen.len() as u64;
+    for (bucket, key) in held.keys() {
+        if !seen.contains(&(bucket.clone(), key.clone())) {
+            changes.push(Change::Delete {
+                bucket: bucket.clone(),
+                key: key.clone(),
+            });
+        }
+    }
+    drop(seen);
     let (finished, _) = now_and_id();
     let m = Manifest {
         format: MANIFEST_FORMAT,
@@ -311,7 +330,7 @@ async fn backup_locked(
         buckets,
         time,
         finished,
-        objects: now.len() as u64,
+        objects,
         bytes,
         bytes_stored,
         bytes_new,
@@ -417,6 +436,14 @@ async fn capture(
     };
     let ((), stored) = futures::try_join!(reader, writer)?;
     Ok(Some((entry, stored)))
+}
+
+/// What a backup took of one listed object.
+enum Captured {
+    /// Unchanged since the parent: its entry there stands (its size).
+    Held(u64),
+    /// Read again: its entry, and the bytes its new chunks took.
+    Read(ObjectEntry, u64),
 }
 
 /// Objects read at once by a backup (each with up to STORES_IN_FLIGHT chunks
