@@ -512,6 +512,15 @@ mod tests {
                 .expect_err(&format!("{c:?} was accepted"));
             assert!(e.to_string().contains(want), "{c:?}: {e}");
         }
-        assert!(base.validate().is_ok());
+        assert!(base.clone().validate().is_ok());
+        // An S3 target with its endpoint and keys (nothing is sent yet).
+        let s3 = JobConfig {
+            target: "s3://vault/cairn".into(),
+            target_endpoint: Some("http://127.0.0.1:9".into()),
+            target_access_key: Some("AK".into()),
+            target_secret_key: Some("SK".into()),
+            ..base
+        };
+        assert_eq!(s3.validate().unwrap().target, "s3://vault/cairn");
     }
 }
