@@ -12,13 +12,18 @@ use crate::manifest::{self, Change, Kind, MANIFEST_FORMAT, Manifest, ObjectEntry
 use crate::repo::{CHUNK_SIZE, Repo};
 
 /// The settings of a cairn's buckets that S3 does not carry (their storage
-/// class), read and written through cairn's admin API.
+/// class), read and set through cairn itself. A backup records them in its
+/// manifest as `{"class": CLASS}` per bucket (`null`: the cluster's default).
 #[async_trait::async_trait]
 pub trait BucketSettings: Send + Sync {
-    /// Every bucket's settings, by name (a JSON object each).
-    async fn read(&self) -> Result<BTreeMap<String, serde_json::Value>, BackupError>;
-    /// Gives `bucket` the settings `read` gave.
-    async fn apply(&self, bucket: &str, settings: &serde_json::Value) -> Result<(), BackupError>;
+    /// Every bucket's own storage class, by name (`None`: the cluster's default).
+    async fn classes(&self) -> Result<BTreeMap<String, Option<String>>, BackupError>;
+    /// Sets `bucket`'s storage class (`None`: back to the cluster's default).
+    async fn set_class(&self, bucket: &str, _class: Option<&str>) -> Result<(), BackupError> {
+        Err(BackupError::Usage(format!(
+            "bucket {bucket}: its storage class cannot be set through this endpoint"
+        )))
+    }
 }
 
 /// The S3 endpoint backed up, or restored into.
@@ -233,11 +238,13 @@ async fn backup_locked(
         None => State::new(),
     };
     let bucket_settings = match &source.settings {
-        Some(s) => {
-            let mut all = s.read().await?;
-            all.retain(|b, _| buckets.contains(b));
-            all
-        }
+        Some(s) => s
+            .classes()
+            .await?
+            .into_iter()
+            .filter(|(b, _)| buckets.contains(b))
+            .map(|(b, class)| (b, serde_json::json!({ "class": class })))
+            .collect(),
         None => {
             progress.note(
                 "the buckets' own settings (storage class) are not recorded: no admin access to the source",
@@ -312,13 +319,11 @@ async fn backup_locked(
     }
     drop(results);
     let objects = seen.len() as u64;
-    for (bucket, key) in held.keys() {
-        if !seen.contains(&(bucket.clone(), key.clone())) {
-            changes.push(Change::Delete {
-                bucket: bucket.clone(),
-                key: key.clone(),
-            });
-        }
+    for (bucket, key) in held.keys().filter(|k| !seen.contains(*k)) {
+        changes.push(Change::Delete {
+            bucket: bucket.clone(),
+            key: key.clone(),
+        });
     }
     drop(seen);
     let (finished, _) = now_and_id();
@@ -548,7 +553,7 @@ pub async fn restore(
         };
         let d = dest_of(b);
         match &dest.settings {
-            Some(s) => s.apply(&d, settings).await?,
+            Some(s) => s.set_class(&d, settings["class"].as_str()).await?,
             None => progress.note(&format!(
                 "bucket {d}: its settings in the backup ({settings}) are not restored: no admin access to the destination"
             )),

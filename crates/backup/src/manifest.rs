@@ -178,27 +178,6 @@ pub fn apply(state: &mut State, changes: impl IntoIterator<Item = Change>) {
     }
 }
 
-/// The changes that take `old` to `new` (puts of objects new or changed,
-/// deletes of objects gone), in key order. An object counts as changed when
-/// its size, ETag or time of writing differs, or what the backup keeps of it.
-pub fn diff(old: &State, new: &State) -> Vec<Change> {
-    let mut out = Vec::new();
-    for (k, o) in new {
-        if old.get(k) != Some(o) {
-            out.push(Change::Put(o.clone()));
-        }
-    }
-    for (bucket, key) in old.keys() {
-        if !new.contains_key(&(bucket.clone(), key.clone())) {
-            out.push(Change::Delete {
-                bucket: bucket.clone(),
-                key: key.clone(),
-            });
-        }
-    }
-    out
-}
-
 /// Whether the source's view of an object (size, ETag, time of writing) is
 /// the one a backup holds: then its bytes are not read again.
 pub fn unchanged(held: &ObjectEntry, size: u64, etag: &str, modified: &str) -> bool {
@@ -208,6 +187,27 @@ pub fn unchanged(held: &ObjectEntry, size: u64, etag: &str, modified: &str) -> b
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The changes that take `old` to `new`, as a backup makes them
+    /// (`engine::backup_locked`): puts of objects new or changed, then deletes
+    /// of objects gone.
+    fn diff(old: &State, new: &State) -> Vec<Change> {
+        let mut out = Vec::new();
+        for (k, o) in new {
+            if old.get(k) != Some(o) {
+                out.push(Change::Put(o.clone()));
+            }
+        }
+        for (bucket, key) in old.keys() {
+            if !new.contains_key(&(bucket.clone(), key.clone())) {
+                out.push(Change::Delete {
+                    bucket: bucket.clone(),
+                    key: key.clone(),
+                });
+            }
+        }
+        out
+    }
 
     fn obj(bucket: &str, key: &str, etag: &str) -> ObjectEntry {
         ObjectEntry {

@@ -57,6 +57,7 @@ pub struct Job {
     pub target: String,
     s3: Option<(String, String, String)>,
     key: Option<BackupKey>,
+    /// Sorted, as a manifest lists them.
     pub buckets: Vec<String>,
     pub interval: Duration,
     pub full_every: Option<Duration>,
@@ -163,11 +164,14 @@ impl JobConfig {
             }
             (None, None) => None,
         };
+        let mut buckets = self.buckets;
+        buckets.sort();
+        buckets.dedup();
         let job = Job {
             target: self.target,
             s3,
             key,
-            buckets: self.buckets,
+            buckets,
             interval,
             full_every,
             kind,
@@ -230,13 +234,7 @@ impl Job {
     /// Whether `m` is one of this job's backups: of its buckets (any, for a job
     /// of every bucket, whose target is its own).
     fn counts(&self, m: &Manifest) -> bool {
-        if self.buckets.is_empty() {
-            return true;
-        }
-        let mut want = self.buckets.clone();
-        want.sort();
-        want.dedup();
-        m.buckets == want
+        self.buckets.is_empty() || m.buckets == self.buckets
     }
 
     /// When this job's backups at its target were taken.

@@ -99,22 +99,12 @@ impl Endpoint {
     }
 
     fn token(&self) -> Result<String> {
-        if let Some(t) = &self.admin_token {
-            return Ok(t.clone());
-        }
-        if let Ok(t) = std::env::var("CAIRN_ADMIN_TOKEN")
-            && !t.is_empty()
-        {
-            return Ok(t);
-        }
-        let f = self.data_dir.join("admin_token");
-        let t = std::fs::read_to_string(&f).with_context(|| {
+        self.token_if_any(true).with_context(|| {
             format!(
-                "no admin token: give --admin-token, set CAIRN_ADMIN_TOKEN, or point --data-dir at the node's data directory (reading {})",
-                f.display()
+                "no admin token: give --admin-token, set CAIRN_ADMIN_TOKEN, or point --data-dir at the node's data directory (no readable {})",
+                self.data_dir.join("admin_token").display()
             )
-        })?;
-        Ok(t.trim().to_string())
+        })
     }
 }
 
@@ -187,15 +177,18 @@ async fn post(
     path: &str,
     body: serde_json::Value,
 ) -> Result<serde_json::Value> {
+    authorized(endpoint, http::Method::POST, path, Some(body)).await
+}
+
+/// A request with the admin token, which must succeed; its answer.
+async fn authorized(
+    endpoint: &Endpoint,
+    method: http::Method,
+    path: &str,
+    body: Option<serde_json::Value>,
+) -> Result<serde_json::Value> {
     let token = endpoint.token()?;
-    let (status, v) = request(
-        &endpoint.admin_endpoint,
-        http::Method::POST,
-        path,
-        Some(&token),
-        Some(body),
-    )
-    .await?;
+    let (status, v) = request(&endpoint.admin_endpoint, method, path, Some(&token), body).await?;
     if !status.is_success() {
         return Err(fail(status, &v));
     }
@@ -446,18 +439,8 @@ pub fn run_bucket(cmd: BucketCmd) -> Result<()> {
                 Ok(())
             }
             BucketCmd::List { json, endpoint } => {
-                let token = endpoint.token()?;
-                let (status, v) = request(
-                    &endpoint.admin_endpoint,
-                    http::Method::GET,
-                    "/v1/cluster/buckets",
-                    Some(&token),
-                    None,
-                )
-                .await?;
-                if !status.is_success() {
-                    return Err(fail(status, &v));
-                }
+                let v =
+                    authorized(&endpoint, http::Method::GET, "/v1/cluster/buckets", None).await?;
                 if json {
                     println!("{}", serde_json::to_string_pretty(&v)?);
                     return Ok(());
@@ -697,26 +680,25 @@ async fn save_snapshot(endpoint: &Endpoint, file: &std::path::Path) -> Result<()
             }
         }
         out.sync_all().await?;
-        let check = tmp.clone();
+        let (check, file) = (tmp.clone(), file.to_path_buf());
         tokio::task::spawn_blocking(move || {
             cairn_meta::raft::state_machine::check_snapshot_file(&check)
-        })
-        .await?
-        .context("the snapshot received is not whole")?;
-        // A link fails if FILE appeared meanwhile: nothing is replaced.
-        std::fs::hard_link(&tmp, file).with_context(|| format!("naming {}", file.display()))?;
-        if let Some(dir) = file.parent() {
-            let dir = if dir.as_os_str().is_empty() {
-                std::path::Path::new(".")
-            } else {
-                dir
+                .context("the snapshot received is not whole")?;
+            // A link fails if FILE appeared meanwhile: nothing is replaced.
+            std::fs::hard_link(&check, &file)
+                .with_context(|| format!("naming {}", file.display()))?;
+            let dir = match file.parent() {
+                Some(d) if !d.as_os_str().is_empty() => d,
+                _ => std::path::Path::new("."),
             };
             std::fs::File::open(dir)?.sync_all()?;
-        }
+            anyhow::Ok(())
+        })
+        .await??;
         anyhow::Ok(n)
     }
     .await;
-    let _ = std::fs::remove_file(&tmp);
+    let _ = tokio::fs::remove_file(&tmp).await;
     let n = res?;
     println!(
         "saved the metadata as of log entry {} (term {}, {} members) to {}: {n} bytes, checked",

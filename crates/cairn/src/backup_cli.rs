@@ -218,10 +218,9 @@ impl AdminSettings {
 
 #[async_trait::async_trait]
 impl engine::BucketSettings for AdminSettings {
-    async fn read(
+    async fn classes(
         &self,
-    ) -> Result<std::collections::BTreeMap<String, serde_json::Value>, cairn_backup::BackupError>
-    {
+    ) -> Result<std::collections::BTreeMap<String, Option<String>>, cairn_backup::BackupError> {
         let v = self
             .call(http::Method::GET, "/v1/cluster/buckets", None)
             .await?;
@@ -230,22 +229,21 @@ impl engine::BucketSettings for AdminSettings {
             .into_iter()
             .flatten()
             .filter_map(|b| {
-                let name = b["name"].as_str()?;
-                Some((name.to_string(), serde_json::json!({ "class": b["class"] })))
+                let class = b["class"].as_str().map(str::to_string);
+                Some((b["name"].as_str()?.to_string(), class))
             })
             .collect())
     }
 
-    async fn apply(
+    async fn set_class(
         &self,
         bucket: &str,
-        settings: &serde_json::Value,
+        class: Option<&str>,
     ) -> Result<(), cairn_backup::BackupError> {
-        let class = settings["class"].as_str().unwrap_or("default");
         self.call(
             http::Method::POST,
             "/v1/cluster/bucket-class",
-            Some(serde_json::json!({ "bucket": bucket, "class": class })),
+            Some(serde_json::json!({ "bucket": bucket, "class": class.unwrap_or("default") })),
         )
         .await?;
         Ok(())

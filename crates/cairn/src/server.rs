@@ -291,10 +291,9 @@ struct MetaBucketSettings(MetaStore);
 
 #[async_trait::async_trait]
 impl cairn_backup::engine::BucketSettings for MetaBucketSettings {
-    async fn read(
+    async fn classes(
         &self,
-    ) -> Result<std::collections::BTreeMap<String, serde_json::Value>, cairn_backup::BackupError>
-    {
+    ) -> Result<std::collections::BTreeMap<String, Option<String>>, cairn_backup::BackupError> {
         self.0.read_barrier().await.map_err(|e| {
             cairn_backup::BackupError::Source(format!("the buckets' settings: {e}"))
         })?;
@@ -302,30 +301,8 @@ impl cairn_backup::engine::BucketSettings for MetaBucketSettings {
             .0
             .buckets()
             .into_iter()
-            .map(|(name, b)| {
-                let class = b.class.map(|c| c.to_string());
-                (name, serde_json::json!({ "class": class }))
-            })
+            .map(|(name, b)| (name, b.class.map(|c| c.to_string())))
             .collect())
-    }
-
-    async fn apply(
-        &self,
-        bucket: &str,
-        settings: &serde_json::Value,
-    ) -> Result<(), cairn_backup::BackupError> {
-        let class = match settings["class"].as_str() {
-            Some(c) => Some(c.parse().map_err(cairn_backup::BackupError::Usage)?),
-            None => None,
-        };
-        self.0
-            .apply(cairn_meta::Command::SetBucketClass {
-                bucket: bucket.to_string(),
-                class,
-            })
-            .await
-            .map(|_| ())
-            .map_err(|e| cairn_backup::BackupError::Source(format!("bucket {bucket}: {e}")))
     }
 }
 

@@ -2182,15 +2182,9 @@ async fn bucket_contents(c: &aws_sdk_s3::Client) -> Vec<(String, Vec<u8>)> {
 #[test]
 fn a_cluster_restored_from_a_snapshot_is_back_at_its_moment() {
     let mut dev = Dev::start(3, 3, &[]);
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let c: Vec<_> = (0..3).map(|i| dev.client(i)).collect();
-    let then = rt.block_on(async {
-        c[0].create_bucket().bucket("bkt").send().await.unwrap();
-        for i in 0..6 {
-            put(&c[i % 3], &format!("k{i}"), &object(i)).await;
-        }
-        bucket_contents(&c[1]).await
-    });
+    let (rt, c) = with_objects(&dev, 3, 6);
+    let then = rt.block_on(bucket_contents(&c[1]));
+    assert_eq!(then.len(), 6);
     let dir = tempfile::tempdir().unwrap();
     let snap = dir.path().join("cluster.snap");
     dev.save_snapshot(&snap);

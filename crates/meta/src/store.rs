@@ -1339,6 +1339,9 @@ pub(crate) async fn open_storage(
     Ok((shared, log, sm))
 }
 
+/// A file or folder moved aside by a restore: where it was, where it is.
+type MovedAside = (PathBuf, PathBuf);
+
 /// Replaces the metadata of a stopped node (the tables at `db_path` and the
 /// Raft log beside them) with the state a snapshot file holds (`cairn admin
 /// snapshot restore`). The node keeps its vote; its log starts after the
@@ -1352,15 +1355,14 @@ pub async fn restore_snapshot(
     file: &Path,
     node_id: NodeId,
 ) -> Result<(crate::raft::state_machine::SnapshotSummary, PathBuf)> {
+    use crate::raft::state_machine::{SnapshotSummary, verify_snapshot};
     use openraft::storage::RaftStateMachine;
     let f = file.to_path_buf();
-    let meta =
-        tokio::task::spawn_blocking(move || crate::raft::state_machine::snapshot_file_meta(&f))
-            .await
-            .map_err(|e| MetaError::Storage(e.to_string()))?
-            .map_err(|e| MetaError::Storage(format!("{}: {e}", file.display())))?;
-    let summary = crate::raft::state_machine::check_snapshot_file(file)
+    let meta = tokio::task::spawn_blocking(move || verify_snapshot(&f))
+        .await
+        .map_err(|e| MetaError::Storage(e.to_string()))?
         .map_err(|e| MetaError::Storage(format!("{}: {e}", file.display())))?;
+    let summary = SnapshotSummary::of(&meta);
     if !summary.members.contains(&node_id) {
         return Err(MetaError::Refused(format!(
             "this node ({node_id:016x}) is not a member of the cluster the snapshot is of ({}): restore it on those nodes",
@@ -1372,45 +1374,45 @@ pub async fn restore_snapshot(
                 .join(", ")
         )));
     }
-    // The tables are locked while the node runs: opening them is the check.
-    let (p, raft) = (db_path.to_path_buf(), raft_dir(db_path));
-    let vote = tokio::task::spawn_blocking(move || -> Result<Option<openraft::Vote<NodeId>>> {
-        drop(open_db(&p, 1 << 20).map_err(|e| {
-            MetaError::Refused(format!(
-                "cannot open {} ({e}): stop the node first",
-                p.display()
-            ))
-        })?);
-        if !raft.exists() {
-            return Ok(None);
-        }
-        let log = LogStore::open(&raft, skip_fsync_for_test())
-            .map_err(|e| MetaError::from_storage(format!("{}: {e}", raft.display())))?;
-        Ok(log.vote())
-    })
-    .await
-    .map_err(|e| MetaError::Storage(e.to_string()))??;
     let stamp = cairn_types::now_millis();
-    let aside = |p: &Path| -> PathBuf {
+    let aside = move |p: &Path| -> PathBuf {
         let name = p
             .file_name()
             .map(|n| n.to_string_lossy().to_string())
             .unwrap_or_default();
         p.with_file_name(format!("{name}.before-restore-{stamp}"))
     };
-    let moved: Vec<(PathBuf, PathBuf)> = [db_path.to_path_buf(), raft_dir(db_path)]
-        .into_iter()
-        .filter(|p| p.exists())
-        .map(|p| {
-            let to = aside(&p);
-            (p, to)
-        })
-        .collect();
-    for (from, to) in &moved {
-        std::fs::rename(from, to).map_err(|e| {
-            MetaError::from_storage(format!("moving {} aside: {e}", from.display()))
-        })?;
-    }
+    // The tables are locked while the node runs: opening them is the check.
+    // Then its vote is read, and the old tables and log are moved aside.
+    let p = db_path.to_path_buf();
+    let (vote, moved) = tokio::task::spawn_blocking(
+        move || -> Result<(Option<openraft::Vote<NodeId>>, Vec<MovedAside>)> {
+            drop(open_db(&p, 1 << 20).map_err(|e| {
+                MetaError::Refused(format!(
+                    "cannot open {} ({e}): stop the node first",
+                    p.display()
+                ))
+            })?);
+            let raft = raft_dir(&p);
+            let vote = match raft.exists() {
+                true => LogStore::open(&raft, skip_fsync_for_test())
+                    .map_err(|e| MetaError::from_storage(format!("{}: {e}", raft.display())))?
+                    .vote(),
+                false => None,
+            };
+            let mut moved = Vec::new();
+            for from in [p.clone(), raft].into_iter().filter(|p| p.exists()) {
+                let to = aside(&from);
+                std::fs::rename(&from, &to).map_err(|e| {
+                    MetaError::from_storage(format!("moving {} aside: {e}", from.display()))
+                })?;
+                moved.push((from, to));
+            }
+            Ok((vote, moved))
+        },
+    )
+    .await
+    .map_err(|e| MetaError::Storage(e.to_string()))??;
     let fresh = async {
         let shared = open_shared(db_path, &MetaOptions::default()).await?;
         let (mut log, mut sm) = open_raft_storage(shared, db_path).await?;
@@ -1443,11 +1445,15 @@ pub async fn restore_snapshot(
     .await;
     if let Err(e) = fresh {
         // Back as it was.
-        let _ = std::fs::remove_file(db_path);
-        let _ = std::fs::remove_dir_all(raft_dir(db_path));
-        for (from, to) in &moved {
-            let _ = std::fs::rename(to, from);
-        }
+        let p = db_path.to_path_buf();
+        let _ = tokio::task::spawn_blocking(move || {
+            let _ = std::fs::remove_file(&p);
+            let _ = std::fs::remove_dir_all(raft_dir(&p));
+            for (from, to) in &moved {
+                let _ = std::fs::rename(to, from);
+            }
+        })
+        .await;
         return Err(e);
     }
     Ok((summary, aside(db_path)))

@@ -369,7 +369,7 @@ fn write_snapshot(txn: &redb::ReadTransaction, meta: &SnapshotMeta, path: &Path)
 }
 
 /// Checks a snapshot file whole (header, rows, checksum) without loading it.
-fn verify_snapshot(path: &Path) -> io::Result<SnapshotMeta> {
+pub(crate) fn verify_snapshot(path: &Path) -> io::Result<SnapshotMeta> {
     let mut rows = SnapshotRows::open(path)?;
     while rows.next_row()?.is_some() {}
     Ok(rows.meta)
@@ -877,13 +877,8 @@ pub fn check_snapshot_file(path: &Path) -> io::Result<SnapshotSummary> {
     Ok(SnapshotSummary::of(&verify_snapshot(path)?))
 }
 
-/// Checks a snapshot file whole; its meta, as openraft sees it.
-pub(crate) fn snapshot_file_meta(path: &Path) -> io::Result<SnapshotMeta> {
-    verify_snapshot(path)
-}
-
 impl SnapshotSummary {
-    fn of(meta: &SnapshotMeta) -> SnapshotSummary {
+    pub(crate) fn of(meta: &SnapshotMeta) -> SnapshotSummary {
         SnapshotSummary {
             last_log_index: meta.last_log_id.map(|l| l.index),
             last_log_term: meta.last_log_id.map(|l| l.leader_id.term),
