@@ -20,6 +20,7 @@ use chacha20poly1305::aead::{Aead, AeadInPlace, KeyInit, Payload};
 use chacha20poly1305::{XChaCha20Poly1305, XNonce};
 
 use crate::BackupError;
+use crate::pagebuf::PageBuf;
 
 const MAGIC: &[u8; 4] = b"CRNB";
 const VERSION: u8 = 1;
@@ -160,45 +161,71 @@ impl Codec {
         })
     }
 
-    /// The sealed form of `plain`: compressed when that makes it smaller,
-    /// encrypted when the codec has a key.
-    pub fn seal(&self, plain: &[u8]) -> Result<Vec<u8>, BackupError> {
-        let packed = match worth_compressing(plain) {
-            true => Some(
-                zstd::bulk::compress(plain, LEVEL)
-                    .map_err(|e| BackupError::Corrupt(format!("compressing: {e}")))?,
-            ),
-            false => None,
-        };
-        let (mut flags, body): (u8, &[u8]) = match &packed {
-            Some(p) if p.len() < plain.len() => (FLAG_ZSTD, p),
-            _ => (0, plain),
-        };
+    /// Where a chunk's plain bytes start in a buffer sealed in place: after
+    /// the header (and the nonce, when encrypting).
+    pub fn body_offset(&self) -> usize {
+        match self.keys {
+            None => HEADER_LEN,
+            Some(_) => HEADER_LEN + NONCE_LEN,
+        }
+    }
+
+    /// Room a buffer sealed in place needs for `plain` bytes.
+    pub fn sealed_capacity(&self, plain: usize) -> usize {
+        self.body_offset() + plain + TAG_LEN
+    }
+
+    /// The sealed form of `plain` (see [`seal_in_place`](Self::seal_in_place)).
+    pub fn seal(&self, plain: &[u8]) -> Result<PageBuf, BackupError> {
+        let mut buf = PageBuf::new(self.sealed_capacity(plain.len()));
+        buf.set_len(self.body_offset());
+        buf.fill(plain);
+        self.seal_in_place(buf)
+    }
+
+    /// Seals the plain bytes `buf` holds after [`body_offset`](Self::body_offset)
+    /// where they are: compressed when that makes them smaller, encrypted when
+    /// the codec has a key, the header written in front. `buf` needs room for
+    /// [`sealed_capacity`](Self::sealed_capacity) bytes.
+    pub fn seal_in_place(&self, mut buf: PageBuf) -> Result<PageBuf, BackupError> {
+        let at = self.body_offset();
+        if buf.len() < at || buf.capacity() < buf.len() + TAG_LEN {
+            return Err(BackupError::Usage(
+                "a buffer too small to be sealed in place".into(),
+            ));
+        }
+        let plain_len = buf.len() - at;
+        let mut flags = 0;
+        if worth_compressing(&buf[at..]) {
+            let packed = zstd::bulk::compress(&buf[at..], LEVEL)
+                .map_err(|e| BackupError::Corrupt(format!("compressing: {e}")))?;
+            if packed.len() < plain_len {
+                buf.set_len(at);
+                buf.fill(&packed);
+                flags |= FLAG_ZSTD;
+            }
+        }
         if self.keys.is_some() {
             flags |= FLAG_ENCRYPTED;
         }
-        // One copy of the body into the output, encrypted there in place.
-        let mut out = Vec::with_capacity(HEADER_LEN + NONCE_LEN + body.len() + TAG_LEN);
-        out.extend_from_slice(MAGIC);
-        out.push(VERSION);
-        out.push(flags);
-        out.extend_from_slice(&[0, 0]);
-        out.extend_from_slice(&(plain.len() as u64).to_le_bytes());
-        match &self.keys {
-            None => out.extend_from_slice(body),
-            Some(k) => {
-                let nonce: [u8; NONCE_LEN] = rand::random();
-                out.extend_from_slice(&nonce);
-                out.extend_from_slice(body);
-                let (head, msg) = out.split_at_mut(HEADER_LEN + NONCE_LEN);
-                let tag = k
-                    .cipher
-                    .encrypt_in_place_detached(XNonce::from_slice(&nonce), &head[..HEADER_LEN], msg)
-                    .map_err(|_| BackupError::Corrupt("encrypting failed".into()))?;
-                out.extend_from_slice(&tag);
-            }
+        let head = buf.as_mut_slice();
+        head[..4].copy_from_slice(MAGIC);
+        head[4] = VERSION;
+        head[5] = flags;
+        head[6..8].copy_from_slice(&[0, 0]);
+        head[8..HEADER_LEN].copy_from_slice(&(plain_len as u64).to_le_bytes());
+        if let Some(k) = &self.keys {
+            let nonce: [u8; NONCE_LEN] = rand::random();
+            let all = buf.as_mut_slice();
+            all[HEADER_LEN..at].copy_from_slice(&nonce);
+            let (head, msg) = all.split_at_mut(at);
+            let tag = k
+                .cipher
+                .encrypt_in_place_detached(XNonce::from_slice(&nonce), &head[..HEADER_LEN], msg)
+                .map_err(|_| BackupError::Corrupt("encrypting failed".into()))?;
+            buf.fill(&tag);
         }
-        Ok(out)
+        Ok(buf)
     }
 
     /// The plain bytes of a sealed file, checked: its header, its cipher's tag,
@@ -305,7 +332,7 @@ mod tests {
                 (0..100_000u32).flat_map(|i| i.to_le_bytes()).collect(),
             ] {
                 let id = c.chunk_id(&data);
-                let sealed = c.seal(&data).unwrap();
+                let sealed = c.seal(&data).unwrap().to_vec();
                 assert_eq!(c.open_chunk(&id, &sealed, 1 << 21).unwrap(), data);
             }
         }
@@ -315,7 +342,7 @@ mod tests {
     fn repetitive_bytes_are_compressed() {
         let data = vec![b'a'; 1 << 20];
         for c in both() {
-            assert!(c.seal(&data).unwrap().len() < 10_000);
+            assert!(c.seal(&data).unwrap().to_vec().len() < 10_000);
         }
     }
 
@@ -333,13 +360,13 @@ mod tests {
         let mut mixed = random.clone();
         mixed[400 << 10..600 << 10].copy_from_slice(&text[..200 << 10]);
         for c in both() {
-            let sealed = c.seal(&random).unwrap();
+            let sealed = c.seal(&random).unwrap().to_vec();
             assert_eq!(sealed[5] & FLAG_ZSTD, 0, "random bytes were compressed");
             assert_eq!(c.open(&sealed, 1 << 21).unwrap(), random);
-            let sealed = c.seal(&text).unwrap();
+            let sealed = c.seal(&text).unwrap().to_vec();
             assert_ne!(sealed[5] & FLAG_ZSTD, 0);
             assert!(sealed.len() < 20_000);
-            let sealed = c.seal(&mixed).unwrap();
+            let sealed = c.seal(&mixed).unwrap().to_vec();
             assert_ne!(sealed[5] & FLAG_ZSTD, 0, "a compressible middle was missed");
             assert_eq!(c.open(&sealed, 1 << 21).unwrap(), mixed);
         }
@@ -350,12 +377,12 @@ mod tests {
         let marker = b"PLAINTEXT-MARKER-4711".repeat(100);
         let (k1, k2) = (BackupKey::generate(), BackupKey::generate());
         let (c1, c2) = (Codec::encrypted(&k1), Codec::encrypted(&k2));
-        let sealed = c1.seal(&marker).unwrap();
+        let sealed = c1.seal(&marker).unwrap().to_vec();
         assert!(!sealed.windows(21).any(|w| w == b"PLAINTEXT-MARKER-4711"));
         assert_ne!(c1.chunk_id(&marker), c2.chunk_id(&marker));
         assert_ne!(c1.chunk_id(&marker), Codec::plain().chunk_id(&marker));
         // Sealing twice gives different bytes (a fresh nonce each time).
-        assert_ne!(sealed, c1.seal(&marker).unwrap());
+        assert_ne!(sealed, c1.seal(&marker).unwrap().to_vec());
         // Another key, or none, is refused with a clear error.
         assert!(matches!(
             c2.open(&sealed, 1 << 20),
@@ -373,7 +400,7 @@ mod tests {
         let data: Vec<u8> = (0..5000u32).map(|i| (i * 7 % 251) as u8).collect();
         for c in both() {
             let id = c.chunk_id(&data);
-            let sealed = c.seal(&data).unwrap();
+            let sealed = c.seal(&data).unwrap().to_vec();
             for at in 0..sealed.len() {
                 let mut bad = sealed.clone();
                 bad[at] ^= 0x01;
@@ -389,7 +416,7 @@ mod tests {
     #[test]
     fn a_length_over_the_limit_is_refused_before_decoding() {
         let c = Codec::plain();
-        let sealed = c.seal(&vec![0u8; 4096]).unwrap();
+        let sealed = c.seal(&vec![0u8; 4096]).unwrap().to_vec();
         assert!(matches!(
             c.open(&sealed, 4095),
             Err(BackupError::Corrupt(_))

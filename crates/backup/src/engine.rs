@@ -9,7 +9,8 @@ use serde::Serialize;
 use crate::BackupError;
 use crate::lock::Lock;
 use crate::manifest::{self, Change, Kind, MANIFEST_FORMAT, Manifest, ObjectEntry, State};
-use crate::repo::{CHUNK_SIZE, Repo};
+use crate::pagebuf::PageBuf;
+use crate::repo::Repo;
 
 /// The settings of a cairn's buckets that S3 does not carry (their storage
 /// class), read and set through cairn itself. A backup records them in its
@@ -391,11 +392,11 @@ async fn capture(
     // Reading the object overlaps storing its chunks: the reader cuts chunks
     // and hands them over (at most one waiting), and up to STORES_IN_FLIGHT are
     // hashed, sealed and written at once, their order kept.
-    let (tx, rx) = futures::channel::mpsc::channel::<Vec<u8>>(0);
+    let (tx, rx) = futures::channel::mpsc::channel::<PageBuf>(0);
     let reader = async move {
         let mut tx = tx;
         let mut body = resp.body;
-        let mut buf: Vec<u8> = Vec::with_capacity(CHUNK_SIZE);
+        let mut buf = repo.chunk_buffer();
         let mut sent = false;
         loop {
             let next = body
@@ -405,11 +406,10 @@ async fn capture(
             let Some(b) = next else { break };
             let mut b = &b[..];
             while !b.is_empty() {
-                let take = (CHUNK_SIZE - buf.len()).min(b.len());
-                buf.extend_from_slice(&b[..take]);
-                b = &b[take..];
-                if buf.len() == CHUNK_SIZE {
-                    let full = std::mem::replace(&mut buf, Vec::with_capacity(CHUNK_SIZE));
+                let (took, full) = repo.chunk_bytes(&mut buf, b);
+                b = &b[took..];
+                if full {
+                    let full = std::mem::replace(&mut buf, repo.chunk_buffer());
                     if tx.send(full).await.is_err() {
                         return Ok(()); // the writer failed: its error is the one told
                     }
@@ -417,7 +417,7 @@ async fn capture(
                 }
             }
         }
-        if !buf.is_empty() || !sent {
+        if buf.len() > repo.codec.body_offset() || !sent {
             let _ = tx.send(buf).await;
         }
         Ok::<(), BackupError>(())
@@ -425,13 +425,10 @@ async fn capture(
     let writer = async {
         let mut stored = 0u64;
         let mut done = rx
-            .map(|plain| async move {
-                let len = plain.len() as u64;
-                repo.put_chunk(plain).await.map(|r| (r, len))
-            })
+            .map(|chunk| repo.put_chunk(chunk))
             .buffered(STORES_IN_FLIGHT);
         while let Some(r) = done.next().await {
-            let ((id, n, new), len) = r?;
+            let (id, len, n, new) = r?;
             entry.chunks.push(id);
             entry.sealed.push(n);
             entry.size += len;

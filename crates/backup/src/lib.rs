@@ -10,6 +10,7 @@ pub mod codec;
 pub mod engine;
 pub mod lock;
 pub mod manifest;
+pub mod pagebuf;
 pub mod repo;
 pub mod schedule;
 pub mod target;

@@ -2,6 +2,7 @@
 //! not), its chunks and its manifests.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
@@ -10,6 +11,7 @@ use crate::manifest::{
     self, Change, MANIFEST_FORMAT, MAX_PAGE_BYTES, Manifest, State, chunk_name, manifest_name,
     page_name,
 };
+use crate::pagebuf::{PageBuf, Pool};
 use crate::target::{Target, blocking};
 use crate::{BackupError, BackupKey, ChunkId, Codec};
 
@@ -21,6 +23,9 @@ pub const TARGET_FORMAT: u32 = 1;
 /// Bytes of an object per chunk (also one part of a multipart upload on
 /// restore, so above S3's 5 MiB least part).
 pub const CHUNK_SIZE: usize = 8 << 20;
+/// Chunk buffers a target's pool keeps for reuse (more are made while
+/// needed: a backup has about a dozen chunks in flight).
+const BUFFERS_KEPT: usize = 12;
 /// The largest chunk opened.
 pub const MAX_CHUNK: usize = 64 << 20;
 
@@ -36,6 +41,8 @@ struct TargetConfig {
 pub struct Repo<'a> {
     pub target: &'a dyn Target,
     pub codec: Codec,
+    /// Buffers for chunks on their way to the target.
+    buffers: Arc<Pool>,
 }
 
 impl<'a> Repo<'a> {
@@ -101,24 +108,50 @@ impl<'a> Repo<'a> {
                 Codec::encrypted(k)
             }
         };
-        Ok(Repo { target, codec })
+        let buffers = Pool::new(codec.sealed_capacity(CHUNK_SIZE), BUFFERS_KEPT);
+        Ok(Repo {
+            target,
+            codec,
+            buffers,
+        })
     }
 
-    /// Stores a chunk unless the target has it; its name, the size of its file
-    /// there, and whether this call wrote it. Hashing and sealing run off the
-    /// reactor.
-    pub async fn put_chunk(&self, plain: Vec<u8>) -> Result<(ChunkId, u64, bool), BackupError> {
+    /// An empty buffer for one chunk: [`put_chunk`](Self::put_chunk) takes
+    /// the chunk's bytes after the first [`Codec::body_offset`] bytes, which it
+    /// seals in place; [`chunk_bytes`](Self::chunk_bytes) appends to them.
+    pub fn chunk_buffer(&self) -> PageBuf {
+        let mut b = self.buffers.take();
+        b.set_len(self.codec.body_offset());
+        b
+    }
+
+    /// Appends as much of `bytes` to a chunk buffer as one chunk holds; how
+    /// many bytes that took, and whether the chunk is now full.
+    pub fn chunk_bytes(&self, buf: &mut PageBuf, bytes: &[u8]) -> (usize, bool) {
+        let at = self.codec.body_offset();
+        let room = (at + CHUNK_SIZE).saturating_sub(buf.len());
+        let n = buf.fill(&bytes[..bytes.len().min(room)]);
+        (n, buf.len() >= at + CHUNK_SIZE)
+    }
+
+    /// Stores the chunk held in `buf` (from [`chunk_buffer`](Self::chunk_buffer))
+    /// unless the target has it; its name, its plain length, the size of its
+    /// file there, and whether this call wrote it. Hashing and sealing run off
+    /// the reactor.
+    pub async fn put_chunk(&self, buf: PageBuf) -> Result<(ChunkId, u64, u64, bool), BackupError> {
         let codec = self.codec.clone();
-        let (id, plain) = blocking(move || Ok((codec.chunk_id(&plain), plain))).await?;
+        let at = codec.body_offset();
+        let plain = buf.len().saturating_sub(at) as u64;
+        let (id, buf) = blocking(move || Ok((codec.chunk_id(&buf[at..]), buf))).await?;
         let name = chunk_name(&id);
         if let Some(n) = self.target.size(&name).await? {
-            return Ok((id, n, false));
+            return Ok((id, plain, n, false));
         }
         let codec = self.codec.clone();
-        let sealed = blocking(move || codec.seal(&plain)).await?;
+        let sealed = blocking(move || codec.seal_in_place(buf)).await?;
         let n = sealed.len() as u64;
-        self.target.put(&name, Bytes::from(sealed)).await?;
-        Ok((id, n, true))
+        self.target.put_buf(&name, sealed).await?;
+        Ok((id, plain, n, true))
     }
 
     /// A chunk's plain bytes, checked against its name (off the reactor).
@@ -149,7 +182,7 @@ impl<'a> Repo<'a> {
     async fn seal_file(&self, name: &str, plain: Vec<u8>) -> Result<(), BackupError> {
         let codec = self.codec.clone();
         let sealed = blocking(move || codec.seal(&plain)).await?;
-        self.target.put(name, Bytes::from(sealed)).await
+        self.target.put_buf(name, sealed).await
     }
 
     /// A file's bytes, refused unread when it is missing or larger than a file
@@ -347,12 +380,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let t = LocalTarget::new(dir.path());
         let repo = Repo::open(&t, None, true).await.unwrap();
-        let (id, n, new) = repo.put_chunk(b"some bytes".to_vec()).await.unwrap();
-        assert!(n > 0 && new);
-        assert_eq!(
-            repo.put_chunk(b"some bytes".to_vec()).await.unwrap(),
-            (id, n, false)
-        );
+        let chunk = || {
+            let mut b = repo.chunk_buffer();
+            assert_eq!(repo.chunk_bytes(&mut b, b"some bytes"), (10, false));
+            b
+        };
+        let (id, len, n, new) = repo.put_chunk(chunk()).await.unwrap();
+        assert!(n > 0 && new && len == 10);
+        assert_eq!(repo.put_chunk(chunk()).await.unwrap(), (id, 10, n, false));
         assert_eq!(repo.get_chunk(&id).await.unwrap(), b"some bytes");
         let obj = |key: &str| ObjectEntry {
             bucket: "b".into(),
