@@ -433,6 +433,24 @@ mod tests {
     }
 
     proptest! {
+        /// Whatever the bytes (random, runs, or both), sealing where they lie
+        /// and opening gives them back under their name.
+        #[test]
+        fn any_bytes_seal_in_place_and_open_to_themselves(
+            parts in proptest::collection::vec((any::<u8>(), 0usize..5000, any::<bool>()), 0..8),
+        ) {
+            let mut data = Vec::new();
+            for (b, n, run) in parts {
+                data.extend((0..n).map(|i| if run { b } else { (i as u8).wrapping_mul(b) ^ (i >> 8) as u8 }));
+            }
+            for c in both() {
+                let id = c.chunk_id(&data);
+                let sealed = c.seal(&data).unwrap();
+                prop_assert!(sealed.len() <= c.sealed_capacity(data.len()));
+                prop_assert_eq!(c.open_chunk(&id, &sealed, 1 << 16).unwrap(), data.clone());
+            }
+        }
+
         #[test]
         fn arbitrary_bytes_never_open_wrongly(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
             for c in both() {
