@@ -10,7 +10,7 @@ use crate::BackupError;
 use crate::lock::Lock;
 use crate::manifest::{self, Change, Kind, MANIFEST_FORMAT, Manifest, ObjectEntry, State};
 use crate::pagebuf::PageBuf;
-use crate::repo::Repo;
+use crate::repo::{PageWriter, Repo};
 
 /// The settings of a cairn's buckets that S3 does not carry (their storage
 /// class), read and set through cairn itself. A backup records them in its
@@ -77,31 +77,52 @@ impl Endpoint {
     }
 
     /// Every object of `bucket` as a listing shows it: key, size, ETag, time.
-    async fn list(&self, bucket: &str) -> Result<Vec<(String, u64, String, String)>, BackupError> {
+    async fn list(&self, bucket: &str) -> Result<Vec<Listed>, BackupError> {
         let mut out = Vec::new();
-        let mut pages = self
+        let mut pages = std::pin::pin!(self.list_pages(bucket));
+        while let Some(page) = pages.next().await {
+            out.extend(page?);
+        }
+        Ok(out)
+    }
+
+    /// The objects of `bucket`, a page of the listing at a time, in key order.
+    fn list_pages<'s>(
+        &'s self,
+        bucket: &'s str,
+    ) -> impl futures::Stream<Item = Result<Vec<Listed>, BackupError>> + 's {
+        let pages = self
             .client
             .list_objects_v2()
             .bucket(bucket)
             .into_paginator()
             .send();
-        while let Some(page) = pages.next().await {
-            let page = page.map_err(|e| self.fail(&format!("listing bucket {bucket}"), e))?;
-            for o in page.contents() {
-                let (Some(k), Some(t)) = (o.key(), o.last_modified()) else {
-                    continue;
-                };
-                out.push((
-                    k.to_string(),
-                    o.size().unwrap_or(0).max(0) as u64,
-                    o.e_tag().unwrap_or_default().to_string(),
-                    rfc3339(t),
-                ));
-            }
-        }
-        Ok(out)
+        futures::stream::unfold(pages, move |mut pages| async move {
+            let page = pages
+                .next()
+                .await?
+                .map_err(|e| self.fail(&format!("listing bucket {bucket}"), e));
+            let page = page.map(|page| {
+                page.contents()
+                    .iter()
+                    .filter_map(|o| {
+                        let (k, t) = (o.key()?, o.last_modified()?);
+                        Some((
+                            k.to_string(),
+                            o.size().unwrap_or(0).max(0) as u64,
+                            o.e_tag().unwrap_or_default().to_string(),
+                            rfc3339(t),
+                        ))
+                    })
+                    .collect()
+            });
+            Some((page, pages))
+        })
     }
 }
+
+/// An object as a listing shows it: key, size, ETag, time.
+type Listed = (String, u64, String, String);
 
 fn rfc3339(t: &aws_sdk_s3::primitives::DateTime) -> String {
     t.fmt(aws_sdk_s3::primitives::DateTimeFormat::DateTime)
@@ -174,6 +195,12 @@ impl From<&Manifest> for Summary {
 pub trait Progress: Send + Sync {
     /// The work ahead, once known.
     fn begin(&self, _objects: u64, _bytes: u64) {}
+    /// The work ahead as far as it is listed yet (`complete`: all of it).
+    fn listed(&self, objects: u64, bytes: u64, complete: bool) {
+        if complete {
+            self.begin(objects, bytes);
+        }
+    }
     fn object_done(&self, bytes: u64);
     /// Something the user should know (a stale lock taken over, say).
     fn note(&self, _text: &str) {}
@@ -238,6 +265,7 @@ async fn backup_locked(
         Some(p) => repo.state_at(&all, &p.id).await?,
         None => State::new(),
     };
+    let parent_id = parent.map(|p| p.id.clone());
     let bucket_settings = match &source.settings {
         Some(s) => s
             .classes()
@@ -253,86 +281,93 @@ async fn backup_locked(
             BTreeMap::new()
         }
     };
-    let mut listed = Vec::with_capacity(buckets.len());
-    for bucket in &buckets {
-        listed.push((bucket.clone(), source.list(bucket).await?));
-    }
-    progress.begin(
-        listed.iter().map(|(_, l)| l.len() as u64).sum(),
-        listed.iter().flat_map(|(_, l)| l.iter().map(|o| o.1)).sum(),
-    );
-    // Only what changed is kept in memory, besides the parent's state: the
-    // objects read again (puts, in listing order) and the keys seen (the
-    // parent's others are deletes).
-    let mut changes: Vec<Change> = Vec::new();
-    let mut seen: std::collections::HashSet<(String, String)> = Default::default();
-    let (mut bytes_stored, mut bytes_new, mut bytes) = (0u64, 0u64, 0u64);
+    // The listing runs ahead of the reads by up to LISTED_AHEAD objects (for
+    // most buckets, all of them: the progress knows the whole work at once)
+    // and is merged, in key order, with the parent's state: a key of the
+    // parent's that the listing passes by is a delete. Changes go to the
+    // target a page at a time, in that order.
+    let (found, listed) =
+        futures::channel::mpsc::channel::<Result<(String, Listed), BackupError>>(LISTED_AHEAD);
+    let lister = list_in_order(source, &buckets, found, progress);
+    let mut pages = PageWriter::new(repo, &id);
+    let (mut bytes_stored, mut bytes_new, mut bytes, mut objects) = (0u64, 0u64, 0u64, 0u64);
     let mut renewed = std::time::Instant::now();
+    let held = &held;
+    let mut parent = held.iter().peekable();
     // Unchanged objects are taken from the parent as they are; changed ones are
     // read, OBJECTS_IN_FLIGHT at once (small objects are bound by round trips
     // and fsyncs, not bandwidth), their results taken in listing order.
-    let held = &held;
-    let mut results = futures::stream::iter(
-        listed
-            .into_iter()
-            .flat_map(|(bucket, objects)| objects.into_iter().map(move |o| (bucket.clone(), o))),
-    )
-    .map(|(bucket, (key, size, etag, modified))| async move {
-        let k = (bucket, key);
-        let got = match held.get(&k) {
-            Some(h) if manifest::unchanged(h, size, &etag, &modified) => Some(Captured::Held(size)),
-            _ => capture(source, repo, &k.0, &k.1, &etag, &modified)
-                .await?
-                .map(|(entry, stored)| Captured::Read(entry, stored)),
-        };
-        Ok::<_, BackupError>((k, got))
-    })
-    .buffered(OBJECTS_IN_FLIGHT);
-    loop {
-        // The lock is renewed on time even while one large object takes long.
-        let renew_at = renewed + crate::lock::LOCK_TTL / 3;
-        let r = tokio::select! {
-            r = results.next() => r,
-            _ = tokio::time::sleep_until(renew_at.into()) => {
-                lock.renew(repo.target).await?;
-                renewed = std::time::Instant::now();
-                continue;
-            }
-        };
-        let Some(r) = r else { break };
-        let (k, got) = r?;
-        let size = match got {
-            None => continue, // deleted since the listing
-            Some(Captured::Held(size)) => size,
-            Some(Captured::Read(entry, stored)) => {
-                bytes_stored += stored;
-                bytes_new += entry.size;
-                let size = entry.size;
-                if held.get(&k) != Some(&entry) {
-                    changes.push(Change::Put(entry));
+    let results = listed
+        .map(|item| async move {
+            let (bucket, (key, size, etag, modified)) = item?;
+            let k = (bucket, key);
+            let got = match held.get(&k) {
+                Some(h) if manifest::unchanged(h, size, &etag, &modified) => {
+                    Some(Captured::Held(size))
                 }
-                size
+                _ => capture(source, repo, &k.0, &k.1, &etag, &modified)
+                    .await?
+                    .map(|(entry, stored)| Captured::Read(entry, stored)),
+            };
+            Ok::<_, BackupError>((k, got))
+        })
+        .buffered(OBJECTS_IN_FLIGHT);
+    let merged = async {
+        // Owned here: when this ends, early or not, the listing stops too.
+        let mut results = results;
+        loop {
+            // The lock is renewed on time even while one large object takes long.
+            let renew_at = renewed + crate::lock::LOCK_TTL / 3;
+            let r = tokio::select! {
+                r = results.next() => r,
+                _ = tokio::time::sleep_until(renew_at.into()) => {
+                    lock.renew(repo.target).await?;
+                    renewed = std::time::Instant::now();
+                    continue;
+                }
+            };
+            let Some(r) = r else { break };
+            let (k, got) = r?;
+            while let Some((gone, _)) = parent.next_if(|(pk, _)| *pk < &k) {
+                pages.push(deleted(gone)).await?;
             }
-        };
-        bytes += size;
-        progress.object_done(size);
-        seen.insert(k);
-    }
-    drop(results);
-    let objects = seen.len() as u64;
-    for (bucket, key) in held.keys().filter(|k| !seen.contains(*k)) {
-        changes.push(Change::Delete {
-            bucket: bucket.clone(),
-            key: key.clone(),
-        });
-    }
-    drop(seen);
+            let had = parent.next_if(|(pk, _)| *pk == &k).map(|(_, e)| e);
+            let size = match got {
+                // Deleted since the listing.
+                None => {
+                    if had.is_some() {
+                        pages.push(deleted(&k)).await?;
+                    }
+                    continue;
+                }
+                Some(Captured::Held(size)) => size,
+                Some(Captured::Read(entry, stored)) => {
+                    bytes_stored += stored;
+                    bytes_new += entry.size;
+                    let size = entry.size;
+                    if had != Some(&entry) {
+                        pages.push(Change::Put(entry)).await?;
+                    }
+                    size
+                }
+            };
+            bytes += size;
+            objects += 1;
+            progress.object_done(size);
+        }
+        for (gone, _) in parent {
+            pages.push(deleted(gone)).await?;
+        }
+        Ok::<(), BackupError>(())
+    };
+    let ((), merged) = futures::join!(lister, merged);
+    merged?;
     let (finished, _) = now_and_id();
     let m = Manifest {
         format: MANIFEST_FORMAT,
         id,
         kind,
-        parent: parent.map(|p| p.id.clone()),
+        parent: parent_id,
         buckets,
         time,
         finished,
@@ -342,9 +377,69 @@ async fn backup_locked(
         bytes_new,
         bucket_settings,
         pages: 0,
+        sorted: true,
     };
-    repo.commit(m, &changes).await
+    pages.commit(m).await
 }
+
+/// The change that deletes the object `k` (bucket, key).
+fn deleted(k: &(String, String)) -> Change {
+    Change::Delete {
+        bucket: k.0.clone(),
+        key: k.1.clone(),
+    }
+}
+
+/// Lists `buckets` (sorted) into `found`, a page at a time, telling
+/// `progress` what is listed; a listing out of key order is an error (a
+/// backup merges it with its parent's state by key). Stops when `found` is
+/// dropped; an error is sent as the last item.
+async fn list_in_order(
+    source: &Endpoint,
+    buckets: &[String],
+    mut found: futures::channel::mpsc::Sender<Result<(String, Listed), BackupError>>,
+    progress: &dyn Progress,
+) {
+    let (mut objects, mut bytes) = (0u64, 0u64);
+    for bucket in buckets {
+        let mut last: Option<String> = None;
+        let mut listing = std::pin::pin!(source.list_pages(bucket));
+        while let Some(page) = listing.next().await {
+            let page = match page {
+                Ok(p) => p,
+                Err(e) => {
+                    let _ = found.send(Err(e)).await;
+                    return;
+                }
+            };
+            objects += page.len() as u64;
+            bytes += page.iter().map(|o| o.1).sum::<u64>();
+            progress.listed(objects, bytes, false);
+            for o in page {
+                if last.as_ref().is_some_and(|l| *l >= o.0) {
+                    let _ = found
+                        .send(Err(BackupError::Source(format!(
+                            "{} listed bucket {bucket} out of key order ('{}' after '{}')",
+                            source.url,
+                            o.0,
+                            last.unwrap_or_default()
+                        ))))
+                        .await;
+                    return;
+                }
+                last = Some(o.0.clone());
+                if found.send(Ok((bucket.clone(), o))).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+    progress.listed(objects, bytes, true);
+}
+
+/// Objects a backup's listing may run ahead of its reads (each about 150
+/// bytes in memory).
+const LISTED_AHEAD: usize = 100_000;
 
 /// Reads one object and stores its chunks; its entry and the bytes its new
 /// chunks took at the target, or `None` if it is gone. The entry keeps the

@@ -109,6 +109,10 @@ pub struct Manifest {
     pub bucket_settings: BTreeMap<String, serde_json::Value>,
     /// Pages of changes: `page-000000` to this less one.
     pub pages: u32,
+    /// Whether its pages list the changes in (bucket, key) order, one per
+    /// object (so that chains can be merged page by page).
+    #[serde(default)]
+    pub sorted: bool,
 }
 
 impl Manifest {
@@ -266,6 +270,7 @@ mod tests {
             bytes_new: 60,
             bucket_settings: BTreeMap::new(),
             pages: 1,
+            sorted: true,
         };
         let text = String::from_utf8(m.encode()).unwrap();
         assert!(text.contains("\"type\":\"differential\""), "{text}");

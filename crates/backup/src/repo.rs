@@ -296,19 +296,71 @@ impl<'a> Repo<'a> {
     }
 
     /// Writes a backup: its changes in pages, then its manifest (which commits it).
-    pub async fn commit(
-        &self,
-        mut m: Manifest,
-        changes: &[Change],
-    ) -> Result<Manifest, BackupError> {
-        m.format = MANIFEST_FORMAT;
-        let pages: Vec<&[Change]> = changes.chunks(manifest::PAGE_ENTRIES).collect();
-        m.pages = pages.len() as u32;
-        for (n, page) in pages.iter().enumerate() {
-            self.seal_file(&page_name(&m.id, n as u32), manifest::encode_page(page))
-                .await?;
+    pub async fn commit(&self, m: Manifest, changes: &[Change]) -> Result<Manifest, BackupError> {
+        let mut pages = PageWriter::new(self, &m.id);
+        for c in changes {
+            pages.push(c.clone()).await?;
         }
-        self.seal_file(&manifest_name(&m.id), m.encode()).await?;
+        pages.commit(m).await
+    }
+}
+
+/// Writes a backup's pages of changes as they fill, then (commit) its
+/// manifest: a backup of any size holds one page of changes in memory.
+pub struct PageWriter<'r, 'a> {
+    repo: &'r Repo<'a>,
+    id: String,
+    pages: u32,
+    pending: Vec<Change>,
+}
+
+impl<'r, 'a> PageWriter<'r, 'a> {
+    pub fn new(repo: &'r Repo<'a>, id: &str) -> PageWriter<'r, 'a> {
+        PageWriter {
+            repo,
+            id: id.to_string(),
+            pages: 0,
+            pending: Vec::new(),
+        }
+    }
+
+    /// Adds a change, writing a page when one is full.
+    pub async fn push(&mut self, change: Change) -> Result<(), BackupError> {
+        self.pending.push(change);
+        if self.pending.len() >= manifest::PAGE_ENTRIES {
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
+    async fn flush(&mut self) -> Result<(), BackupError> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let page = manifest::encode_page(&self.pending);
+        self.repo
+            .seal_file(&page_name(&self.id, self.pages), page)
+            .await?;
+        self.pages += 1;
+        self.pending.clear();
+        Ok(())
+    }
+
+    /// Writes the last page, then the manifest `m` (whose id must be the
+    /// writer's): from then on the backup exists.
+    pub async fn commit(mut self, mut m: Manifest) -> Result<Manifest, BackupError> {
+        if m.id != self.id {
+            return Err(BackupError::Usage(format!(
+                "pages written for backup {} cannot commit backup {}",
+                self.id, m.id
+            )));
+        }
+        self.flush().await?;
+        m.format = MANIFEST_FORMAT;
+        m.pages = self.pages;
+        self.repo
+            .seal_file(&manifest_name(&m.id), m.encode())
+            .await?;
         Ok(m)
     }
 }
@@ -344,6 +396,7 @@ mod tests {
             bytes_new: 0,
             bucket_settings: BTreeMap::new(),
             pages: 0,
+            sorted: false,
         }
     }
 
@@ -373,6 +426,36 @@ mod tests {
             Repo::open(&t, None, false).await,
             Err(BackupError::Format(_))
         ));
+    }
+
+    /// Changes are written a page at a time as they come, and read back in
+    /// their order; the manifest, written last, counts the pages.
+    #[tokio::test]
+    async fn changes_fill_pages_as_they_come() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = LocalTarget::new(dir.path());
+        let repo = Repo::open(&t, None, true).await.unwrap();
+        let n = 2 * manifest::PAGE_ENTRIES + 7;
+        let change = |i: usize| Change::Delete {
+            bucket: "b".into(),
+            key: format!("{i:06}"),
+        };
+        let mut pages = PageWriter::new(&repo, "1");
+        for i in 0..n {
+            pages.push(change(i)).await.unwrap();
+        }
+        // Full pages are at the target before the backup is committed; the
+        // backup is not there yet.
+        assert_eq!(t.list("backups/").await.unwrap().len(), 2);
+        assert!(repo.manifests().await.unwrap().is_empty());
+        // Another backup's manifest is refused by this writer.
+        let other = PageWriter::new(&repo, "2");
+        assert!(other.commit(manifest("1", Kind::Full, None)).await.is_err());
+        let m = pages.commit(manifest("1", Kind::Full, None)).await.unwrap();
+        assert_eq!(m.pages, 3);
+        assert_eq!(repo.manifests().await.unwrap(), vec![m.clone()]);
+        let back = repo.changes(&m).await.unwrap();
+        assert_eq!(back, (0..n).map(change).collect::<Vec<_>>());
     }
 
     #[tokio::test]

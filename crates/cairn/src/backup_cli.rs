@@ -289,6 +289,11 @@ struct Bar {
 }
 
 impl engine::Progress for Bar {
+    /// The bar grows while the listing runs ahead of the backup.
+    fn listed(&self, objects: u64, bytes: u64, _complete: bool) {
+        self.begin(objects, bytes);
+    }
+
     fn begin(&self, objects: u64, bytes: u64) {
         self.total
             .store(objects, std::sync::atomic::Ordering::Relaxed);

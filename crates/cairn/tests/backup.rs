@@ -96,9 +96,13 @@ fn restore(
 }
 
 async fn put(s3: &aws_sdk_s3::Client, key: &str, o: &Obj) {
+    put_in(s3, "media", key, o).await
+}
+
+async fn put_in(s3: &aws_sdk_s3::Client, bucket: &str, key: &str, o: &Obj) {
     let mut req = s3
         .put_object()
-        .bucket("media")
+        .bucket(bucket)
         .key(key)
         .content_type(&o.content_type)
         .body(ByteStream::from(o.data.clone()));
@@ -256,6 +260,85 @@ async fn each_backup_of_a_chain_restores_its_moment() {
 
 /// With a key, no byte the objects hold appears in the target's files; without
 /// the key, or with another, the backups are refused with a clear error.
+/// A backup of every bucket merges each bucket's listing with what its parent
+/// held, in order: deletes at the start and end of a bucket, next to another
+/// bucket's keys, are kept apart from that bucket; each bucket restores to its
+/// own moment.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backup_of_every_bucket_keeps_each_buckets_changes_apart() {
+    let (srv, s3, _dir, target) = start().await;
+    let t = target.to_str().unwrap();
+    for b in ["alpha", "zeta"] {
+        s3.create_bucket().bucket(b).send().await.unwrap();
+    }
+    let mut live: BTreeMap<&str, BTreeMap<String, Obj>> = BTreeMap::new();
+    let mut seed = 0;
+    for (b, k) in [
+        ("alpha", "a1"),
+        ("alpha", "a9"),
+        ("media", "m1"),
+        ("zeta", "z1"),
+        ("zeta", "z5"),
+    ] {
+        seed += 1;
+        let o = obj(100 + seed as usize, seed, "x");
+        put_in(&s3, b, k, &o).await;
+        live.entry(b).or_default().insert(k.to_string(), o);
+    }
+    let all = |kind: &'static str| {
+        let (ok, out, err) = cairn(
+            &srv,
+            &["backup", "create", "--target", t, "--type", kind],
+            &[],
+        );
+        assert!(ok, "backup failed:\n{out}\n{err}");
+        out.lines().last().unwrap().trim().to_string()
+    };
+    all("full");
+    // The last key of alpha and the first of zeta go, media's only key is
+    // overwritten, alpha gains one in its middle.
+    for (b, k) in [("alpha", "a9"), ("zeta", "z1")] {
+        s3.delete_object().bucket(b).key(k).send().await.unwrap();
+        live.get_mut(b).unwrap().remove(k);
+    }
+    for (b, k) in [("media", "m1"), ("alpha", "a5")] {
+        seed += 1;
+        let o = obj(200 + seed as usize, seed, "y");
+        put_in(&s3, b, k, &o).await;
+        live.get_mut(b).unwrap().insert(k.to_string(), o);
+    }
+    let id = all("incremental");
+    let listed = list(&srv, &target);
+    let objects: usize = live.values().map(BTreeMap::len).sum();
+    assert_eq!(objects, 4);
+    assert_eq!(
+        listed[1]["objects"].as_u64(),
+        Some(objects as u64),
+        "{}",
+        listed[1]
+    );
+    for (b, want) in &live {
+        let into = format!("{b}-back");
+        let (ok, out, err) = cairn(
+            &srv,
+            &[
+                "restore",
+                "--target",
+                t,
+                "--id",
+                &id,
+                "--bucket",
+                b,
+                "--to-bucket",
+                &into,
+            ],
+            &[],
+        );
+        assert!(ok, "restore of {b} failed:\n{out}\n{err}");
+        assert_eq!(&contents(&s3, &into).await, want, "bucket {b}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn encrypted_backups_show_nothing_and_need_their_key() {
     let (srv, s3, dir, target) = start().await;
