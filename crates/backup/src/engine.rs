@@ -8,7 +8,7 @@ use serde::Serialize;
 
 use crate::BackupError;
 use crate::lock::Lock;
-use crate::manifest::{self, Change, Kind, MANIFEST_FORMAT, Manifest, ObjectEntry, State};
+use crate::manifest::{self, Change, Kind, MANIFEST_FORMAT, Manifest, ObjectEntry};
 use crate::pagebuf::PageBuf;
 use crate::repo::{PageWriter, Repo};
 
@@ -261,9 +261,9 @@ async fn backup_locked(
         Kind::Differential => same.iter().rev().find(|m| m.kind == Kind::Full).copied(),
     };
     let kind = if parent.is_none() { Kind::Full } else { asked };
-    let held: State = match parent {
-        Some(p) => repo.state_at(&all, &p.id).await?,
-        None => State::new(),
+    let held = match parent {
+        Some(p) => Some(repo.state_stream(&all, &p.id)?),
+        None => None,
     };
     let parent_id = parent.map(|p| p.id.clone());
     let bucket_settings = match &source.settings {
@@ -292,24 +292,28 @@ async fn backup_locked(
     let mut pages = PageWriter::new(repo, &id);
     let (mut bytes_stored, mut bytes_new, mut bytes, mut objects) = (0u64, 0u64, 0u64, 0u64);
     let mut renewed = std::time::Instant::now();
-    let held = &held;
-    let mut parent = held.iter().peekable();
     // Unchanged objects are taken from the parent as they are; changed ones are
     // read, OBJECTS_IN_FLIGHT at once (small objects are bound by round trips
     // and fsyncs, not bandwidth), their results taken in listing order.
-    let results = listed
-        .map(|item| async move {
-            let (bucket, (key, size, etag, modified)) = item?;
-            let k = (bucket, key);
-            let got = match held.get(&k) {
-                Some(h) if manifest::unchanged(h, size, &etag, &modified) => {
-                    Some(Captured::Held(size))
+    let (step_tx, steps) =
+        futures::channel::mpsc::channel::<Result<Step, BackupError>>(OBJECTS_IN_FLIGHT);
+    let merger = merge_with_parent(listed, held, step_tx);
+    let results = steps
+        .map(|step| async move {
+            Ok::<_, BackupError>(match step? {
+                Step::Gone(k) => Taken::Gone(k),
+                Step::Listed((bucket, (key, size, etag, modified)), had) => {
+                    let got = match &had {
+                        Some(h) if manifest::unchanged(h, size, &etag, &modified) => {
+                            Some(Captured::Held(size))
+                        }
+                        _ => capture(source, repo, &bucket, &key, &etag, &modified)
+                            .await?
+                            .map(|(entry, stored)| Captured::Read(entry, stored)),
+                    };
+                    Taken::Listed((bucket, key), had, got)
                 }
-                _ => capture(source, repo, &k.0, &k.1, &etag, &modified)
-                    .await?
-                    .map(|(entry, stored)| Captured::Read(entry, stored)),
-            };
-            Ok::<_, BackupError>((k, got))
+            })
         })
         .buffered(OBJECTS_IN_FLIGHT);
     let merged = async {
@@ -327,11 +331,13 @@ async fn backup_locked(
                 }
             };
             let Some(r) = r else { break };
-            let (k, got) = r?;
-            while let Some((gone, _)) = parent.next_if(|(pk, _)| *pk < &k) {
-                pages.push(deleted(gone)).await?;
-            }
-            let had = parent.next_if(|(pk, _)| *pk == &k).map(|(_, e)| e);
+            let (k, had, got) = match r? {
+                Taken::Gone(k) => {
+                    pages.push(deleted(&k)).await?;
+                    continue;
+                }
+                Taken::Listed(k, had, got) => (k, had, got),
+            };
             let size = match got {
                 // Deleted since the listing.
                 None => {
@@ -345,7 +351,7 @@ async fn backup_locked(
                     bytes_stored += stored;
                     bytes_new += entry.size;
                     let size = entry.size;
-                    if had != Some(&entry) {
+                    if had.as_ref() != Some(&entry) {
                         pages.push(Change::Put(entry)).await?;
                     }
                     size
@@ -355,12 +361,9 @@ async fn backup_locked(
             objects += 1;
             progress.object_done(size);
         }
-        for (gone, _) in parent {
-            pages.push(deleted(gone)).await?;
-        }
         Ok::<(), BackupError>(())
     };
-    let ((), merged) = futures::join!(lister, merged);
+    let ((), (), merged) = futures::join!(lister, merger, merged);
     merged?;
     let (finished, _) = now_and_id();
     let m = Manifest {
@@ -380,6 +383,76 @@ async fn backup_locked(
         sorted: true,
     };
     pages.commit(m).await
+}
+
+/// One step of a backup's merge of the listing with its parent's state (a
+/// few are in flight at once: their size does not matter).
+#[allow(clippy::large_enum_variant)]
+enum Step {
+    /// A key the parent held that the listing passed by.
+    Gone((String, String)),
+    /// A listed object (bucket, listing), and the parent's entry for it.
+    Listed((String, Listed), Option<ObjectEntry>),
+}
+
+/// What a backup took of one step.
+#[allow(clippy::large_enum_variant)]
+enum Taken {
+    Gone((String, String)),
+    /// A listed object, the parent's entry for it, and what was taken (none:
+    /// deleted since the listing).
+    Listed((String, String), Option<ObjectEntry>, Option<Captured>),
+}
+
+/// Merges `listed` (in key order) with the parent's state `held` into `steps`,
+/// until either ends; an error is sent as the last step.
+async fn merge_with_parent(
+    mut listed: futures::channel::mpsc::Receiver<Result<(String, Listed), BackupError>>,
+    mut held: Option<crate::repo::StateStream<'_, '_>>,
+    mut steps: futures::channel::mpsc::Sender<Result<Step, BackupError>>,
+) {
+    let mut next = None;
+    loop {
+        let step = merge_step(&mut listed, &mut held, &mut next).await;
+        let end = !matches!(step, Ok(Some(_)));
+        let Some(step) = step.transpose() else { return };
+        if steps.send(step).await.is_err() || end {
+            return;
+        }
+    }
+}
+
+/// The next step of the merge of `listed` (in key order) with the parent's
+/// state `held`; `next` holds a listed object not yet merged.
+async fn merge_step(
+    listed: &mut futures::channel::mpsc::Receiver<Result<(String, Listed), BackupError>>,
+    held: &mut Option<crate::repo::StateStream<'_, '_>>,
+    next: &mut Option<(String, Listed)>,
+) -> Result<Option<Step>, BackupError> {
+    if next.is_none() {
+        *next = listed.next().await.transpose()?;
+    }
+    let order = match held.as_mut() {
+        Some(h) => h.peek().await?.map(|e| match next.as_ref() {
+            None => std::cmp::Ordering::Less,
+            Some((b, l)) => (e.bucket.as_str(), e.key.as_str()).cmp(&(b.as_str(), l.0.as_str())),
+        }),
+        None => None,
+    };
+    let (take_held, take_listed) = match order {
+        Some(std::cmp::Ordering::Less) => (true, false),
+        Some(std::cmp::Ordering::Equal) => (true, true),
+        _ => (false, true),
+    };
+    let had = match held.as_mut() {
+        Some(h) if take_held => h.next().await?,
+        _ => None,
+    };
+    Ok(match (take_listed, had) {
+        (false, Some(e)) => Some(Step::Gone((e.bucket, e.key))),
+        (false, None) => None,
+        (true, had) => next.take().map(|l| Step::Listed(l, had)),
+    })
 }
 
 /// The change that deletes the object `k` (bucket, key).
