@@ -76,25 +76,28 @@ impl Endpoint {
         Ok(names)
     }
 
-    /// Every object of `bucket` as a listing shows it: key, size, ETag, time.
-    async fn list(&self, bucket: &str) -> Result<Vec<Listed>, BackupError> {
-        let mut out = Vec::new();
-        let mut pages = std::pin::pin!(self.list_pages(bucket));
+    /// How many objects `bucket` holds under `prefix` (an error when there
+    /// is no such bucket).
+    async fn count(&self, bucket: &str, prefix: &str) -> Result<u64, BackupError> {
+        let mut n = 0;
+        let mut pages = std::pin::pin!(self.list_pages(bucket, prefix));
         while let Some(page) = pages.next().await {
-            out.extend(page?);
+            n += page?.len() as u64;
         }
-        Ok(out)
+        Ok(n)
     }
 
     /// The objects of `bucket`, a page of the listing at a time, in key order.
     fn list_pages<'s>(
         &'s self,
         bucket: &'s str,
+        prefix: &str,
     ) -> impl futures::Stream<Item = Result<Vec<Listed>, BackupError>> + 's {
         let pages = self
             .client
             .list_objects_v2()
             .bucket(bucket)
+            .set_prefix((!prefix.is_empty()).then(|| prefix.to_string()))
             .into_paginator()
             .send();
         futures::stream::unfold(pages, move |mut pages| async move {
@@ -476,7 +479,7 @@ async fn list_in_order(
     let (mut objects, mut bytes) = (0u64, 0u64);
     for bucket in buckets {
         let mut last: Option<String> = None;
-        let mut listing = std::pin::pin!(source.list_pages(bucket));
+        let mut listing = std::pin::pin!(source.list_pages(bucket, ""));
         while let Some(page) = listing.next().await {
             let page = match page {
                 Ok(p) => p,
@@ -655,7 +658,6 @@ pub async fn restore(
     opts: &RestoreOptions,
     progress: &dyn Progress,
 ) -> Result<RestoreReport, BackupError> {
-    let state = repo.state_at(all, &m.id).await?;
     let wanted: BTreeSet<String> = if opts.buckets.is_empty() {
         m.buckets.iter().cloned().collect()
     } else {
@@ -677,16 +679,23 @@ pub async fn restore(
     }
     let dest_of = |b: &str| opts.to_bucket.clone().unwrap_or_else(|| b.to_string());
     let prefix = opts.prefix.clone().unwrap_or_default();
+    let in_scope = |o: &ObjectEntry| wanted.contains(&o.bucket) && o.key.starts_with(&prefix);
     // Every destination checked before anything is written.
-    let mut existing: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for b in &wanted {
         let d = dest_of(b);
-        let keys: Vec<String> = match dest.list(&d).await {
-            Ok(objs) => objs
-                .into_iter()
-                .map(|o| o.0)
-                .filter(|k| k.starts_with(&prefix))
-                .collect(),
+        match dest.count(&d, &prefix).await {
+            Ok(0) => {}
+            Ok(n) if !opts.force => {
+                return Err(BackupError::Usage(format!(
+                    "bucket {d} is not empty ({n} objects{}): restore into another (--to-bucket), or give --force to replace what it holds",
+                    if prefix.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" under {prefix}")
+                    }
+                )));
+            }
+            Ok(_) => {}
             Err(_) => {
                 dest.client
                     .create_bucket()
@@ -694,21 +703,8 @@ pub async fn restore(
                     .send()
                     .await
                     .map_err(|e| dest.fail(&format!("creating bucket {d}"), e))?;
-                Vec::new()
             }
-        };
-        if !keys.is_empty() && !opts.force {
-            return Err(BackupError::Usage(format!(
-                "bucket {d} is not empty ({} objects{}): restore into another (--to-bucket), or give --force to replace what it holds",
-                keys.len(),
-                if prefix.is_empty() {
-                    String::new()
-                } else {
-                    format!(" under {prefix}")
-                }
-            )));
         }
-        existing.insert(d, keys);
     }
     // The buckets' settings before their objects (a storage class applies to
     // objects written after it is set).
@@ -724,38 +720,71 @@ pub async fn restore(
             )),
         }
     }
+    // The objects are read from the backup's chain as they are written (one
+    // page per backup in memory); the totals, when not the backup's own,
+    // from a first pass over it.
+    let (objects, bytes) = if opts.buckets.is_empty() && prefix.is_empty() {
+        (m.objects, m.bytes)
+    } else {
+        let (mut n, mut b) = (0, 0);
+        let mut state = repo.state_stream(all, &m.id)?;
+        while let Some(o) = state.next().await? {
+            if in_scope(&o) {
+                n += 1;
+                b += o.size;
+            }
+        }
+        (n, b)
+    };
+    progress.begin(objects, bytes);
     let mut report = RestoreReport::default();
-    let todo: Vec<(&(String, String), &ObjectEntry)> = state
-        .iter()
-        .filter(|((bucket, key), _)| wanted.contains(bucket) && key.starts_with(&prefix))
-        .collect();
-    progress.begin(todo.len() as u64, todo.iter().map(|(_, o)| o.size).sum());
-    for ((bucket, key), o) in todo {
-        let d = dest_of(bucket);
-        match put_object(repo, dest, &d, o).await? {
+    let mut state = repo.state_stream(all, &m.id)?;
+    while let Some(o) = state.next().await? {
+        if !in_scope(&o) {
+            continue;
+        }
+        let d = dest_of(&o.bucket);
+        match put_object(repo, dest, &d, &o).await? {
             Ok(()) => {
                 report.objects += 1;
                 report.bytes += o.size;
                 progress.object_done(o.size);
             }
-            Err(why) => report.failed.push(format!("{bucket}/{key}: {why}")),
+            Err(why) => report.failed.push(format!("{}/{}: {why}", o.bucket, o.key)),
         }
     }
-    // With --force, what the backup does not hold goes.
-    for (d, keys) in existing {
-        for k in keys {
-            let held = wanted
-                .iter()
-                .any(|b| dest_of(b) == d && state.contains_key(&(b.clone(), k.clone())));
-            if !held {
-                dest.client
-                    .delete_object()
-                    .bucket(&d)
-                    .key(&k)
-                    .send()
-                    .await
-                    .map_err(|e| dest.fail(&format!("deleting {d}/{k}"), e))?;
-                report.deleted += 1;
+    // With --force, what the backup does not hold goes: each destination's
+    // listing merged, in key order, with the backup's objects.
+    if opts.force {
+        for b in &wanted {
+            let d = dest_of(b);
+            let mut held = repo.state_stream(all, &m.id)?;
+            let mut listing = std::pin::pin!(dest.list_pages(&d, &prefix));
+            while let Some(page) = listing.next().await {
+                for (k, ..) in page? {
+                    let here = (b.as_str(), k.as_str());
+                    while held
+                        .peek()
+                        .await?
+                        .is_some_and(|o| (o.bucket.as_str(), o.key.as_str()) < here)
+                    {
+                        held.next().await?;
+                    }
+                    let kept = held
+                        .peek()
+                        .await?
+                        .is_some_and(|o| (o.bucket.as_str(), o.key.as_str()) == here);
+                    if !kept {
+                        dest.client
+                            .delete_object()
+                            .bucket(&d)
+                            .key(&k)
+                            .send()
+                            .await
+                            .map_err(|e| dest.fail(&format!("deleting {d}/{k}"), e))?;
+                        report.deleted += 1;
+                    }
+                }
             }
         }
     }

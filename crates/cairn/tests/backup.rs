@@ -258,8 +258,6 @@ async fn each_backup_of_a_chain_restores_its_moment() {
     assert_eq!(contents(&s3, "restored-3").await, moments[0].1);
 }
 
-/// With a key, no byte the objects hold appears in the target's files; without
-/// the key, or with another, the backups are refused with a clear error.
 /// A backup of every bucket merges each bucket's listing with what its parent
 /// held, in order: deletes at the start and end of a bucket, next to another
 /// bucket's keys, are kept apart from that bucket; each bucket restores to its
@@ -294,7 +292,8 @@ async fn a_backup_of_every_bucket_keeps_each_buckets_changes_apart() {
         assert!(ok, "backup failed:\n{out}\n{err}");
         out.lines().last().unwrap().trim().to_string()
     };
-    all("full");
+    let full = all("full");
+    let at_full = live.clone();
     // The last key of alpha and the first of zeta go, media's only key is
     // overwritten, alpha gains one in its middle.
     for (b, k) in [("alpha", "a9"), ("zeta", "z1")] {
@@ -337,8 +336,38 @@ async fn a_backup_of_every_bucket_keeps_each_buckets_changes_apart() {
         assert!(ok, "restore of {b} failed:\n{out}\n{err}");
         assert_eq!(&contents(&s3, &into).await, want, "bucket {b}");
     }
+    // --prefix with --force: under the prefix, the bucket is made what the
+    // backup held there; beside it, nothing is touched.
+    let extra = obj(77, 77, "z");
+    for k in ["a5-extra", "zz-extra"] {
+        put_in(&s3, "alpha-back", k, &extra).await;
+    }
+    let (ok, out, err) = cairn(
+        &srv,
+        &[
+            "restore",
+            "--target",
+            t,
+            "--id",
+            &full,
+            "--bucket",
+            "alpha",
+            "--to-bucket",
+            "alpha-back",
+            "--prefix",
+            "a",
+            "--force",
+        ],
+        &[],
+    );
+    assert!(ok, "restore with a prefix failed:\n{out}\n{err}");
+    let mut want = at_full["alpha"].clone();
+    want.insert("zz-extra".into(), extra);
+    assert_eq!(contents(&s3, "alpha-back").await, want);
 }
 
+/// With a key, no byte the objects hold appears in the target's files; without
+/// the key, or with another, the backups are refused with a clear error.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn encrypted_backups_show_nothing_and_need_their_key() {
     let (srv, s3, dir, target) = start().await;
