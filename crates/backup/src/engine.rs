@@ -947,14 +947,24 @@ pub async fn verify(
     let mut seen: BTreeSet<crate::ChunkId> = BTreeSet::new();
     for i in ids {
         report.backups += 1;
-        let state = match repo.state_at(&all, i).await {
+        // The backup's objects as they are read (one page per backup of its
+        // chain in memory); a damaged page ends this backup's check.
+        let mut state = match repo.state_stream(&all, i) {
             Ok(s) => s,
             Err(e) => {
                 report.problems.push(format!("backup {i}: {e}"));
                 continue;
             }
         };
-        for o in state.values() {
+        loop {
+            let o = match state.next().await {
+                Ok(Some(o)) => o,
+                Ok(None) => break,
+                Err(e) => {
+                    report.problems.push(format!("backup {i}: {e}"));
+                    break;
+                }
+            };
             for (n, c) in o.chunks.iter().enumerate() {
                 if !seen.insert(*c) {
                     continue;
@@ -1057,9 +1067,11 @@ async fn prune_locked(repo: &Repo<'_>, keep: &Retention) -> Result<PruneReport, 
     // The chunks the kept backups name.
     let mut named: BTreeSet<crate::ChunkId> = BTreeSet::new();
     for m in all.iter().filter(|m| kept.contains(&m.id)) {
-        for c in repo.changes(m).await? {
-            if let Change::Put(o) = c {
-                named.extend(o.chunks);
+        for n in 0..m.pages {
+            for c in repo.page(m, n).await? {
+                if let Change::Put(o) = c {
+                    named.extend(o.chunks);
+                }
             }
         }
     }
@@ -1119,6 +1131,89 @@ pub fn parse_duration(s: &str) -> Result<std::time::Duration, BackupError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Verify reads a backup's objects page by page: a missing chunk, a
+    /// chunk of the wrong size and a damaged page are each named, and a
+    /// damaged page of one backup does not hide another backup's state.
+    #[tokio::test]
+    async fn verify_names_missing_chunks_and_damaged_pages() {
+        use crate::manifest::{chunk_name, page_name};
+        use crate::target::{LocalTarget, Target};
+        let dir = tempfile::tempdir().unwrap();
+        let t = LocalTarget::new(dir.path());
+        let repo = Repo::open(&t, None, true).await.unwrap();
+        let mut chunk = |bytes: &[u8]| {
+            let mut b = repo.chunk_buffer();
+            repo.chunk_bytes(&mut b, bytes);
+            b
+        };
+        let (a, _, a_sealed, _) = repo.put_chunk(chunk(b"first")).await.unwrap();
+        let (b, _, b_sealed, _) = repo.put_chunk(chunk(b"second")).await.unwrap();
+        let entry = |key: &str, c: crate::ChunkId, sealed: u64| ObjectEntry {
+            bucket: "b".into(),
+            key: key.into(),
+            size: 5,
+            etag: "e".into(),
+            content_type: None,
+            metadata: BTreeMap::new(),
+            modified: "2026-11-24T10:00:00Z".into(),
+            chunks: vec![c],
+            sealed: vec![sealed],
+        };
+        let manifest = |id: &str, kind, parent: Option<&str>| Manifest {
+            format: MANIFEST_FORMAT,
+            id: id.into(),
+            kind,
+            parent: parent.map(str::to_string),
+            buckets: vec!["b".into()],
+            time: "2026-11-24T10:00:00Z".into(),
+            finished: "2026-11-24T10:00:01Z".into(),
+            objects: 0,
+            bytes: 0,
+            bytes_stored: 0,
+            bytes_new: 0,
+            bucket_settings: BTreeMap::new(),
+            pages: 0,
+            sorted: true,
+        };
+        repo.commit(
+            manifest("1", Kind::Full, None),
+            &[Change::Put(entry("x", a, a_sealed))],
+        )
+        .await
+        .unwrap();
+        repo.commit(
+            manifest("2", Kind::Full, None),
+            &[Change::Put(entry("y", b, b_sealed))],
+        )
+        .await
+        .unwrap();
+        let clean = verify(&repo, None, true).await.unwrap();
+        assert_eq!((clean.backups, clean.chunks), (2, 2));
+        assert!(clean.problems.is_empty(), "{:?}", clean.problems);
+        // The first chunk cut short, the second gone, backup 2's page damaged.
+        let path = |name: &str| dir.path().join(name);
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(path(&chunk_name(&a)))
+            .unwrap();
+        f.set_len(a_sealed - 1).unwrap();
+        t.delete(&chunk_name(&b)).await.unwrap();
+        std::fs::write(path(&page_name("2", 0)), b"damaged").unwrap();
+        let r = verify(&repo, None, false).await.unwrap();
+        let all = r.problems.join("\n");
+        assert!(
+            all.contains(&format!("{}: {} bytes", chunk_name(&a), a_sealed - 1)),
+            "{all}"
+        );
+        assert!(
+            all.contains("backup 2") && all.contains(&page_name("2", 0)),
+            "{all}"
+        );
+        // Backup 2's objects were not read: its page is the problem named.
+        assert!(!all.contains(&chunk_name(&b)), "{all}");
+        assert_eq!(r.problems.len(), 2, "{all}");
+    }
 
     #[test]
     fn restored_objects_stay_within_the_part_limit() {

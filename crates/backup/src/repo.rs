@@ -250,10 +250,15 @@ impl<'a> Repo<'a> {
     pub async fn changes(&self, m: &Manifest) -> Result<Vec<Change>, BackupError> {
         let mut out = Vec::new();
         for n in 0..m.pages {
-            let name = page_name(&m.id, n);
-            out.extend(self.open_file(&name, manifest::decode_page).await?);
+            out.extend(self.page(m, n).await?);
         }
         Ok(out)
+    }
+
+    /// Page `n` of a backup's changes.
+    pub async fn page(&self, m: &Manifest, n: u32) -> Result<Vec<Change>, BackupError> {
+        self.open_file(&page_name(&m.id, n), manifest::decode_page)
+            .await
     }
 
     /// The backups a restore of `id` reads, its full one first.
@@ -433,8 +438,7 @@ impl<'r> Cursor<'r> {
     /// The key of the next change, reading the next page when needed.
     async fn head(&mut self, repo: &Repo<'_>) -> Result<Option<(&str, &str)>, BackupError> {
         while self.page.is_empty() && self.next_page < self.m.pages {
-            let name = page_name(&self.m.id, self.next_page);
-            self.page = repo.open_file(&name, manifest::decode_page).await?.into();
+            self.page = repo.page(self.m, self.next_page).await?.into();
             self.next_page += 1;
         }
         let Some(c) = self.page.front() else {
