@@ -1142,7 +1142,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let t = LocalTarget::new(dir.path());
         let repo = Repo::open(&t, None, true).await.unwrap();
-        let mut chunk = |bytes: &[u8]| {
+        let chunk = |bytes: &[u8]| {
             let mut b = repo.chunk_buffer();
             repo.chunk_bytes(&mut b, bytes);
             b
