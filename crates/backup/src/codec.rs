@@ -155,10 +155,17 @@ impl Codec {
 
     /// The name of a chunk of these bytes.
     pub fn chunk_id(&self, plain: &[u8]) -> ChunkId {
-        ChunkId(match &self.keys {
-            None => *blake3::hash(plain).as_bytes(),
-            Some(k) => *blake3::keyed_hash(&k.ids, plain).as_bytes(),
-        })
+        let mut h = self.chunk_hasher();
+        h.update(plain);
+        ChunkId(*h.finalize().as_bytes())
+    }
+
+    /// A hasher that, fed a chunk's bytes, gives its name.
+    pub fn chunk_hasher(&self) -> blake3::Hasher {
+        match &self.keys {
+            None => blake3::Hasher::new(),
+            Some(k) => blake3::Hasher::new_keyed(&k.ids),
+        }
     }
 
     /// Where a chunk's plain bytes start in a buffer sealed in place: after

@@ -9,7 +9,6 @@ use serde::Serialize;
 use crate::BackupError;
 use crate::lock::Lock;
 use crate::manifest::{self, Change, Kind, MANIFEST_FORMAT, Manifest, ObjectEntry};
-use crate::pagebuf::PageBuf;
 use crate::repo::{PageWriter, Repo};
 
 /// The settings of a cairn's buckets that S3 does not carry (their storage
@@ -561,9 +560,10 @@ async fn capture(
         sealed: Vec::new(),
     };
     // Reading the object overlaps storing its chunks: the reader cuts chunks
-    // and hands them over (at most one waiting), and up to STORES_IN_FLIGHT are
-    // hashed, sealed and written at once, their order kept.
-    let (tx, rx) = futures::channel::mpsc::channel::<PageBuf>(0);
+    // (hashing each frame as it is copied in) and hands them over (at most one
+    // waiting), and up to STORES_IN_FLIGHT are sealed and written at once,
+    // their order kept.
+    let (tx, rx) = futures::channel::mpsc::channel::<crate::repo::Chunk>(0);
     let reader = async move {
         let mut tx = tx;
         let mut body = resp.body;
@@ -588,7 +588,7 @@ async fn capture(
                 }
             }
         }
-        if buf.len() > repo.codec.body_offset() || !sent {
+        if buf.len(&repo.codec) > 0 || !sent {
             let _ = tx.send(buf).await;
         }
         Ok::<(), BackupError>(())

@@ -116,33 +116,35 @@ impl<'a> Repo<'a> {
         })
     }
 
-    /// An empty buffer for one chunk: [`put_chunk`](Self::put_chunk) takes
-    /// the chunk's bytes after the first [`Codec::body_offset`] bytes, which it
-    /// seals in place; [`chunk_bytes`](Self::chunk_bytes) appends to them.
-    pub fn chunk_buffer(&self) -> PageBuf {
-        let mut b = self.buffers.take();
-        b.set_len(self.codec.body_offset());
-        b
+    /// An empty chunk, filled by [`chunk_bytes`](Self::chunk_bytes) and
+    /// stored by [`put_chunk`](Self::put_chunk).
+    pub fn chunk_buffer(&self) -> Chunk {
+        let mut buf = self.buffers.take();
+        buf.set_len(self.codec.body_offset());
+        Chunk {
+            buf,
+            hasher: self.codec.chunk_hasher(),
+        }
     }
 
-    /// Appends as much of `bytes` to a chunk buffer as one chunk holds; how
-    /// many bytes that took, and whether the chunk is now full.
-    pub fn chunk_bytes(&self, buf: &mut PageBuf, bytes: &[u8]) -> (usize, bool) {
+    /// Appends as much of `bytes` to a chunk as one chunk holds, hashing them
+    /// while they are fresh in the cache; how many bytes that took, and
+    /// whether the chunk is now full.
+    pub fn chunk_bytes(&self, chunk: &mut Chunk, bytes: &[u8]) -> (usize, bool) {
         let at = self.codec.body_offset();
-        let room = (at + CHUNK_SIZE).saturating_sub(buf.len());
-        let n = buf.fill(&bytes[..bytes.len().min(room)]);
-        (n, buf.len() >= at + CHUNK_SIZE)
+        let room = (at + CHUNK_SIZE).saturating_sub(chunk.buf.len());
+        let n = chunk.buf.fill(&bytes[..bytes.len().min(room)]);
+        chunk.hasher.update(&bytes[..n]);
+        (n, chunk.buf.len() >= at + CHUNK_SIZE)
     }
 
-    /// Stores the chunk held in `buf` (from [`chunk_buffer`](Self::chunk_buffer))
-    /// unless the target has it; its name, its plain length, the size of its
-    /// file there, and whether this call wrote it. Hashing and sealing run off
-    /// the reactor.
-    pub async fn put_chunk(&self, buf: PageBuf) -> Result<(ChunkId, u64, u64, bool), BackupError> {
-        let codec = self.codec.clone();
-        let at = codec.body_offset();
-        let plain = buf.len().saturating_sub(at) as u64;
-        let (id, buf) = blocking(move || Ok((codec.chunk_id(&buf[at..]), buf))).await?;
+    /// Stores a chunk unless the target has it; its name, its plain length,
+    /// the size of its file there, and whether this call wrote it. Sealing
+    /// runs off the reactor.
+    pub async fn put_chunk(&self, chunk: Chunk) -> Result<(ChunkId, u64, u64, bool), BackupError> {
+        let Chunk { buf, hasher } = chunk;
+        let id = ChunkId(*hasher.finalize().as_bytes());
+        let plain = buf.len().saturating_sub(self.codec.body_offset()) as u64;
         let name = chunk_name(&id);
         if let Some(n) = self.target.size(&name).await? {
             return Ok((id, plain, n, false));
@@ -393,6 +395,20 @@ impl<'r, 'a> PageWriter<'r, 'a> {
             .seal_file(&manifest_name(&m.id), m.encode())
             .await?;
         Ok(m)
+    }
+}
+
+/// A chunk being cut from an object: its bytes in a buffer with room for
+/// sealing in place, and the hash of those bytes so far (its name, once full).
+pub struct Chunk {
+    buf: PageBuf,
+    hasher: blake3::Hasher,
+}
+
+impl Chunk {
+    /// The plain bytes it holds.
+    pub fn len(&self, codec: &Codec) -> usize {
+        self.buf.len().saturating_sub(codec.body_offset())
     }
 }
 
