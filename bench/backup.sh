@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Measures backups against a local cairn: the rate of a full backup to a local
-# folder next to the rate at which the same objects are read from cairn (one
-# request at a time, as the backup reads), then the time and bytes of an
+# folder next to the rate at which the same objects are read from cairn (each
+# once, one and three requests at a time), then the time and bytes of an
 # incremental backup after about 1% of the objects were overwritten.
 #
 #   bench/backup.sh [TOTAL_MIB] [OBJECT_MIB]      (default 10240 and 16)
@@ -40,12 +40,21 @@ echo "== $N objects of $SIZE MiB written"
 "$BIN" bench --endpoint $S3 --bucket media --op get --size "${SIZE}MiB" \
   --keys "$N" --ops 1 --concurrency 1 --json >/dev/null
 cold
-echo "== read back one at a time"
-"$BIN" bench --endpoint $S3 --bucket media --op get --prepared --size "${SIZE}MiB" \
-  --keys "$N" --ops "$N" --concurrency 1 --json >"$WORK/read.json"
-cold
-READ=$(field "['mib_per_sec']" <"$WORK/read.json" 2>/dev/null || true)
-[ -n "$READ" ] || { cat "$WORK/read.json"; exit 1; }
+# The read rate: each object once, in order, as the backup reads them (at
+# random, about a third of the reads would be of objects read before, from
+# the page cache); one at a time, and three at a time as the backup reads. The
+# faster of the two is the rate the backup is measured against.
+READ=0
+for c in 1 3; do
+  echo "== read back, $c at a time"
+  "$BIN" bench --endpoint $S3 --bucket media --op get --prepared --in-order \
+    --size "${SIZE}MiB" --keys "$N" --ops "$N" --concurrency $c --json >"$WORK/read$c.json"
+  cold
+  r=$(field "['mib_per_sec']" <"$WORK/read$c.json" 2>/dev/null || true)
+  [ -n "$r" ] || { cat "$WORK/read$c.json"; exit 1; }
+  echo "   $r MiB/s"
+  READ=$(python3 -c "print(max($READ, $r))")
+done
 
 echo "== full backup"
 t0=$(now)
@@ -72,7 +81,7 @@ import sys
 read, full_s, full_b, full_st, incr_s, incr_b, incr_st = map(float, sys.argv[1:])
 mib = 1 << 20
 full_rate = full_b / mib / full_s
-print(f"read from cairn:    {read:8.1f} MiB/s (GET, one at a time)")
+print(f"read from cairn:    {read:8.1f} MiB/s (GET, each object once, the faster of 1 and 3 at a time)")
 print(f"full backup:        {full_rate:8.1f} MiB/s ({full_b / mib:.0f} MiB in {full_s:.1f} s, "
       f"{full_st / mib:.0f} MiB stored): {100 * full_rate / read:.0f}% of the read rate")
 print(f"incremental backup: {incr_s:8.1f} s, {incr_b / mib:.0f} MiB read, {incr_st / mib:.0f} MiB stored: "

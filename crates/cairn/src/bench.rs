@@ -42,6 +42,8 @@ pub struct Options {
     pub keys: usize,
     /// The objects to read exist already: not written first.
     pub prepared: bool,
+    /// Keys taken in order, each once per `keys` operations (not at random).
+    pub in_order: bool,
     pub get_ratio: f64,
     pub pid: Option<u32>,
     pub json: bool,
@@ -352,12 +354,14 @@ pub async fn run(o: Options) -> Result<()> {
     let cpu0 = o.pid.and_then(proc_cpu_ticks);
     let stop = Arc::new(AtomicBool::new(false));
     let issued = Arc::new(AtomicU64::new(0));
+    let next_key = Arc::new(AtomicU64::new(0));
     let start = Instant::now();
     let deadline = o.duration.map(|d| start + d);
     let mut tasks = Vec::new();
     for w in 0..o.concurrency {
         let (sh, stop, issued, mut conn) = (sh.clone(), stop.clone(), issued.clone(), new_conn(w)?);
         let (op, max_ops, ratio) = (o.op, o.ops, o.get_ratio);
+        let next_key = o.in_order.then(|| next_key.clone());
         tasks.push(tokio::spawn(async move {
             let mut put_h =
                 hdrhistogram::Histogram::<u64>::new(3).unwrap_or_else(|_| unreachable!());
@@ -382,7 +386,10 @@ pub async fn run(o: Options) -> Result<()> {
                     Op::Get => true,
                     Op::Mixed => ((i >> 11) as f64 / (1u64 << 53) as f64) < ratio,
                 };
-                let key = key_of((i >> 20) % keys);
+                let key = key_of(match &next_key {
+                    Some(n) => n.fetch_add(1, Ordering::Relaxed) as usize % keys,
+                    None => (i >> 20) % keys,
+                });
                 let t0 = Instant::now();
                 let res = if is_get {
                     request(&mut conn, &sh, "GET", Some(&key), "", None).await

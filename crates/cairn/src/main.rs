@@ -177,6 +177,11 @@ struct BenchArgs {
     /// an earlier run with the same --bucket and --keys), read them as they are
     #[arg(long)]
     prepared: bool,
+    /// Take the keys in order, each once per --keys operations, instead of at
+    /// random (where about a third of --keys reads would read an object again,
+    /// perhaps from the page cache)
+    #[arg(long)]
+    in_order: bool,
     /// Process id of the server, to report its CPU time per operation and peak RSS
     #[arg(long)]
     pid: Option<u32>,
@@ -473,6 +478,7 @@ fn run_bench(a: BenchArgs) -> anyhow::Result<()> {
         keys: a.keys,
         get_ratio: a.get_ratio,
         prepared: a.prepared,
+        in_order: a.in_order,
         pid: a.pid,
         json: a.json,
     }))
