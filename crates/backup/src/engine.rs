@@ -683,9 +683,22 @@ pub async fn restore(
     // Every destination checked before anything is written.
     for b in &wanted {
         let d = dest_of(b);
-        match dest.count(&d, &prefix).await {
+        // With --force only whether the bucket exists matters (what it holds
+        // is merged with the backup after the writes).
+        let held = match opts.force {
+            true => dest
+                .client
+                .head_bucket()
+                .bucket(&d)
+                .send()
+                .await
+                .map(|_| 0)
+                .map_err(drop),
+            false => dest.count(&d, &prefix).await.map_err(drop),
+        };
+        match held {
             Ok(0) => {}
-            Ok(n) if !opts.force => {
+            Ok(n) => {
                 return Err(BackupError::Usage(format!(
                     "bucket {d} is not empty ({n} objects{}): restore into another (--to-bucket), or give --force to replace what it holds",
                     if prefix.is_empty() {
@@ -695,8 +708,7 @@ pub async fn restore(
                     }
                 )));
             }
-            Ok(_) => {}
-            Err(_) => {
+            Err(()) => {
                 dest.client
                     .create_bucket()
                     .bucket(&d)
@@ -1150,44 +1162,21 @@ mod tests {
         let (a, _, a_sealed, _) = repo.put_chunk(chunk(b"first")).await.unwrap();
         let (b, _, b_sealed, _) = repo.put_chunk(chunk(b"second")).await.unwrap();
         let entry = |key: &str, c: crate::ChunkId, sealed: u64| ObjectEntry {
-            bucket: "b".into(),
-            key: key.into(),
             size: 5,
-            etag: "e".into(),
-            content_type: None,
-            metadata: BTreeMap::new(),
-            modified: "2026-11-24T10:00:00Z".into(),
             chunks: vec![c],
             sealed: vec![sealed],
+            ..crate::repo::tests::entry("b", key, 0)
         };
-        let manifest = |id: &str, kind, parent: Option<&str>| Manifest {
-            format: MANIFEST_FORMAT,
-            id: id.into(),
-            kind,
-            parent: parent.map(str::to_string),
-            buckets: vec!["b".into()],
-            time: "2026-11-24T10:00:00Z".into(),
-            finished: "2026-11-24T10:00:01Z".into(),
-            objects: 0,
-            bytes: 0,
-            bytes_stored: 0,
-            bytes_new: 0,
-            bucket_settings: BTreeMap::new(),
-            pages: 0,
+        let manifest = |id: &str| Manifest {
             sorted: true,
+            ..crate::repo::tests::manifest(id, Kind::Full, None)
         };
-        repo.commit(
-            manifest("1", Kind::Full, None),
-            &[Change::Put(entry("x", a, a_sealed))],
-        )
-        .await
-        .unwrap();
-        repo.commit(
-            manifest("2", Kind::Full, None),
-            &[Change::Put(entry("y", b, b_sealed))],
-        )
-        .await
-        .unwrap();
+        repo.commit(manifest("1"), &[Change::Put(entry("x", a, a_sealed))])
+            .await
+            .unwrap();
+        repo.commit(manifest("2"), &[Change::Put(entry("y", b, b_sealed))])
+            .await
+            .unwrap();
         let clean = verify(&repo, None, true).await.unwrap();
         assert_eq!((clean.backups, clean.chunks), (2, 2));
         assert!(clean.problems.is_empty(), "{:?}", clean.problems);

@@ -70,6 +70,7 @@ impl PageBuf {
     }
 
     /// Room past the length, up to the capacity.
+    #[cfg(test)]
     pub fn spare_mut(&mut self) -> &mut [u8] {
         let end = self.off + self.capacity();
         &mut self.mem[self.off + self.len..end]

@@ -329,6 +329,7 @@ impl<'a> Repo<'a> {
     }
 
     /// Writes a backup: its changes in pages, then its manifest (which commits it).
+    #[cfg(test)]
     pub async fn commit(&self, m: Manifest, changes: &[Change]) -> Result<Manifest, BackupError> {
         let mut pages = PageWriter::new(self, &m.id);
         for c in changes {
@@ -555,13 +556,14 @@ pub(crate) fn named(name: &str, e: BackupError) -> BackupError {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::manifest::{Kind, ObjectEntry};
     use crate::target::LocalTarget;
     use std::collections::BTreeMap;
 
-    fn manifest(id: &str, kind: Kind, parent: Option<&str>) -> Manifest {
+    /// A manifest of bucket `b` (unsorted, as an older cairn wrote them).
+    pub(crate) fn manifest(id: &str, kind: Kind, parent: Option<&str>) -> Manifest {
         Manifest {
             format: MANIFEST_FORMAT,
             id: id.into(),
@@ -654,7 +656,8 @@ mod tests {
             .collect()
     }
 
-    fn entry(bucket: &str, key: &str, version: u64) -> ObjectEntry {
+    /// An object without chunks, its size and ETag telling its `version`.
+    pub(crate) fn entry(bucket: &str, key: &str, version: u64) -> ObjectEntry {
         ObjectEntry {
             bucket: bucket.into(),
             key: key.into(),
@@ -785,15 +788,10 @@ mod tests {
         assert_eq!(repo.put_chunk(chunk()).await.unwrap(), (id, 10, n, false));
         assert_eq!(repo.get_chunk(&id).await.unwrap(), b"some bytes");
         let obj = |key: &str| ObjectEntry {
-            bucket: "b".into(),
-            key: key.into(),
             size: 10,
-            etag: "e".into(),
-            content_type: None,
-            metadata: BTreeMap::new(),
-            modified: "2026-11-24T10:00:00Z".into(),
             chunks: vec![id],
             sealed: vec![n],
+            ..entry("b", key, 0)
         };
         let full = repo
             .commit(
