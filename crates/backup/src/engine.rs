@@ -295,8 +295,11 @@ async fn backup_locked(
     let (mut bytes_stored, mut bytes_new, mut bytes, mut objects) = (0u64, 0u64, 0u64, 0u64);
     let mut renewed = std::time::Instant::now();
     // Unchanged objects are taken from the parent as they are; changed ones are
-    // read, OBJECTS_IN_FLIGHT at once (small objects are bound by round trips
-    // and fsyncs, not bandwidth), their results taken in listing order.
+    // read, up to OBJECTS_IN_FLIGHT at once while the chunks they hold fit in
+    // MEMORY_IN_FLIGHT (small objects are bound by round trips and fsyncs,
+    // not bandwidth: many go at once), their results taken in listing order.
+    let memory = tokio::sync::Semaphore::new(MEMORY_IN_FLIGHT_KIB as usize);
+    let memory = &memory;
     let (step_tx, steps) =
         futures::channel::mpsc::channel::<Result<Step, BackupError>>(OBJECTS_IN_FLIGHT);
     let merger = merge_with_parent(listed, held, step_tx);
@@ -309,9 +312,15 @@ async fn backup_locked(
                         Some(h) if manifest::unchanged(h, size, &etag, &modified) => {
                             Some(Captured::Held(size))
                         }
-                        _ => capture(source, repo, &bucket, &key, &etag, &modified)
-                            .await?
-                            .map(|(entry, stored)| Captured::Read(entry, stored)),
+                        _ => {
+                            let _held = memory
+                                .acquire_many(capture_kib(size))
+                                .await
+                                .map_err(|e| BackupError::Target(format!("backup stopped: {e}")))?;
+                            capture(source, repo, &bucket, &key, &etag, &modified)
+                                .await?
+                                .map(|(entry, stored)| Captured::Read(entry, stored))
+                        }
                     };
                     Taken::Listed((bucket, key), had, got)
                 }
@@ -540,6 +549,7 @@ async fn capture(
         Err(e) if e.raw_response().is_some_and(|r| r.status().as_u16() == 404) => return Ok(None),
         Err(e) => return Err(source.fail(&format!("reading {bucket}/{key}"), e)),
     };
+    let expected = resp.content_length().unwrap_or(0).max(0) as u64;
     let got_etag = resp.e_tag().unwrap_or_default().to_string();
     let same = got_etag.trim_matches('"') == etag.trim_matches('"');
     let mut entry = ObjectEntry {
@@ -567,8 +577,10 @@ async fn capture(
     let reader = async move {
         let mut tx = tx;
         let mut body = resp.body;
-        let mut buf = repo.chunk_buffer();
-        let mut sent = false;
+        // A chunk's buffer is taken when its first bytes come (sized for what
+        // is left of the object), not ahead: a buffer is held only for bytes.
+        let mut buf: Option<crate::repo::Chunk> = None;
+        let (mut cut, mut sent) = (0u64, false);
         loop {
             let next = body
                 .try_next()
@@ -577,10 +589,12 @@ async fn capture(
             let Some(b) = next else { break };
             let mut b = &b[..];
             while !b.is_empty() {
-                let (took, full) = repo.chunk_bytes(&mut buf, b);
+                let chunk =
+                    buf.get_or_insert_with(|| repo.chunk_buffer_for(expected.saturating_sub(cut)));
+                let (took, full) = repo.chunk_bytes(chunk, b);
                 b = &b[took..];
-                if full {
-                    let full = std::mem::replace(&mut buf, repo.chunk_buffer());
+                cut += took as u64;
+                if full && let Some(full) = buf.take() {
                     if tx.send(full).await.is_err() {
                         return Ok(()); // the writer failed: its error is the one told
                     }
@@ -588,8 +602,14 @@ async fn capture(
                 }
             }
         }
-        if buf.len(&repo.codec) > 0 || !sent {
-            let _ = tx.send(buf).await;
+        // The last, partial chunk; or an empty object's one empty chunk.
+        let last = match buf {
+            Some(chunk) => Some(chunk),
+            None if !sent => Some(repo.chunk_buffer_for(0)),
+            None => None,
+        };
+        if let Some(chunk) = last {
+            let _ = tx.send(chunk).await;
         }
         Ok::<(), BackupError>(())
     };
@@ -619,9 +639,29 @@ enum Captured {
     Read(ObjectEntry, u64),
 }
 
-/// Objects read at once by a backup (each with up to STORES_IN_FLIGHT chunks
-/// being stored and one more read: memory stays within about 12 chunks).
-const OBJECTS_IN_FLIGHT: usize = 3;
+/// The most objects a backup reads at once (as many as their chunks fit in
+/// [`MEMORY_IN_FLIGHT_KIB`]: small ones, this many; large ones, three).
+const OBJECTS_IN_FLIGHT: usize = 32;
+
+/// The memory that chunks of objects being read may hold at once, in KiB:
+/// 96 MiB, twelve whole chunks.
+const MEMORY_IN_FLIGHT_KIB: u32 = 96 << 10;
+
+/// What reading an object of `size` bytes is counted for against
+/// [`MEMORY_IN_FLIGHT_KIB`]: a small object, its own size; a larger one, a
+/// whole chunk for each it is cut into, up to the most it holds at once
+/// (STORES_IN_FLIGHT being stored, one waiting, one being read).
+fn capture_kib(size: u64) -> u32 {
+    let bytes = if size < crate::repo::SMALL_OBJECT {
+        size + 64 * 1024
+    } else {
+        let chunks = size
+            .div_ceil(crate::repo::CHUNK_SIZE as u64)
+            .min(STORES_IN_FLIGHT as u64 + 2);
+        chunks * crate::repo::CHUNK_SIZE as u64
+    };
+    bytes.div_ceil(1024).min(MEMORY_IN_FLIGHT_KIB as u64) as u32
+}
 
 /// Chunks of one object hashed, sealed and written at once.
 const STORES_IN_FLIGHT: usize = 2;
@@ -751,20 +791,53 @@ pub async fn restore(
     progress.begin(objects, bytes);
     let mut report = RestoreReport::default();
     let mut state = repo.state_stream(all, &m.id)?;
-    while let Some(o) = state.next().await? {
-        if !in_scope(&o) {
-            continue;
+    // Up to RESTORES_IN_FLIGHT objects are written at once, as many as their
+    // bytes fit in MEMORY_IN_FLIGHT_KIB (small objects are bound by round
+    // trips). The first error (of the destination, or reading the backup's
+    // pages) stops new ones from starting; those under way finish, so that no
+    // upload is left open.
+    let memory = tokio::sync::Semaphore::new(MEMORY_IN_FLIGHT_KIB as usize);
+    let memory = &memory;
+    let mut writing = futures::stream::FuturesUnordered::new();
+    let mut fatal: Option<BackupError> = None;
+    let mut listed = true;
+    loop {
+        while listed && fatal.is_none() && writing.len() < RESTORES_IN_FLIGHT {
+            match state.next().await {
+                Ok(Some(o)) if in_scope(&o) => {
+                    let d = dest_of(&o.bucket);
+                    writing.push(async move {
+                        let r = match memory.acquire_many(restore_kib(&o)).await {
+                            Ok(_held) => put_object(repo, dest, &d, &o).await,
+                            Err(e) => Err(BackupError::Target(format!("restore stopped: {e}"))),
+                        };
+                        (o, r)
+                    });
+                }
+                Ok(Some(_)) => {}
+                Ok(None) => listed = false,
+                Err(e) => fatal = Some(e),
+            }
         }
-        let d = dest_of(&o.bucket);
-        match put_object(repo, dest, &d, &o).await? {
-            Ok(()) => {
+        let Some((o, r)) = writing.next().await else {
+            break;
+        };
+        match r {
+            Ok(Ok(())) => {
                 report.objects += 1;
                 report.bytes += o.size;
                 progress.object_done(o.size);
             }
-            Err(why) => report.failed.push(format!("{}/{}: {why}", o.bucket, o.key)),
+            Ok(Err(why)) => report.failed.push(format!("{}/{}: {why}", o.bucket, o.key)),
+            Err(e) => {
+                fatal.get_or_insert(e);
+            }
         }
     }
+    if let Some(e) = fatal {
+        return Err(e);
+    }
+    report.failed.sort();
     // With --force, what the backup does not hold goes: each destination's
     // listing merged, in key order, with the backup's objects.
     if opts.force {
@@ -801,6 +874,26 @@ pub async fn restore(
         }
     }
     Ok(report)
+}
+
+/// The most objects a restore writes at once (as many as fit in
+/// [`MEMORY_IN_FLIGHT_KIB`]: small ones, this many; large ones, three).
+const RESTORES_IN_FLIGHT: usize = 32;
+
+/// Parts of one object a restore reads and sends at once.
+const PARTS_IN_FLIGHT: usize = 2;
+
+/// What writing an object back is counted for against
+/// [`MEMORY_IN_FLIGHT_KIB`]: a small object, its own size; a larger one, for
+/// each part in flight, a chunk's sealed bytes and its plain ones.
+fn restore_kib(o: &ObjectEntry) -> u32 {
+    let bytes = if o.size < crate::repo::SMALL_OBJECT {
+        o.size + 64 * 1024
+    } else {
+        let per_part = chunks_per_part(o.chunks.len()) as u64 * crate::repo::CHUNK_SIZE as u64;
+        (o.chunks.len() as u64).min(PARTS_IN_FLIGHT as u64) * per_part * 2
+    };
+    bytes.div_ceil(1024).min(MEMORY_IN_FLIGHT_KIB as u64) as u32
 }
 
 /// The most parts an S3 multipart upload may have.
@@ -867,43 +960,55 @@ async fn put_object(
             .send()
             .await;
     };
-    let mut parts = Vec::new();
-    for (n, group) in o.chunks.chunks(chunks_per_part(o.chunks.len())).enumerate() {
-        let mut data = Vec::new();
-        for id in group {
-            match repo.get_chunk(id).await {
-                Ok(d) if data.is_empty() => data = d,
-                Ok(d) => data.extend_from_slice(&d),
-                Err(e) => {
-                    abort().await;
-                    return Ok(Err(e.to_string()));
+    // Up to PARTS_IN_FLIGHT parts are read and sent at once (reading one
+    // overlaps sending the one before), each checked before it is sent.
+    let upload = upload_id.as_str();
+    let mut sent =
+        futures::stream::iter(o.chunks.chunks(chunks_per_part(o.chunks.len())).enumerate())
+            .map(|(n, group)| async move {
+                let mut data = Vec::new();
+                for id in group {
+                    match repo.get_chunk(id).await {
+                        Ok(d) if data.is_empty() => data = d,
+                        Ok(d) => data.extend_from_slice(&d),
+                        Err(e) => return Ok(Err(e.to_string())),
+                    }
                 }
-            }
-        }
-        let part = (n + 1) as i32;
-        let res = dest
-            .client
-            .upload_part()
-            .bucket(bucket)
-            .key(&o.key)
-            .upload_id(&upload_id)
-            .part_number(part)
-            .body(ByteStream::from(data))
-            .send()
-            .await;
-        match res {
-            Ok(r) => parts.push(
-                aws_sdk_s3::types::CompletedPart::builder()
+                let part = (n + 1) as i32;
+                let r = dest
+                    .client
+                    .upload_part()
+                    .bucket(bucket)
+                    .key(&o.key)
+                    .upload_id(upload)
+                    .part_number(part)
+                    .body(ByteStream::from(data))
+                    .send()
+                    .await
+                    .map_err(|e| dest.fail(&format!("writing {bucket}/{}", o.key), e))?;
+                Ok::<_, BackupError>(Ok(aws_sdk_s3::types::CompletedPart::builder()
                     .part_number(part)
                     .set_e_tag(r.e_tag().map(str::to_string))
-                    .build(),
-            ),
-            Err(e) => {
+                    .build()))
+            })
+            .buffered(PARTS_IN_FLIGHT);
+    let mut parts = Vec::new();
+    while let Some(r) = sent.next().await {
+        match r {
+            Ok(Ok(p)) => parts.push(p),
+            Ok(Err(why)) => {
+                drop(sent);
                 abort().await;
-                return Err(dest.fail(&format!("writing {bucket}/{}", o.key), e));
+                return Ok(Err(why));
+            }
+            Err(e) => {
+                drop(sent);
+                abort().await;
+                return Err(e);
             }
         }
     }
+    drop(sent);
     dest.client
         .complete_multipart_upload()
         .bucket(bucket)
@@ -1143,6 +1248,33 @@ pub fn parse_duration(s: &str) -> Result<std::time::Duration, BackupError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What objects in flight may hold: many small ones at once, three large
+    /// ones (as many chunks as the pool keeps), and never more than the
+    /// budget, whatever the size.
+    #[test]
+    fn objects_in_flight_are_counted_by_the_memory_they_hold() {
+        use crate::repo::CHUNK_SIZE;
+        let budget = MEMORY_IN_FLIGHT_KIB;
+        let entry = crate::repo::tests::entry;
+        let large = |chunks: usize| ObjectEntry {
+            size: (chunks * CHUNK_SIZE) as u64,
+            chunks: vec![crate::codec::ChunkId([0; 32]); chunks],
+            ..entry("b", "k", 0)
+        };
+        for size in [0u64, 1, 4096, 1 << 19] {
+            assert!(capture_kib(size) as usize * OBJECTS_IN_FLIGHT <= budget as usize);
+            let small = entry("b", "k", size);
+            assert!(restore_kib(&small) as usize * RESTORES_IN_FLIGHT <= budget as usize);
+        }
+        assert_eq!(budget / capture_kib(64 << 20), 3);
+        assert_eq!(budget / restore_kib(&large(8)), 3);
+        assert_eq!(budget / capture_kib(16 << 20), 6);
+        for size in [1u64 << 20, 8 << 20, 9 << 20, 1 << 40, u64::MAX] {
+            assert!((1..=budget).contains(&capture_kib(size)), "{size}");
+        }
+        assert!((1..=budget).contains(&restore_kib(&large(20_000))));
+    }
 
     /// Verify reads a backup's objects page by page: a missing chunk, a
     /// chunk of the wrong size and a damaged page are each named, and a

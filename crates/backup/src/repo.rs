@@ -26,6 +26,9 @@ pub const CHUNK_SIZE: usize = 8 << 20;
 /// Chunk buffers a target's pool keeps for reuse (more are made while
 /// needed: a backup has about a dozen chunks in flight).
 const BUFFERS_KEPT: usize = 12;
+
+/// Objects smaller than this are cut into a buffer of their own size.
+pub(crate) const SMALL_OBJECT: u64 = 1 << 20;
 /// The largest chunk opened.
 pub const MAX_CHUNK: usize = 64 << 20;
 
@@ -127,32 +130,57 @@ impl<'a> Repo<'a> {
         }
     }
 
+    /// An empty chunk for an object of `expected` bytes: a small object's
+    /// buffer is of its own size, not a whole chunk's from the pool (it
+    /// grows into one if the object turns out larger).
+    pub fn chunk_buffer_for(&self, expected: u64) -> Chunk {
+        if expected >= SMALL_OBJECT {
+            return self.chunk_buffer();
+        }
+        let mut buf = PageBuf::new(self.codec.sealed_capacity(expected as usize));
+        buf.set_len(self.codec.body_offset());
+        Chunk {
+            buf,
+            hasher: self.codec.chunk_hasher(),
+        }
+    }
+
     /// Appends as much of `bytes` to a chunk as one chunk holds, hashing them
     /// while they are fresh in the cache; how many bytes that took, and
     /// whether the chunk is now full.
     pub fn chunk_bytes(&self, chunk: &mut Chunk, bytes: &[u8]) -> (usize, bool) {
         let at = self.codec.body_offset();
         let room = (at + CHUNK_SIZE).saturating_sub(chunk.buf.len());
-        let n = chunk.buf.fill(&bytes[..bytes.len().min(room)]);
+        let want = bytes.len().min(room);
+        let tag = self.codec.sealed_capacity(0) - at;
+        if chunk.buf.len() + want + tag > chunk.buf.capacity() {
+            // A small object's buffer, outgrown: its bytes move to a whole one.
+            let mut whole = self.buffers.take();
+            whole.fill(&chunk.buf);
+            chunk.buf = whole;
+        }
+        let n = chunk.buf.fill(&bytes[..want]);
         chunk.hasher.update(&bytes[..n]);
         (n, chunk.buf.len() >= at + CHUNK_SIZE)
     }
 
     /// Stores a chunk unless the target has it; its name, its plain length,
     /// the size of its file there, and whether this call wrote it. Sealing
-    /// runs off the reactor.
+    /// runs off the reactor. The chunk's name is durable once the target
+    /// syncs, which [`PageWriter::commit`] does before the manifest.
     pub async fn put_chunk(&self, chunk: Chunk) -> Result<(ChunkId, u64, u64, bool), BackupError> {
         let Chunk { buf, hasher } = chunk;
         let id = ChunkId(*hasher.finalize().as_bytes());
         let plain = buf.len().saturating_sub(self.codec.body_offset()) as u64;
         let name = chunk_name(&id);
-        if let Some(n) = self.target.size(&name).await? {
+        if let Some(n) = self.target.size_to_keep(&name).await? {
             return Ok((id, plain, n, false));
         }
         let codec = self.codec.clone();
         let sealed = blocking(move || codec.seal_in_place(buf)).await?;
         let n = sealed.len() as u64;
-        self.target.put_buf(&name, sealed).await?;
+        // Durable from the target's next sync on, before the manifest.
+        self.target.put_buf_deferred(&name, sealed).await?;
         Ok((id, plain, n, true))
     }
 
@@ -390,6 +418,8 @@ impl<'r, 'a> PageWriter<'r, 'a> {
             )));
         }
         self.flush().await?;
+        // Every chunk the backup names is durable before its manifest is.
+        self.repo.target.sync().await?;
         m.format = MANIFEST_FORMAT;
         m.pages = self.pages;
         self.repo
@@ -770,6 +800,49 @@ pub(crate) mod tests {
         assert!(
             matches!(&err, BackupError::Corrupt(m) if m.contains("out of order")),
             "{err}"
+        );
+    }
+
+    /// A small object's chunk buffer, given more bytes than the object was
+    /// said to have, grows into a whole chunk's: the chunks cut and their
+    /// names are those of a whole buffer; the stored chunk reads back.
+    #[tokio::test]
+    async fn a_small_buffer_outgrown_cuts_the_same_chunks() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = LocalTarget::new(dir.path());
+        let repo = Repo::open(&t, None, true).await.unwrap();
+        let data: Vec<u8> = (0..CHUNK_SIZE + 5000).map(|i| (i % 253) as u8).collect();
+        let cut = |mut chunk: Chunk| {
+            let mut rest = &data[..];
+            let mut chunks = Vec::new();
+            while !rest.is_empty() {
+                let (took, full) = repo.chunk_bytes(&mut chunk, &rest[..rest.len().min(70_000)]);
+                rest = &rest[took..];
+                if full {
+                    chunks.push(std::mem::replace(&mut chunk, repo.chunk_buffer_for(10)));
+                }
+            }
+            chunks.push(chunk);
+            chunks
+        };
+        let small = cut(repo.chunk_buffer_for(10));
+        let whole = cut(repo.chunk_buffer());
+        let lens = |c: &[Chunk]| c.iter().map(|c| c.len(&repo.codec)).collect::<Vec<_>>();
+        assert_eq!(lens(&small), [CHUNK_SIZE, 5000]);
+        assert_eq!(lens(&small), lens(&whole));
+        let mut ids = Vec::new();
+        for c in small.into_iter().chain(whole) {
+            let (id, len, _, _) = repo.put_chunk(c).await.unwrap();
+            ids.push((id, len));
+        }
+        assert_eq!(ids[..2], ids[2..]);
+        assert_eq!(
+            repo.get_chunk(&ids[0].0).await.unwrap(),
+            &data[..CHUNK_SIZE]
+        );
+        assert_eq!(
+            repo.get_chunk(&ids[1].0).await.unwrap(),
+            &data[CHUNK_SIZE..]
         );
     }
 

@@ -2,8 +2,10 @@
 //! endpoint. Both are stores of named files ('/'-separated relative names);
 //! a file is written whole or not at all.
 
+use std::collections::BTreeSet;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -22,6 +24,23 @@ pub trait Target: Send + Sync {
     /// folder writes it with direct I/O, past the page cache).
     async fn put_buf(&self, name: &str, data: PageBuf) -> Result<(), BackupError> {
         self.put(name, Bytes::from_owner(data)).await
+    }
+    /// As [`Target::put_buf`], but the new name may be durable only from the
+    /// next [`Target::sync`] on (a local folder fsyncs the file at once and
+    /// its folder then: one folder fsync for many files).
+    async fn put_buf_deferred(&self, name: &str, data: PageBuf) -> Result<(), BackupError> {
+        self.put_buf(name, data).await
+    }
+    /// As [`Target::size`], for a file about to be referred to: if it is
+    /// there, its name is durable from the next [`Target::sync`] on (it may
+    /// have been written by a run killed before its own sync).
+    async fn size_to_keep(&self, name: &str) -> Result<Option<u64>, BackupError> {
+        self.size(name).await
+    }
+    /// Makes durable the names written by [`Target::put_buf_deferred`] and
+    /// found by [`Target::size_to_keep`] since the last sync.
+    async fn sync(&self) -> Result<(), BackupError> {
+        Ok(())
     }
     /// Writes a file only if none of that name exists; whether it did.
     async fn put_new(&self, name: &str, data: Bytes) -> Result<bool, BackupError>;
@@ -60,12 +79,26 @@ pub(crate) fn check_name(name: &str) -> Result<(), BackupError> {
 /// A folder on this machine.
 pub struct LocalTarget {
     root: PathBuf,
+    /// Folders holding names not yet made durable (see [`Target::sync`]).
+    unsynced: Arc<Mutex<BTreeSet<PathBuf>>>,
 }
 
 impl LocalTarget {
     /// The folder `root` (made if missing when first written).
     pub fn new(root: impl Into<PathBuf>) -> LocalTarget {
-        LocalTarget { root: root.into() }
+        LocalTarget {
+            root: root.into(),
+            unsynced: Arc::default(),
+        }
+    }
+
+    /// Notes that `path`'s name is to be made durable by the next sync.
+    fn sync_later(unsynced: &Mutex<BTreeSet<PathBuf>>, path: &Path) {
+        let dir = path.parent().unwrap_or(Path::new(".")).to_path_buf();
+        unsynced
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(dir);
     }
 
     fn path(&self, name: &str) -> Result<PathBuf, BackupError> {
@@ -108,9 +141,13 @@ fn temp_beside(path: &Path) -> Result<PathBuf, BackupError> {
 /// the bytes go from the buffer to the disk, not through a copy in the page
 /// cache (the costliest part of a large write). The whole pages are written
 /// and the file cut to its length. Where the file system refuses direct I/O
-/// (tmpfs, say), the bytes are written as usual.
+/// (tmpfs, say), and for files under [`DIRECT_MIN`], the bytes are written as
+/// usual.
 fn write_temp_direct(path: &Path, data: &mut PageBuf) -> Result<PathBuf, BackupError> {
     use std::os::unix::fs::OpenOptionsExt;
+    if data.len() < DIRECT_MIN {
+        return write_temp(path, data);
+    }
     let tmp = temp_beside(path)?;
     let direct = std::fs::OpenOptions::new()
         .write(true)
@@ -141,13 +178,22 @@ fn write_temp_direct(path: &Path, data: &mut PageBuf) -> Result<PathBuf, BackupE
     }
 }
 
+/// Files smaller than this are written through the page cache: for them,
+/// direct I/O saves no copy worth its extra step (cutting the padding).
+const DIRECT_MIN: usize = 64 << 10;
+
 /// Renames the written file `tmp` to `path`, durably.
 fn rename_durably(tmp: &Path, path: &Path) -> Result<(), BackupError> {
+    rename(tmp, path)?;
+    sync_dir(path.parent().unwrap_or(Path::new(".")))
+}
+
+/// Renames the written file `tmp` to `path` (removing `tmp` if that fails).
+fn rename(tmp: &Path, path: &Path) -> Result<(), BackupError> {
     std::fs::rename(tmp, path).map_err(|e| {
         let _ = std::fs::remove_file(tmp);
         io_err("renaming into", path, e)
-    })?;
-    sync_dir(path.parent().unwrap_or(Path::new(".")))
+    })
 }
 
 /// Makes a rename or a new link in `dir` durable.
@@ -190,6 +236,32 @@ impl Target for LocalTarget {
             rename_durably(&tmp, &path)
         })
         .await
+    }
+
+    async fn put_buf_deferred(&self, name: &str, mut data: PageBuf) -> Result<(), BackupError> {
+        let path = self.path(name)?;
+        let unsynced = self.unsynced.clone();
+        blocking(move || {
+            let tmp = write_temp_direct(&path, &mut data)?;
+            drop(data);
+            rename(&tmp, &path)?;
+            Self::sync_later(&unsynced, &path);
+            Ok(())
+        })
+        .await
+    }
+
+    async fn size_to_keep(&self, name: &str) -> Result<Option<u64>, BackupError> {
+        let size = self.size(name).await?;
+        if size.is_some() {
+            Self::sync_later(&self.unsynced, &self.path(name)?);
+        }
+        Ok(size)
+    }
+
+    async fn sync(&self) -> Result<(), BackupError> {
+        let dirs = std::mem::take(&mut *self.unsynced.lock().unwrap_or_else(|e| e.into_inner()));
+        blocking(move || dirs.iter().try_for_each(|d| sync_dir(d))).await
     }
 
     async fn put_new(&self, name: &str, data: Bytes) -> Result<bool, BackupError> {
@@ -675,5 +747,45 @@ mod tests {
         assert_eq!(t.describe(), "s3://b/p/q/ at http://127.0.0.1:1");
         assert!(S3Target::new("s3:///p", "http://127.0.0.1:1", "a", "s").is_err());
         assert!(S3Target::new("s3://b/../p", "http://127.0.0.1:1", "a", "s").is_err());
+    }
+
+    /// Files written for a later sync are whole at once (with or without
+    /// direct I/O, by size); their folders, and those of files found present
+    /// for keeping, are synced once each by the next sync, and only then.
+    #[tokio::test]
+    async fn deferred_names_are_synced_once_per_folder() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = LocalTarget::new(dir.path().join("t"));
+        let pending = |t: &LocalTarget| t.unsynced.lock().unwrap().clone();
+        let bytes = |n: usize| (0..n).map(|i| (i * 31 % 251) as u8).collect::<Vec<u8>>();
+        let buf = |n: usize| {
+            let mut b = PageBuf::new(n);
+            b.fill(&bytes(n));
+            b
+        };
+        t.put("c/old", Bytes::from_static(b"kept")).await.unwrap();
+        assert_eq!(t.size_to_keep("c/missing").await.unwrap(), None);
+        assert!(pending(&t).is_empty(), "a missing file is nothing to keep");
+        for (name, n) in [
+            ("a/1", 100),
+            ("a/2", DIRECT_MIN),
+            ("b/3", DIRECT_MIN * 3 + 1),
+        ] {
+            t.put_buf_deferred(name, buf(n)).await.unwrap();
+            let got = t.get(name).await.unwrap().unwrap();
+            assert_eq!(got, bytes(n), "{name}");
+        }
+        assert_eq!(t.size_to_keep("c/old").await.unwrap(), Some(4));
+        let root = dir.path().join("t");
+        let want: BTreeSet<PathBuf> = ["a", "b", "c"].iter().map(|d| root.join(d)).collect();
+        assert_eq!(pending(&t), want);
+        t.sync().await.unwrap();
+        assert!(pending(&t).is_empty());
+        // Nothing left behind but the files themselves.
+        let mut names = t.list("a/").await.unwrap();
+        names.extend(t.list("b/").await.unwrap());
+        let names: Vec<&str> = names.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["a/1", "a/2", "b/3"]);
+        assert_eq!(t.sweep_temporary().await.unwrap(), 0);
     }
 }

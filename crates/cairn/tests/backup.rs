@@ -477,6 +477,59 @@ async fn verify_and_restore_name_damaged_files_and_write_no_bad_object() {
     assert_eq!(got["good"], good);
 }
 
+/// Objects of every size around the chunk (8 MiB) and small-buffer (1 MiB)
+/// boundaries, among many small ones, come back exactly from a restore that
+/// writes many at once; a damaged chunk inside a multipart object leaves that
+/// object out, is named, and leaves no upload open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn objects_of_every_size_restore_exactly_and_a_bad_part_leaves_no_upload_open() {
+    let (srv, s3, _dir, target) = start().await;
+    let mut want = BTreeMap::new();
+    let small = (0..60).map(|i| (format!("s/{i:03}"), i * 83 % 5000));
+    let edges = [
+        ("edge/1m-1", (1 << 20) - 1),
+        ("edge/1m", 1 << 20),
+        ("edge/1m+1", (1 << 20) + 1),
+        ("edge/8m", 8 << 20),
+        ("edge/8m+1", (8 << 20) + 1),
+        ("big", 17 << 20),
+    ]
+    .map(|(k, n)| (k.to_string(), n));
+    for (i, (k, n)) in small.chain(edges).enumerate() {
+        let o = obj(n, 100 + i as u64, "x");
+        put(&s3, &k, &o).await;
+        want.insert(k, o);
+    }
+    let id = backup(&srv, &target, "full", &[]);
+    let (ok, out, err) = restore(&srv, &target, ["--id", &id], "copy", &[]);
+    assert!(ok, "{out}\n{err}");
+    assert_eq!(contents(&s3, "copy").await, want);
+    // The second of big's three chunks: one byte flipped in place.
+    let h = blake3::hash(&want["big"].data[8 << 20..16 << 20])
+        .to_hex()
+        .to_string();
+    let chunk = format!("chunks/{}/{h}", &h[..2]);
+    let path = target.join(&chunk);
+    let mut b = std::fs::read(&path).unwrap();
+    let at = b.len() / 2;
+    b[at] ^= 0x01;
+    std::fs::write(&path, &b).unwrap();
+    let (ok, _, err) = restore(&srv, &target, ["--id", &id], "copy2", &[]);
+    assert!(
+        !ok && err.contains(&chunk) && err.contains("media/big"),
+        "{err}"
+    );
+    want.remove("big");
+    assert_eq!(contents(&s3, "copy2").await, want);
+    let open = s3
+        .list_multipart_uploads()
+        .bucket("copy2")
+        .send()
+        .await
+        .unwrap();
+    assert!(open.uploads().is_empty(), "{:?}", open.uploads());
+}
+
 /// A second cairn as the S3 target: a backup there (under a prefix), listed,
 /// verified and restored back into the first.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
