@@ -1060,7 +1060,9 @@ pub async fn verify(
         }
         None => all.iter().map(|m| m.id.as_str()).collect(),
     };
-    // Each chunk is looked at once, whichever backups need it.
+    // Each chunk is looked at once, whichever backups need it, while their
+    // names fit in NAMED_AT_ONCE; past that, the names are forgotten and a
+    // chunk may be looked at again (its problem told once).
     let mut seen: BTreeSet<crate::ChunkId> = BTreeSet::new();
     for i in ids {
         report.backups += 1;
@@ -1083,6 +1085,9 @@ pub async fn verify(
                 }
             };
             for (n, c) in o.chunks.iter().enumerate() {
+                if seen.len() >= NAMED_AT_ONCE {
+                    seen.clear();
+                }
                 if !seen.insert(*c) {
                     continue;
                 }
@@ -1105,6 +1110,9 @@ pub async fn verify(
             }
         }
     }
+    // A chunk looked at again after its name was forgotten: told once.
+    let mut told = BTreeSet::new();
+    report.problems.retain(|p| told.insert(p.clone()));
     Ok(report)
 }
 
@@ -1134,14 +1142,18 @@ pub struct PruneReport {
 /// is damaged (the chunks it names cannot be known).
 pub async fn prune(repo: &Repo<'_>, keep: &Retention) -> Result<PruneReport, BackupError> {
     let lock = Lock::acquire(repo.target, "prune").await?;
-    let res = prune_locked(repo, keep).await;
+    let res = prune_locked(repo, keep, NAMED_AT_ONCE).await;
     let released = lock.release(repo.target).await;
     let r = res?;
     released?;
     Ok(r)
 }
 
-async fn prune_locked(repo: &Repo<'_>, keep: &Retention) -> Result<PruneReport, BackupError> {
+async fn prune_locked(
+    repo: &Repo<'_>,
+    keep: &Retention,
+    limit: usize,
+) -> Result<PruneReport, BackupError> {
     let (all, bad) = repo.manifests_checked().await?;
     if let Some(e) = bad.first() {
         return Err(BackupError::Usage(format!(
@@ -1181,17 +1193,11 @@ async fn prune_locked(repo: &Repo<'_>, keep: &Retention) -> Result<PruneReport, 
         }
     }
     let mut report = PruneReport::default();
-    // The chunks the kept backups name.
-    let mut named: BTreeSet<crate::ChunkId> = BTreeSet::new();
-    for m in all.iter().filter(|m| kept.contains(&m.id)) {
-        for n in 0..m.pages {
-            for c in repo.page(m, n).await? {
-                if let Change::Put(o) = c {
-                    named.extend(o.chunks);
-                }
-            }
-        }
-    }
+    let keeping: Vec<&Manifest> = all.iter().filter(|m| kept.contains(&m.id)).collect();
+    // The chunks the kept backups name, read (and every kept page checked)
+    // before anything is deleted: all of them if they fit in `limit`,
+    // else those of each range of chunk folders in turn, below.
+    let first = named_in(repo, &keeping, (0, 256), limit).await?;
     // Manifests first: a backup is gone once its manifest is.
     for m in all.iter().filter(|m| !kept.contains(&m.id)) {
         repo.target.delete(&manifest::manifest_name(&m.id)).await?;
@@ -1211,15 +1217,68 @@ async fn prune_locked(repo: &Repo<'_>, keep: &Retention) -> Result<PruneReport, 
     }
     // What backups cut short left half written (no backup runs: the lock).
     report.temporary_removed = repo.target.sweep_temporary().await?;
-    for (name, size) in repo.target.list("chunks/").await? {
-        let id = name.rsplit('/').next().and_then(crate::ChunkId::from_hex);
-        if id.is_none_or(|c| !named.contains(&c)) {
-            repo.target.delete(&name).await?;
-            report.chunks_deleted += 1;
-            report.bytes_freed += size;
+    // Chunk folders (`chunks/00/` to `chunks/ff/`, by a chunk's first byte)
+    // in ranges whose named chunks fit in `limit`, halved until they do.
+    let mut ranges = vec![((0u16, 256u16), first)];
+    while let Some(((lo, hi), named)) = ranges.pop() {
+        let named = match named {
+            Some(n) => n,
+            None if hi - lo > 1 => {
+                let mid = (lo + hi) / 2;
+                let upper = named_in(repo, &keeping, (mid, hi), limit).await?;
+                let lower = named_in(repo, &keeping, (lo, mid), limit).await?;
+                ranges.push(((mid, hi), upper));
+                ranges.push(((lo, mid), lower));
+                continue;
+            }
+            // One folder's chunks are taken whatever their number.
+            None => named_in(repo, &keeping, (lo, hi), usize::MAX)
+                .await?
+                .unwrap_or_default(),
+        };
+        for folder in lo..hi {
+            for (name, size) in repo.target.list(&format!("chunks/{folder:02x}/")).await? {
+                let id = name.rsplit('/').next().and_then(crate::ChunkId::from_hex);
+                if id.is_none_or(|c| !named.contains(&c)) {
+                    repo.target.delete(&name).await?;
+                    report.chunks_deleted += 1;
+                    report.bytes_freed += size;
+                }
+            }
         }
     }
     Ok(report)
+}
+
+/// The most chunk names a prune holds at once (32 bytes each, and the set's
+/// own cost): past that, it works through the chunk folders in ranges.
+const NAMED_AT_ONCE: usize = 1 << 20;
+
+/// The chunks whose first byte is in `range` that the backups `keeping`
+/// name, or `None` if there are more than `limit` of them (every page is
+/// read and checked all the same).
+async fn named_in(
+    repo: &Repo<'_>,
+    keeping: &[&Manifest],
+    range: (u16, u16),
+    limit: usize,
+) -> Result<Option<BTreeSet<crate::ChunkId>>, BackupError> {
+    let mut named = Some(BTreeSet::new());
+    for m in keeping {
+        for n in 0..m.pages {
+            for c in repo.page(m, n).await? {
+                let (Change::Put(o), Some(set)) = (c, named.as_mut()) else {
+                    continue;
+                };
+                let inside = |c: &crate::ChunkId| (range.0..range.1).contains(&(c.0[0] as u16));
+                set.extend(o.chunks.into_iter().filter(inside));
+                if set.len() > limit {
+                    named = None;
+                }
+            }
+        }
+    }
+    Ok(named)
 }
 
 /// A duration as `30s`, `15m`, `12h`, `30d` or `2w`.
@@ -1334,6 +1393,74 @@ mod tests {
         // Backup 2's objects were not read: its page is the problem named.
         assert!(!all.contains(&chunk_name(&b)), "{all}");
         assert_eq!(r.problems.len(), 2, "{all}");
+    }
+
+    /// A prune whose named chunks do not fit at once works through the chunk
+    /// folders in ranges: it deletes exactly the chunks no kept backup names,
+    /// as a prune holding every name at once does.
+    #[tokio::test]
+    async fn a_prune_in_ranges_deletes_exactly_the_unnamed_chunks() {
+        use crate::target::{LocalTarget, Target};
+        for limit in [3, NAMED_AT_ONCE] {
+            let dir = tempfile::tempdir().unwrap();
+            let t = LocalTarget::new(dir.path());
+            let repo = Repo::open(&t, None, true).await.unwrap();
+            let mut chunks = Vec::new();
+            for i in 0..40 {
+                let mut b = repo.chunk_buffer();
+                repo.chunk_bytes(&mut b, format!("chunk {i}").as_bytes());
+                chunks.push(repo.put_chunk(b).await.unwrap());
+            }
+            // Backup 1 names chunks 0-19, backup 2 (the newest full) 10-29;
+            // 30-39 are named by none (a run cut short).
+            let backup = |id: &str, from: usize, to: usize| {
+                let changes: Vec<Change> = (from..to)
+                    .map(|i| {
+                        let (c, len, sealed, _) = chunks[i];
+                        Change::Put(ObjectEntry {
+                            size: len,
+                            chunks: vec![c],
+                            sealed: vec![sealed],
+                            ..crate::repo::tests::entry("b", &format!("k{i:02}"), 0)
+                        })
+                    })
+                    .collect();
+                let m = Manifest {
+                    sorted: true,
+                    ..crate::repo::tests::manifest(id, Kind::Full, None)
+                };
+                (m, changes)
+            };
+            for (id, from, to) in [("1", 0, 20), ("2", 10, 30)] {
+                let (m, changes) = backup(id, from, to);
+                repo.commit(m, &changes).await.unwrap();
+            }
+            let keep = Retention {
+                keep_full: 1,
+                keep_within: std::time::Duration::ZERO,
+            };
+            let r = prune_locked(&repo, &keep, limit).await.unwrap();
+            assert_eq!(
+                (r.kept, r.deleted),
+                (vec!["2".to_string()], vec!["1".to_string()])
+            );
+            assert_eq!(r.chunks_deleted, 20, "limit {limit}");
+            let left: BTreeSet<String> = t
+                .list("chunks/")
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|(n, _)| n)
+                .collect();
+            let want: BTreeSet<String> = chunks[10..30]
+                .iter()
+                .map(|(c, ..)| manifest::chunk_name(c))
+                .collect();
+            assert_eq!(left, want, "limit {limit}");
+            let v = verify(&repo, None, true).await.unwrap();
+            assert_eq!((v.backups, v.chunks), (1, 20));
+            assert!(v.problems.is_empty(), "{:?}", v.problems);
+        }
     }
 
     #[test]
