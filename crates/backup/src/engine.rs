@@ -58,6 +58,58 @@ impl Endpoint {
         ))
     }
 
+    /// Deletes `keys` of `bucket`, up to 1,000 a request (one at a time where
+    /// the endpoint has no multi-object delete); how many.
+    pub async fn delete_keys(&self, bucket: &str, keys: Vec<String>) -> Result<u64, BackupError> {
+        use aws_sdk_s3::types::{Delete, ObjectIdentifier};
+        let bad = |e: aws_sdk_s3::error::BuildError| BackupError::Usage(e.to_string());
+        for batch in keys.chunks(1000) {
+            let objects = batch
+                .iter()
+                .map(|k| ObjectIdentifier::builder().key(k).build())
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(bad)?;
+            let delete = Delete::builder()
+                .set_objects(Some(objects))
+                .quiet(true)
+                .build()
+                .map_err(bad)?;
+            let sent = self
+                .client
+                .delete_objects()
+                .bucket(bucket)
+                .delete(delete)
+                .send()
+                .await;
+            let out = match sent {
+                Ok(out) => out,
+                Err(e) if e.raw_response().is_some_and(|r| r.status().as_u16() == 501) => {
+                    for k in batch {
+                        self.client
+                            .delete_object()
+                            .bucket(bucket)
+                            .key(k)
+                            .send()
+                            .await
+                            .map_err(|e| self.fail(&format!("deleting {bucket}/{k}"), e))?;
+                    }
+                    continue;
+                }
+                Err(e) => return Err(self.fail(&format!("deleting from {bucket}"), e)),
+            };
+            if let Some(e) = out.errors().first() {
+                return Err(BackupError::Source(format!(
+                    "deleting {bucket}/{} at {}: {} {}",
+                    e.key().unwrap_or_default(),
+                    self.url,
+                    e.code().unwrap_or_default(),
+                    e.message().unwrap_or_default()
+                )));
+            }
+        }
+        Ok(keys.len() as u64)
+    }
+
     /// Every bucket's name, sorted.
     pub async fn buckets(&self) -> Result<Vec<String>, BackupError> {
         let out = self
@@ -846,6 +898,8 @@ pub async fn restore(
             let mut held = repo.state_stream(all, &m.id)?;
             let mut listing = std::pin::pin!(dest.list_pages(&d, &prefix));
             while let Some(page) = listing.next().await {
+                // What goes is deleted a listing page at a time, in batches.
+                let mut gone = Vec::new();
                 for (k, ..) in page? {
                     let here = (b.as_str(), k.as_str());
                     while held
@@ -860,16 +914,10 @@ pub async fn restore(
                         .await?
                         .is_some_and(|o| (o.bucket.as_str(), o.key.as_str()) == here);
                     if !kept {
-                        dest.client
-                            .delete_object()
-                            .bucket(&d)
-                            .key(&k)
-                            .send()
-                            .await
-                            .map_err(|e| dest.fail(&format!("deleting {d}/{k}"), e))?;
-                        report.deleted += 1;
+                        gone.push(k);
                     }
                 }
+                report.deleted += dest.delete_keys(&d, gone).await?;
             }
         }
     }
@@ -1218,23 +1266,22 @@ async fn prune_locked(
     // What backups cut short left half written (no backup runs: the lock).
     report.temporary_removed = repo.target.sweep_temporary().await?;
     // Chunk folders (`chunks/00/` to `chunks/ff/`, by a chunk's first byte)
-    // in ranges whose named chunks fit in `limit`, halved until they do.
-    let mut ranges = vec![((0u16, 256u16), first)];
-    while let Some(((lo, hi), named)) = ranges.pop() {
-        let named = match named {
-            Some(n) => n,
-            None if hi - lo > 1 => {
-                let mid = (lo + hi) / 2;
-                let upper = named_in(repo, &keeping, (mid, hi), limit).await?;
-                let lower = named_in(repo, &keeping, (lo, mid), limit).await?;
-                ranges.push(((mid, hi), upper));
-                ranges.push(((lo, mid), lower));
-                continue;
-            }
+    // in ranges whose named chunks fit in `limit`, halved until they do: one
+    // range's names in memory at a time.
+    let mut first = Some(first);
+    let mut ranges = vec![(0u16, 256u16)];
+    while let Some((lo, hi)) = ranges.pop() {
+        let named = match first.take() {
+            Some(named) => named,
             // One folder's chunks are taken whatever their number.
-            None => named_in(repo, &keeping, (lo, hi), usize::MAX)
-                .await?
-                .unwrap_or_default(),
+            None if hi - lo == 1 => named_in(repo, &keeping, (lo, hi), usize::MAX).await?,
+            None => named_in(repo, &keeping, (lo, hi), limit).await?,
+        };
+        let Some(named) = named else {
+            let mid = (lo + hi) / 2;
+            ranges.push((mid, hi));
+            ranges.push((lo, mid));
+            continue;
         };
         for folder in lo..hi {
             for (name, size) in repo.target.list(&format!("chunks/{folder:02x}/")).await? {

@@ -504,6 +504,27 @@ async fn objects_of_every_size_restore_exactly_and_a_bad_part_leaves_no_upload_o
     let (ok, out, err) = restore(&srv, &target, ["--id", &id], "copy", &[]);
     assert!(ok, "{out}\n{err}");
     assert_eq!(contents(&s3, "copy").await, want);
+    // With --force, more than a listing page (and a delete request) of
+    // objects the backup does not hold go.
+    let extra = obj(10, 7, "x");
+    let (s3r, extra) = (&s3, &extra);
+    for batch in (0..1100).collect::<Vec<_>>().chunks(50) {
+        let puts = batch
+            .iter()
+            .map(|i| async move { put_in(s3r, "copy", &format!("x/{i:04}"), extra).await });
+        futures::future::join_all(puts).await;
+    }
+    let (ok, out, err) = restore(&srv, &target, ["--id", &id], "copy", &["--force"]);
+    assert!(ok, "{out}\n{err}");
+    let left = s3
+        .list_objects_v2()
+        .bucket("copy")
+        .prefix("x/")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(left.key_count(), Some(0));
+    assert_eq!(contents(&s3, "copy").await, want);
     // The second of big's three chunks: one byte flipped in place.
     let h = blake3::hash(&want["big"].data[8 << 20..16 << 20])
         .to_hex()
