@@ -1112,6 +1112,19 @@ pub async fn verify(
     // names fit in NAMED_AT_ONCE; past that, the names are forgotten and a
     // chunk may be looked at again (its problem told once).
     let mut seen: BTreeSet<crate::ChunkId> = BTreeSet::new();
+    // Up to CHECKS_IN_FLIGHT chunks are looked at at once.
+    let check = |c: crate::ChunkId, sealed: Option<u64>| async move {
+        let name = manifest::chunk_name(&c);
+        Ok::<_, BackupError>(match (repo.target.size(&name).await?, sealed) {
+            (None, _) => Some(format!("{name}: missing")),
+            (Some(size), Some(want)) if size != want => {
+                Some(format!("{name}: {size} bytes, written as {want}"))
+            }
+            _ if read_data => repo.get_chunk(&c).await.err().map(|e| e.to_string()),
+            _ => None,
+        })
+    };
+    let mut checking = futures::stream::FuturesUnordered::new();
     for i in ids {
         report.backups += 1;
         // The backup's objects as they are read (one page per backup of its
@@ -1140,22 +1153,17 @@ pub async fn verify(
                     continue;
                 }
                 report.chunks += 1;
-                let name = manifest::chunk_name(c);
-                match repo.target.size(&name).await? {
-                    None => report.problems.push(format!("{name}: missing")),
-                    Some(size) if o.sealed.get(n).is_some_and(|want| *want != size) => {
-                        report
-                            .problems
-                            .push(format!("{name}: {size} bytes, written as {}", o.sealed[n]));
+                checking.push(check(*c, o.sealed.get(n).copied()));
+                while checking.len() >= CHECKS_IN_FLIGHT {
+                    if let Some(problem) = checking.next().await.transpose()?.flatten() {
+                        report.problems.push(problem);
                     }
-                    Some(_) if read_data => {
-                        if let Err(e) = repo.get_chunk(c).await {
-                            report.problems.push(e.to_string());
-                        }
-                    }
-                    Some(_) => {}
                 }
             }
+        }
+        // This backup's chunks all looked at before the next backup.
+        while let Some(r) = checking.next().await {
+            report.problems.extend(r?);
         }
     }
     // A chunk looked at again after its name was forgotten: told once.
@@ -1163,6 +1171,9 @@ pub async fn verify(
     report.problems.retain(|p| told.insert(p.clone()));
     Ok(report)
 }
+
+/// Chunks a verify looks at at once (with `--read-data`, each read whole).
+const CHECKS_IN_FLIGHT: usize = 4;
 
 /// Which backups a prune keeps.
 #[derive(Clone, Debug, Default)]
