@@ -704,13 +704,21 @@ const MEMORY_IN_FLIGHT_KIB: u32 = 96 << 10;
 /// whole chunk for each it is cut into, up to the most it holds at once
 /// (STORES_IN_FLIGHT being stored, one waiting, one being read).
 fn capture_kib(size: u64) -> u32 {
-    let bytes = if size < crate::repo::SMALL_OBJECT {
-        size + 64 * 1024
-    } else {
+    in_flight_kib(size, || {
         let chunks = size
             .div_ceil(crate::repo::CHUNK_SIZE as u64)
             .min(STORES_IN_FLIGHT as u64 + 2);
         chunks * crate::repo::CHUNK_SIZE as u64
+    })
+}
+
+/// An object's count against [`MEMORY_IN_FLIGHT_KIB`], never more than all
+/// of it: a small object's size and a little for its request, else what
+/// `large` says it holds.
+fn in_flight_kib(size: u64, large: impl FnOnce() -> u64) -> u32 {
+    let bytes = match size < crate::repo::SMALL_OBJECT {
+        true => size + 64 * 1024,
+        false => large(),
     };
     bytes.div_ceil(1024).min(MEMORY_IN_FLIGHT_KIB as u64) as u32
 }
@@ -935,13 +943,10 @@ const PARTS_IN_FLIGHT: usize = 2;
 /// [`MEMORY_IN_FLIGHT_KIB`]: a small object, its own size; a larger one, for
 /// each part in flight, a chunk's sealed bytes and its plain ones.
 fn restore_kib(o: &ObjectEntry) -> u32 {
-    let bytes = if o.size < crate::repo::SMALL_OBJECT {
-        o.size + 64 * 1024
-    } else {
+    in_flight_kib(o.size, || {
         let per_part = chunks_per_part(o.chunks.len()) as u64 * crate::repo::CHUNK_SIZE as u64;
         (o.chunks.len() as u64).min(PARTS_IN_FLIGHT as u64) * per_part * 2
-    };
-    bytes.div_ceil(1024).min(MEMORY_IN_FLIGHT_KIB as u64) as u32
+    })
 }
 
 /// The most parts an S3 multipart upload may have.
@@ -1056,7 +1061,6 @@ async fn put_object(
             }
         }
     }
-    drop(sent);
     dest.client
         .complete_multipart_upload()
         .bucket(bucket)
@@ -1091,6 +1095,16 @@ pub async fn verify(
     id: Option<&str>,
     read_data: bool,
 ) -> Result<VerifyReport, BackupError> {
+    verify_within(repo, id, read_data, NAMED_AT_ONCE).await
+}
+
+/// [`verify`], remembering at most `limit` chunks it looked at.
+async fn verify_within(
+    repo: &Repo<'_>,
+    id: Option<&str>,
+    read_data: bool,
+    limit: usize,
+) -> Result<VerifyReport, BackupError> {
     let (all, bad) = repo.manifests_checked().await?;
     let mut report = VerifyReport {
         problems: bad.iter().map(|e| e.to_string()).collect(),
@@ -1109,7 +1123,7 @@ pub async fn verify(
         None => all.iter().map(|m| m.id.as_str()).collect(),
     };
     // Each chunk is looked at once, whichever backups need it, while their
-    // names fit in NAMED_AT_ONCE; past that, the names are forgotten and a
+    // names fit in `limit`; past that, the names are forgotten and a
     // chunk may be looked at again (its problem told once).
     let mut seen: BTreeSet<crate::ChunkId> = BTreeSet::new();
     // Up to CHECKS_IN_FLIGHT chunks are looked at at once.
@@ -1146,7 +1160,7 @@ pub async fn verify(
                 }
             };
             for (n, c) in o.chunks.iter().enumerate() {
-                if seen.len() >= NAMED_AT_ONCE {
+                if seen.len() >= limit {
                     seen.clear();
                 }
                 if !seen.insert(*c) {
@@ -1493,6 +1507,18 @@ mod tests {
                 let (m, changes) = backup(id, from, to);
                 repo.commit(m, &changes).await.unwrap();
             }
+            // Chunks 10-19 are named twice: a verify remembering 3 chunks
+            // looks at some again, but tells the missing one once.
+            let lost = manifest::chunk_name(&chunks[15].0);
+            let saved = std::fs::read(dir.path().join(&lost)).unwrap();
+            t.delete(&lost).await.unwrap();
+            let v = verify_within(&repo, None, false, limit).await.unwrap();
+            assert_eq!(v.problems, [format!("{lost}: missing")], "limit {limit}");
+            match limit {
+                3 => assert!(v.chunks > 30, "{}", v.chunks),
+                _ => assert_eq!(v.chunks, 30),
+            }
+            std::fs::write(dir.path().join(&lost), saved).unwrap();
             let keep = Retention {
                 keep_full: 1,
                 keep_within: std::time::Duration::ZERO,

@@ -182,6 +182,14 @@ fn write_temp_direct(path: &Path, data: &mut PageBuf) -> Result<PathBuf, BackupE
 /// direct I/O saves no copy worth its extra step (cutting the padding).
 const DIRECT_MIN: usize = 64 << 10;
 
+/// Writes `data` as `path` (see [`write_temp_direct`]): the file fsynced and
+/// renamed, its folder not yet synced.
+fn write_direct(path: &Path, mut data: PageBuf) -> Result<(), BackupError> {
+    let tmp = write_temp_direct(path, &mut data)?;
+    drop(data); // back to its pool before the rename
+    rename(&tmp, path)
+}
+
 /// Renames the written file `tmp` to `path`, durably.
 fn rename_durably(tmp: &Path, path: &Path) -> Result<(), BackupError> {
     rename(tmp, path)?;
@@ -228,23 +236,20 @@ impl Target for LocalTarget {
         .await
     }
 
-    async fn put_buf(&self, name: &str, mut data: PageBuf) -> Result<(), BackupError> {
+    async fn put_buf(&self, name: &str, data: PageBuf) -> Result<(), BackupError> {
         let path = self.path(name)?;
         blocking(move || {
-            let tmp = write_temp_direct(&path, &mut data)?;
-            drop(data);
-            rename_durably(&tmp, &path)
+            write_direct(&path, data)?;
+            sync_dir(path.parent().unwrap_or(Path::new(".")))
         })
         .await
     }
 
-    async fn put_buf_deferred(&self, name: &str, mut data: PageBuf) -> Result<(), BackupError> {
+    async fn put_buf_deferred(&self, name: &str, data: PageBuf) -> Result<(), BackupError> {
         let path = self.path(name)?;
         let unsynced = self.unsynced.clone();
         blocking(move || {
-            let tmp = write_temp_direct(&path, &mut data)?;
-            drop(data);
-            rename(&tmp, &path)?;
+            write_direct(&path, data)?;
             Self::sync_later(&unsynced, &path);
             Ok(())
         })
