@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Measures backups against a local cairn: the rate of a full backup to a local
 # folder next to the rate at which the same objects are read from cairn (each
-# once, one and three requests at a time), then the time and bytes of an
-# incremental backup after about 1% of the objects were overwritten.
+# once, one and three requests at a time) and, for scale, next to a plain
+# rclone copy of them (when rclone is installed; RCLONE=0 skips it); then the
+# time and bytes of an incremental backup after about 1% of the objects were
+# overwritten.
 #
 #   bench/backup.sh [TOTAL_MIB] [OBJECT_MIB]      (default 10240 and 16)
 #
@@ -25,7 +27,7 @@ TARGET=${TARGET_DIR:-$WORK}/cairn-bench-target-$$
 "$BIN" serve --data-dir "$WORK/data" --s3-address 127.0.0.1:19000 \
   --admin-address 127.0.0.1:19001 >"$WORK/serve.out" 2>"$WORK/serve.log" &
 PID=$!
-trap 'kill $PID 2>/dev/null; wait $PID 2>/dev/null; rm -rf "$WORK" "$TARGET"' EXIT
+trap 'kill $PID 2>/dev/null; wait $PID 2>/dev/null; rm -rf "$WORK" "$TARGET" "$TARGET.rclone"' EXIT
 for _ in $(seq 100); do grep -q '^ready' "$WORK/serve.out" && break; sleep 0.1; done
 grep -q '^ready' "$WORK/serve.out" || { cat "$WORK/serve.log"; exit 1; }
 
@@ -76,14 +78,36 @@ INCR_S=$(python3 -c "print($t1 - $t0)")
 INCR_BYTES=$(field "['bytes_new']" <"$WORK/incr.json")
 INCR_STORED=$(field "['bytes_stored']" <"$WORK/incr.json")
 
-python3 - "$READ" "$FULL_S" "$FULL_BYTES" "$FULL_STORED" "$INCR_S" "$INCR_BYTES" "$INCR_STORED" <<'PY'
+# For scale, when rclone is installed (RCLONE=0 to skip): a plain copy of the
+# same objects by rclone into a folder next to the backups, until on disk.
+COPY_S=0
+if [ "${RCLONE:-1}" != 0 ] && command -v rclone >/dev/null 2>&1; then
+  echo "== for scale: rclone copy of the bucket next to the target, then sync"
+  cold
+  t0=$(now)
+  env -u AWS_CA_BUNDLE RCLONE_CONFIG_CAIRN_TYPE=s3 RCLONE_CONFIG_CAIRN_PROVIDER=Other \
+    RCLONE_CONFIG_CAIRN_ENDPOINT=$S3 RCLONE_CONFIG_CAIRN_REGION=us-east-1 \
+    RCLONE_CONFIG_CAIRN_ACCESS_KEY_ID=$CAIRN_ACCESS_KEY \
+    RCLONE_CONFIG_CAIRN_SECRET_ACCESS_KEY=$CAIRN_SECRET_KEY \
+    rclone copy cairn:media "$TARGET.rclone" --transfers 4 --ignore-checksum \
+    --config /dev/null 2>"$WORK/rclone.log" && sync && t1=$(now) &&
+    COPY_S=$(python3 -c "print($t1 - $t0)") ||
+    { echo "   rclone failed, left out:"; sed 's/^/   /' "$WORK/rclone.log"; }
+  rm -rf "$TARGET.rclone"
+fi
+
+python3 - "$READ" "$COPY_S" "$FULL_S" "$FULL_BYTES" "$FULL_STORED" "$INCR_S" "$INCR_BYTES" "$INCR_STORED" <<'PY'
 import sys
-read, full_s, full_b, full_st, incr_s, incr_b, incr_st = map(float, sys.argv[1:])
+read, copy_s, full_s, full_b, full_st, incr_s, incr_b, incr_st = map(float, sys.argv[1:])
 mib = 1 << 20
 full_rate = full_b / mib / full_s
 print(f"read from cairn:    {read:8.1f} MiB/s (GET, each object once, the faster of 1 and 3 at a time)")
 print(f"full backup:        {full_rate:8.1f} MiB/s ({full_b / mib:.0f} MiB in {full_s:.1f} s, "
       f"{full_st / mib:.0f} MiB stored): {100 * full_rate / read:.0f}% of the read rate")
+if copy_s > 0:
+    copy_rate = full_b / mib / copy_s
+    print(f"for scale, rclone:  {copy_rate:8.1f} MiB/s (a plain copy of the bucket to a folder beside the "
+          f"target, until synced): {100 * copy_rate / read:.0f}% of the read rate")
 print(f"incremental backup: {incr_s:8.1f} s, {incr_b / mib:.0f} MiB read, {incr_st / mib:.0f} MiB stored: "
       f"{100 * incr_s / full_s:.1f}% of the full backup's time, {100 * incr_st / full_st:.1f}% of its bytes")
 PY
