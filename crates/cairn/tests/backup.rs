@@ -423,6 +423,19 @@ fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
     out
 }
 
+/// Flips one byte in the middle of the chunk file holding `plain` (chunks
+/// are named by the BLAKE3 of their bytes), its size kept; the chunk's name.
+fn flip_chunk(target: &Path, plain: &[u8]) -> String {
+    let h = blake3::hash(plain).to_hex().to_string();
+    let chunk = format!("chunks/{}/{h}", &h[..2]);
+    let path = target.join(&chunk);
+    let mut b = std::fs::read(&path).unwrap();
+    let at = b.len() / 2;
+    b[at] ^= 0x10;
+    std::fs::write(&path, &b).unwrap();
+    chunk
+}
+
 /// A byte flipped in a chunk (its size kept) and a damaged manifest: verify
 /// exits non-zero naming the manifest (and, reading the data, the chunk too);
 /// a restore exits non-zero naming the chunk and writes every object but the
@@ -444,15 +457,8 @@ async fn verify_and_restore_name_damaged_files_and_write_no_bad_object() {
     };
     let (ok, out, err) = verify(&["--read-data"]);
     assert!(ok && out.contains(": 0 problems"), "{out}\n{err}");
-    // The chunk of `bad` (one chunk, named by the BLAKE3 of its bytes): one
-    // byte flipped in place.
-    let h = blake3::hash(&bad.data).to_hex().to_string();
-    let chunk = format!("chunks/{}/{h}", &h[..2]);
-    let path = target.join(&chunk);
-    let mut b = std::fs::read(&path).unwrap();
-    let at = b.len() / 2;
-    b[at] ^= 0x10;
-    std::fs::write(&path, &b).unwrap();
+    // The chunk of `bad` (one chunk): one byte flipped in place.
+    let chunk = flip_chunk(&target, &bad.data);
     let manifest = format!("backups/{second}/manifest");
     let mpath = target.join(&manifest);
     let mut m = std::fs::read(&mpath).unwrap();
@@ -526,15 +532,7 @@ async fn objects_of_every_size_restore_exactly_and_a_bad_part_leaves_no_upload_o
     assert_eq!(left.key_count(), Some(0));
     assert_eq!(contents(&s3, "copy").await, want);
     // The second of big's three chunks: one byte flipped in place.
-    let h = blake3::hash(&want["big"].data[8 << 20..16 << 20])
-        .to_hex()
-        .to_string();
-    let chunk = format!("chunks/{}/{h}", &h[..2]);
-    let path = target.join(&chunk);
-    let mut b = std::fs::read(&path).unwrap();
-    let at = b.len() / 2;
-    b[at] ^= 0x01;
-    std::fs::write(&path, &b).unwrap();
+    let chunk = flip_chunk(&target, &want["big"].data[8 << 20..16 << 20]);
     let (ok, _, err) = restore(&srv, &target, ["--id", &id], "copy2", &[]);
     assert!(
         !ok && err.contains(&chunk) && err.contains("media/big"),
